@@ -1,0 +1,3 @@
+from f2d_bench.cli import main
+
+raise SystemExit(main())

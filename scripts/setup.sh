@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Creates .venv in the repository (when missing) and installs f2d-bench with everything its
+# tests need. Idempotent: a stamp keyed on the install recipe skips pip when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
+
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+
+stamp=.venv/.f2d-bench-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    echo "setup: .venv is up to date"
+    exit 0
+fi
+
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+# torch first, pinned, so that no dependency pulls a different (multi-GB) build.
+pip install $TORCH_SPEC
+pip install -e '.[dev]'
+# facenet-pytorch 2.6.0 pins torch<2.3, numpy<2 and Pillow<10.3 but works with current versions;
+# installing it with its dependencies would downgrade torch.
+pip install --no-deps facenet-pytorch==2.6.0
+echo "$want" > "$stamp"
+echo "setup: done (.venv)"
