@@ -1,0 +1,96 @@
+"""The ``faces`` command: ``f2d-bench faces prepare SRC DST``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+_PREPARE_DESCRIPTION = """\
+Detect the face in every photo (jpg, jpeg, png, webp) and video (mp4, avi, mov, mkv, webm) of SRC with
+MTCNN, align it the way FFHQ does, and write DST/<face_id>.png plus DST/manifest.json. The face id is
+the file name without extension, with characters other than letters, digits, '.', '_', '-' replaced by
+'_'. A source with no face, several faces, or that cannot be read is skipped and listed with its reason.
+Re-running on the same DST replaces its contents consistently."""
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
+        return value
+
+    return parse
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from f2d_bench.faces.prepare import prepare_faces  # torch and MTCNN load only when used
+
+    report = prepare_faces(
+        args.src,
+        args.dst,
+        frame_index=args.frame,
+        several=args.several,
+        min_prob=args.min_prob,
+        output_size=args.size,
+        progress=True,  # prints one line per source, then the summary (stderr); not repeated here
+    )
+    print(f"output: {report.dst} (manifest: {report.manifest_path})")
+    return 0 if report.faces else 1
+
+
+def register(subparsers) -> None:
+    """Add the ``faces`` command (with its ``prepare`` subcommand) to an argparse subparsers object."""
+    faces = subparsers.add_parser(
+        "faces",
+        help="prepare input face sets (detect and FFHQ-align faces)",
+        description="Work with input face sets: the aligned photos of the identities to personalize.",
+    )
+    commands = faces.add_subparsers(dest="faces_command", metavar="SUBCOMMAND", required=True)
+    prepare = commands.add_parser(
+        "prepare",
+        help="detect and FFHQ-align one face per photo or video",
+        description=_PREPARE_DESCRIPTION,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    prepare.add_argument(
+        "src", type=Path, metavar="SRC", help="directory of photos and/or videos (not recursive)"
+    )
+    prepare.add_argument(
+        "dst", type=Path, metavar="DST", help="output directory for the aligned PNGs and manifest.json"
+    )
+    prepare.add_argument(
+        "--frame",
+        type=_int_at_least(0),
+        default=0,
+        metavar="N",
+        help="0-based frame index read from each video",
+    )
+    prepare.add_argument(
+        "--several",
+        choices=("skip", "largest"),
+        default="skip",
+        help="when several faces reach --min-prob: skip the source, or keep the largest face",
+    )
+    prepare.add_argument(
+        "--min-prob",
+        type=_probability,
+        default=0.9,
+        metavar="P",
+        help="ignore detections whose MTCNN face probability is below P (0..1)",
+    )
+    prepare.add_argument(
+        "--size",
+        type=_int_at_least(16),
+        default=512,
+        metavar="PX",
+        help="side of the aligned square output, pixels",
+    )
+    prepare.set_defaults(func=_prepare)

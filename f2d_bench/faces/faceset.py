@@ -1,0 +1,103 @@
+"""A set of input faces: one aligned image per identity, named by a face id.
+
+A face set directory is what ``f2d-bench faces prepare`` writes (PNG crops plus ``manifest.json``), or
+any directory of face images, whose file stems become the ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from f2d_bench.errors import F2DBenchError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MANIFEST_NAME = "manifest.json"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# Ids become file names (ID.png); 200 characters stays well under the usual 255-byte name limit.
+_MAX_ID_LENGTH = 200
+_FALLBACK_ID = "face"
+
+
+@dataclass(frozen=True)
+class Face:
+    """One input identity: its id and the path of its (aligned) image."""
+
+    face_id: str
+    path: Path
+
+
+def sanitize_face_id(name: str) -> str:
+    """A file-name-safe id for ``name``: the same input always gives the same id.
+
+    Keeps ASCII letters, digits, '.', '_' and '-'; every other character (path separators included)
+    becomes '_'. Leading dots are removed (no hidden files, never '.' or '..'), the result is cut to 200
+    characters, and an empty result becomes "face". Idempotent: sanitizing an id returns it unchanged.
+    """
+    cleaned = _UNSAFE.sub("_", str(name)).lstrip(".")[:_MAX_ID_LENGTH]
+    return cleaned or _FALLBACK_ID
+
+
+def _from_manifest(directory: Path, manifest_path: Path) -> list[Face]:
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        entries = manifest["faces"]
+        pairs = [(str(entry["face_id"]), str(entry["file"])) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise F2DBenchError(
+            f"face set manifest {manifest_path} is unreadable or malformed ({exc}); "
+            "re-run `f2d-bench faces prepare` or delete it to use the images in the directory"
+        ) from exc
+    faces = []
+    for face_id, file_name in pairs:
+        path = directory / file_name
+        # A manifest must not point outside its directory.
+        if sanitize_face_id(face_id) != face_id or Path(file_name).name != file_name:
+            raise F2DBenchError(
+                f"face set manifest {manifest_path} has an unsafe entry: {face_id!r} -> {file_name!r}"
+            )
+        if not path.is_file():
+            raise F2DBenchError(f"face set manifest {manifest_path} lists {file_name}, which does not exist")
+        faces.append(Face(face_id, path))
+    return faces
+
+
+def _from_files(directory: Path) -> list[Face]:
+    faces = []
+    for path in sorted(directory.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS:
+            faces.append(Face(sanitize_face_id(path.stem), path))
+    return faces
+
+
+def load_face_set(directory: str | Path) -> list[Face]:
+    """The faces of a face set directory, sorted by id.
+
+    Uses ``manifest.json`` when present, else every png/jpg/jpeg/webp file (not recursive). Raises
+    F2DBenchError naming the path when the directory is missing or empty, or when two files give the same id.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise F2DBenchError(f"face set directory not found: {directory}")
+    manifest_path = directory / MANIFEST_NAME
+    if manifest_path.is_file():
+        faces, origin = _from_manifest(directory, manifest_path), str(manifest_path)
+    else:
+        faces, origin = _from_files(directory), str(directory)
+    if not faces:
+        raise F2DBenchError(
+            f"no faces in {origin}: expected {', '.join(IMAGE_EXTENSIONS)} images "
+            "(prepare photos with `f2d-bench faces prepare SRC DST`)"
+        )
+    by_id: dict[str, Face] = {}
+    for face in faces:
+        if face.face_id in by_id:
+            raise F2DBenchError(
+                f"duplicate face id {face.face_id!r} in {origin}: {by_id[face.face_id].path.name} and "
+                f"{face.path.name}; rename one of them"
+            )
+        by_id[face.face_id] = face
+    return [by_id[face_id] for face_id in sorted(by_id)]

@@ -1,0 +1,292 @@
+"""Turn a folder of photos and videos into an FFHQ-aligned face set (``DST/{face_id}.png`` + manifest).
+
+Every source either gives exactly one face or is listed as skipped with its reason; nothing is dropped
+silently. Outputs are written atomically (temporary file in DST, then ``os.replace``), so an interrupted
+run never leaves a half-written PNG or manifest behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from f2d_bench.errors import ConfigError, F2DBenchError
+from f2d_bench.faces.align import ffhq_align
+from f2d_bench.faces.detect import DETECTOR_NAME, Detection, FaceDetector
+from f2d_bench.faces.faceset import IMAGE_EXTENSIONS, MANIFEST_NAME, sanitize_face_id
+from f2d_bench.faces.imageio import read_image, read_video_frame
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+SEVERAL_POLICIES = ("skip", "largest")
+MANIFEST_VERSION = 1
+# Landmarks and boxes are stored rounded to 1/1000 pixel: exact enough, and a readable manifest.
+_DECIMALS = 3
+
+
+@dataclass(frozen=True)
+class PreparedFace:
+    """A face that was written: ``file`` is the aligned PNG in DST, ``source`` the photo or video."""
+
+    face_id: str
+    file: Path
+    source: Path
+    frame_index: int | None
+    detection: Detection
+    n_detections_ignored: int
+    n_other_faces: int = 0
+
+    def to_manifest(self) -> dict:
+        return {
+            "face_id": self.face_id,
+            "file": self.file.name,
+            "source": self.source.name,
+            "frame_index": self.frame_index,
+            "box": [round(v, _DECIMALS) for v in self.detection.box],
+            "landmarks": [[round(float(v), _DECIMALS) for v in point] for point in self.detection.landmarks],
+            "prob": float(self.detection.prob),
+            "n_detections_ignored": self.n_detections_ignored,
+            "n_other_faces": self.n_other_faces,
+        }
+
+
+@dataclass(frozen=True)
+class SkippedSource:
+    """A file in SRC that gave no face, and why."""
+
+    source: Path
+    reason: str
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare_faces` did: faces written (sorted by id) and sources skipped (by file name)."""
+
+    dst: Path
+    faces: list[PreparedFace] = field(default_factory=list)
+    skipped: list[SkippedSource] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dst / MANIFEST_NAME
+
+    def summary(self) -> str:
+        """A few human-readable lines: counts, then every skipped source with its reason."""
+        lines = [
+            f"faces prepare: {len(self.faces)} face(s) written to {self.dst}, "
+            f"{len(self.skipped)} source(s) skipped"
+        ]
+        lines += [f"  skipped {item.source.name}: {item.reason}" for item in self.skipped]
+        ignored = sum(face.n_detections_ignored for face in self.faces)
+        if ignored:
+            lines.append(
+                f"  {ignored} detection(s) below min_prob {self.settings.get('min_prob')} ignored "
+                "in the written faces' sources"
+            )
+        several = [face.face_id for face in self.faces if face.n_other_faces]
+        if several:
+            lines.append(f"  several faces, largest kept: {', '.join(several)}")
+        return "\n".join(lines)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it onto ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # os.open with 0o666 honours the umask (mkstemp would make the final file private, 0o600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    _atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+
+
+def _save_json(data: dict, path: Path) -> None:
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def _validate(frame_index: int, several: str, min_prob: float, output_size: int) -> None:
+    if several not in SEVERAL_POLICIES:
+        raise ConfigError(f"several must be one of {', '.join(SEVERAL_POLICIES)}, got {several!r}")
+    if not 0.0 <= min_prob <= 1.0:
+        raise ConfigError(f"min_prob must be a probability in [0, 1], got {min_prob}")
+    if int(output_size) != output_size or output_size < 16:
+        raise ConfigError(f"output_size must be an integer number of pixels >= 16, got {output_size}")
+    if int(frame_index) != frame_index or frame_index < 0:
+        raise ConfigError(f"frame_index must be an integer >= 0, got {frame_index}")
+
+
+def _collect_sources(src: Path, dst: Path) -> tuple[list[tuple[str, Path, bool]], list[SkippedSource]]:
+    """(face_id, path, is_video) for every supported file in ``src``, plus the unsupported ones."""
+    sources, skipped = [], []
+    dst_resolved = dst.resolve()
+    for path in sorted(src.iterdir()):
+        if path.name.startswith("."):
+            continue  # hidden files: OS metadata (.DS_Store) and our own temporary files
+        if path.is_dir():
+            if path.resolve() != dst_resolved:
+                skipped.append(SkippedSource(path, "is a directory (sub-directories are not searched)"))
+            continue
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS or suffix in VIDEO_EXTENSIONS:
+            sources.append((sanitize_face_id(path.stem), path, suffix in VIDEO_EXTENSIONS))
+        else:
+            supported = ", ".join(ext.lstrip(".") for ext in IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+            reason = f"unsupported file type {suffix or '(none)'!r} (supported: {supported})"
+            skipped.append(SkippedSource(path, reason))
+    by_id: dict[str, list[Path]] = {}
+    for face_id, path, _ in sources:
+        by_id.setdefault(face_id, []).append(path)
+    clashes = {face_id: paths for face_id, paths in by_id.items() if len(paths) > 1}
+    if clashes:
+        details = "; ".join(
+            f"{' and '.join(str(p) for p in paths)} both give face id {face_id!r}"
+            for face_id, paths in clashes.items()
+        )
+        raise F2DBenchError(f"face id collision in {src}: {details}. Rename the files so their ids differ.")
+    return sources, skipped
+
+
+def _previous_outputs(manifest_path: Path) -> set[str]:
+    """PNG names a previous run listed in its manifest (best effort: a broken manifest lists none)."""
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        names = {str(entry["file"]) for entry in manifest.get("faces", [])}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    # Only plain names of PNGs: never follow a manifest outside DST.
+    return {name for name in names if Path(name).name == name and name.endswith(".png")}
+
+
+def _choose(
+    detections: list[Detection], min_prob: float, several: str
+) -> tuple[Detection | None, int, int, str]:
+    """(chosen detection or None, n ignored below min_prob, n other faces, reason when None)."""
+    kept = [d for d in detections if d.prob >= min_prob]
+    ignored = len(detections) - len(kept)
+    if not kept:
+        reason = f"no face with probability >= {min_prob}"
+        if ignored:
+            best = max(d.prob for d in detections)
+            reason += f" ({ignored} weaker detection(s) ignored, best {best:.3f})"
+        return None, ignored, 0, reason
+    if len(kept) > 1 and several == "skip":
+        probs = ", ".join(f"{d.prob:.3f}" for d in kept)
+        reason = (
+            f"{len(kept)} faces with probability >= {min_prob} ({probs}); crop the photo to one person, "
+            "or keep the largest face with several='largest' (--several largest)"
+        )
+        return None, ignored, len(kept) - 1, reason
+    chosen = max(kept, key=lambda d: d.area) if len(kept) > 1 else kept[0]
+    return chosen, ignored, len(kept) - 1, ""
+
+
+def prepare_faces(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    frame_index: int = 0,
+    several: str = "skip",
+    min_prob: float = 0.9,
+    output_size: int = 512,
+    detector: FaceDetector | None = None,
+    progress: bool = True,
+) -> PrepareReport:
+    """Detect, FFHQ-align and write one face per source file of ``src`` into ``dst``.
+
+    src: directory of images (jpg, jpeg, png, webp) and/or videos (mp4, avi, mov, mkv, webm); not recursive.
+    dst: output directory (created); receives ``{face_id}.png`` (output_size x output_size RGB) and
+        ``manifest.json``. Face ids are the sanitized file stems; two sources with the same id are an
+        error raised before anything is written. Re-running replaces the outputs and removes the PNGs
+        that the previous manifest listed and this run no longer produces.
+    frame_index: 0-based frame read from each video.
+    several: what to do when more than one face reaches min_prob: "skip" the source, or keep the
+        "largest" box (by area).
+    min_prob: detections below this MTCNN probability (0..1) are ignored (and counted).
+    progress: print one line per source and the summary to stderr.
+    """
+    src, dst = Path(src), Path(dst)
+    _validate(frame_index, several, min_prob, output_size)
+    if not src.is_dir():
+        what = "is not a directory" if src.exists() else "not found"
+        raise F2DBenchError(f"source directory {src} {what}: give a directory of photos and/or videos")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise F2DBenchError(f"output directory {dst} is the source directory; choose another one")
+    if dst.exists() and not dst.is_dir():
+        raise F2DBenchError(f"output path {dst} exists and is not a directory")
+
+    sources, skipped = _collect_sources(src, dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    detector = detector or FaceDetector()
+    settings = {
+        "min_prob": min_prob,
+        "several": several,
+        "output_size": int(output_size),
+        "frame_index": int(frame_index),
+        "detector": DETECTOR_NAME,
+        "detector_min_face_size": getattr(detector, "min_face_size", None),
+        "alignment": "FFHQ recreate_aligned_images (quad transform at 4x, Lanczos downsampling)",
+    }
+    report = PrepareReport(dst=dst, skipped=skipped, settings=settings)
+    previous = _previous_outputs(dst / MANIFEST_NAME)
+
+    def note(index: int, path: Path, message: str) -> None:
+        if progress:
+            print(f"[{index}/{len(sources)}] {path.name}: {message}", file=sys.stderr, flush=True)
+
+    for index, (face_id, path, is_video) in enumerate(sources, start=1):
+        try:
+            image = read_video_frame(path, frame_index) if is_video else read_image(path)
+        except F2DBenchError as exc:
+            report.skipped.append(SkippedSource(path, str(exc)))
+            note(index, path, f"skipped: {exc}")
+            continue
+        chosen, ignored, others, reason = _choose(detector.detect(image), min_prob, several)
+        if chosen is None:
+            report.skipped.append(SkippedSource(path, reason))
+            note(index, path, f"skipped: {reason}")
+            continue
+        try:
+            aligned = ffhq_align(image, chosen.landmarks, output_size)
+        except ValueError as exc:  # degenerate landmarks
+            report.skipped.append(SkippedSource(path, f"cannot align the face: {exc}"))
+            note(index, path, f"skipped: cannot align the face: {exc}")
+            continue
+        out = dst / f"{face_id}.png"
+        _save_png(aligned, out)
+        report.faces.append(
+            PreparedFace(face_id, out, path, frame_index if is_video else None, chosen, ignored, others)
+        )
+        note(index, path, f"face {face_id} (p={chosen.prob:.4f})")
+
+    report.faces.sort(key=lambda face: face.face_id)
+    report.skipped.sort(key=lambda item: item.source.name)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "source_dir": str(src.resolve()),
+        "settings": settings,
+        "faces": [face.to_manifest() for face in report.faces],
+        "skipped": [{"source": item.source.name, "reason": item.reason} for item in report.skipped],
+    }
+    _save_json(manifest, dst / MANIFEST_NAME)
+    # Only after the new manifest is in place: drop crops of the previous run that are now stale.
+    for name in previous - {face.file.name for face in report.faces}:
+        (dst / name).unlink(missing_ok=True)
+    if progress:
+        print(report.summary(), file=sys.stderr, flush=True)
+    return report
