@@ -1,0 +1,190 @@
+"""A tiny Stable Diffusion pipeline in SD 1.4's on-disk layout, built locally (no download).
+
+It runs through exactly the code that loads the real SD 1.4 (`StableDiffusionPipeline.from_pretrained`),
+so tests and CPU smoke runs exercise the product's loading and generation paths. Same architecture family
+as SD 1.4 (CLIP text encoder with the real 49,408-token vocabulary and tokenizer, cross-attention UNet,
+KL VAE with 4 blocks so `vae_scale_factor` is 8, EulerAncestral scheduler with SD 1.4's betas), with
+widths of 32-64 instead of 320-1280. Random weights: its images are noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from f2d_bench import paths
+from f2d_bench.pipelines.random_sd14 import SD14_SCHEDULER_CONFIG
+from f2d_bench.pipelines.tokenizer import write_clip_tokenizer
+
+# Bump the suffix whenever the recipe below changes, so caches never serve an older build.
+TINY_SD14_NAME = "tiny-sd14-v1"
+BUILD_INFO_FILE = "f2d_bench_build.json"
+_STALE_TEMP_SECONDS = 3600.0  # temp dirs older than this are leftovers of killed builds
+
+TINY_UNET_CONFIG = {
+    "sample_size": 8,  # 8x8 latents -> 64x64 images by default
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 2,
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,  # = text encoder hidden size
+    "attention_head_dim": 4,
+}
+
+TINY_TEXT_ENCODER_CONFIG = {
+    "vocab_size": 49408,  # the real CLIP vocabulary, so the real tokenizer fits
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "projection_dim": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "bos_token_id": 0,
+    "eos_token_id": 2,
+    "pad_token_id": 1,
+}
+
+TINY_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 16, 16, 16],  # four blocks -> vae_scale_factor 2**3 = 8, as in SD 1.4
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "latent_channels": 4,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+
+
+def build_tiny_sd14(directory: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and `save_pretrained` it (safetensors) into `directory`; return `directory`.
+
+    Weights depend only on `seed` (each component is initialised from its own seeded RNG stream; the
+    caller's global RNG state is left untouched). `directory` may exist; its files are overwritten.
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = directory / "tokenizer"
+    write_clip_tokenizer(tokenizer_dir)
+
+    with torch.random.fork_rng(devices=[]):
+        # Re-seeding per component keeps each one's weights independent of the others' sizes.
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG))
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
+        torch.manual_seed(seed + 2)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77),
+        unet=unet,
+        scheduler=EulerAncestralDiscreteScheduler.from_config(SD14_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with _progress_bars_disabled():  # a sub-second save needs no progress bars
+        pipe.save_pretrained(directory, safe_serialization=True)
+    # transformers 5 saves its own tokenizer.json layout; SD 1.4's repo has vocab.json + merges.txt only,
+    # and loading must go through that same path.
+    shutil.rmtree(tokenizer_dir)
+    write_clip_tokenizer(tokenizer_dir)
+    info = {"name": TINY_SD14_NAME, "seed": seed, "note": "random weights; images are noise"}
+    (directory / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return directory
+
+
+@contextlib.contextmanager
+def _progress_bars_disabled():
+    """Silence diffusers' and transformers' progress bars, restoring their previous state after."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [diffusers_logging, transformers_logging]
+    previously_enabled = [lib.is_progress_bar_enabled() for lib in libraries]
+    for lib in libraries:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in zip(libraries, previously_enabled):
+            if enabled:
+                lib.enable_progress_bar()
+
+
+def _is_complete(directory: Path) -> bool:
+    return (directory / BUILD_INFO_FILE).is_file() and (directory / "model_index.json").is_file()
+
+
+def _remove_stale_temp_dirs(parent: Path) -> None:
+    now = time.time()
+    for entry in parent.glob(f".{TINY_SD14_NAME}.tmp-*"):
+        try:
+            if now - entry.stat().st_mtime > _STALE_TEMP_SECONDS:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            pass  # another process removed it first
+
+
+def tiny_sd14_dir(cache_root: Path | None = None) -> Path:
+    """Directory of the cached tiny model (`<cache_root>/models/tiny-sd14-v1`), built on first use.
+
+    `cache_root` defaults to `f2d_bench.paths.cache_root()`. The model is built in a temporary sibling
+    directory and renamed into place in one step, so concurrent builders and killed builds never leave
+    a half-written model at the final path. Building takes about a second on two CPU cores, plus a few
+    seconds of library imports in a fresh process.
+    """
+    root = Path(cache_root) if cache_root is not None else paths.cache_root()
+    target = root / "models" / TINY_SD14_NAME
+    if _is_complete(target):
+        return target
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target.parent)
+    # Re-checked: a concurrent builder may have finished meanwhile. Only a rename ever creates target,
+    # so an incomplete one was damaged from outside: move it aside.
+    if target.exists() and not _is_complete(target):
+        trash = Path(tempfile.mkdtemp(prefix=f".{TINY_SD14_NAME}.tmp-", dir=target.parent))
+        try:
+            os.replace(target, trash / "broken")
+        except FileNotFoundError:
+            pass  # a concurrent builder moved it already
+        shutil.rmtree(trash, ignore_errors=True)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_SD14_NAME}.tmp-", dir=target.parent))
+    try:
+        build_tiny_sd14(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another builder won the race (target now exists and is non-empty): use theirs.
+            if not _is_complete(target):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
