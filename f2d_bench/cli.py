@@ -1,2 +1,146 @@
-def main(argv=None) -> int:
+"""The ``f2d-bench`` command line. Heavy libraries are imported inside the commands, not here."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import sys
+from pathlib import Path
+
+from f2d_bench import __version__
+from f2d_bench.errors import F2DBenchError
+
+DESCRIPTION = """\
+f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protocol as a tool.
+
+  f2d-bench faces prepare RAW_DIR faces/        detect, FFHQ-align and crop a face set
+  f2d-bench generate --preset smoke             the method x face x prompt x seed grid (resumable)
+  f2d-bench status runs/smoke                   images done / expected per method
+  f2d-bench methods                             installed generation methods
+"""
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from f2d_bench.config import config_from_dict, load_config, load_preset
+    from f2d_bench.engine import generate_run
+    from f2d_bench.grid import UNSHARDED, Shard
+
+    config = load_config(args.config) if args.config else load_preset(args.preset)
+    data = config.to_dict()
+    if args.faces is not None:
+        data["faces"] = args.faces
+    if args.batch_size is not None:
+        data["batch_size"] = args.batch_size
+    if args.device is not None:
+        data["model"]["device"] = args.device
+    config = config_from_dict(data, "command line")
+    shard = Shard.parse(args.shard) if args.shard else UNSHARDED
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    summary = generate_run(config, out, shard=shard, progress=not args.no_progress)
+    print(summary.text())
+    print(f"outputs: {out.resolve()}")
+    if not summary.complete:
+        print("some images are missing (see above); re-run the same command to retry them", file=sys.stderr)
+        return 1
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from f2d_bench.run_dir import RunDir
+
+    run = RunDir(args.run_dir)
+    rows = run.status()
+    tmp = run.store.temporary_files()
+    if args.json:
+        print(json.dumps({
+            "run_dir": str(run.root),
+            "expected": sum(r.expected for r in rows),
+            "done": sum(r.done for r in rows),
+            "methods": {r.method_id: {"label": r.label, "expected": r.expected, "done": r.done} for r in rows},
+            "temporary_files": len(tmp),
+        }, indent=2))
+        return 0
+    width = max((len(r.label) + len(r.method_id) + 3 for r in rows), default=10)
+    for r in rows:
+        name = f"{r.label} [{r.method_id}]"
+        pct = 100.0 * r.done / r.expected if r.expected else 100.0
+        print(f"{name:<{width}}  {r.done:>7}/{r.expected:<7} {pct:5.1f}%")
+    print(f"{'total':<{width}}  {sum(r.done for r in rows):>7}/{sum(r.expected for r in rows):<7}")
+    if tmp:
+        print(f"{len(tmp)} temporary file(s) from an interrupted writer; the next generate of that shard removes them")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from f2d_bench.methods import METHODS
+
+    for entry in METHODS.entries().values():
+        summary = entry.summary or entry.target
+        print(f"{entry.name:<12} {summary}  ({entry.origin})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="f2d-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"f2d-bench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    from f2d_bench.config import preset_names
+
+    gen = sub.add_parser(
+        "generate", help="generate the method x face x prompt x seed grid (resumable, shardable)",
+        description=(
+            "Generate every image of a run's grid: for each method, face, prompt (plus the reference "
+            "prompt 'a photo of S*') and seed. Finished images are skipped, so re-running the same "
+            "command resumes a killed run. With --shard i/N, N processes or machines split the grid by a "
+            "stable hash of each image's key and together produce exactly the unsharded set."
+        ),
+    )
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="FILE", help="run config (YAML)")
+    src.add_argument("--preset", choices=preset_names(), help="a shipped preset: %(choices)s")
+    gen.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
+    gen.add_argument("--shard", metavar="i/N", help="generate only shard i of N (1-based)")
+    gen.add_argument("--faces", metavar="DIR", help="face set directory (overrides the config's `faces`)")
+    gen.add_argument("--batch-size", type=int, metavar="B", help="images per pipeline call (overrides the config)")
+    gen.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(func=_cmd_generate)
+
+    st = sub.add_parser("status", help="images done / expected per method of a run",
+                        description="Show how many images of a run's grid exist, per method (all shards).")
+    st.add_argument("run_dir", metavar="RUN_DIR")
+    st.add_argument("--json", action="store_true", help="print JSON with the keys `expected` and `done`")
+    st.set_defaults(func=_cmd_status)
+
+    me = sub.add_parser("methods", help="list installed generation methods",
+                        description="List the generation methods: built-ins and those installed through "
+                                    "the entry-point group f2d_bench.methods.")
+    me.set_defaults(func=_cmd_methods)
+
+    from f2d_bench.faces.cli import register as register_faces
+
+    register_faces(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except F2DBenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            print(f"error: the disk is full ({exc.filename or 'while writing'}). Finished files are kept and "
+                  "no partial file remains; free some space and run the same command again.", file=sys.stderr)
+            return 3
+        raise
+    except KeyboardInterrupt:
+        print("interrupted: finished images are kept; run the same command again to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,200 @@
+"""The generation engine: the grid of every method, batched, resumable and shardable.
+
+For each method the engine lists the keys its shard owns in canonical order (face, prompt, seed), cuts
+them into fixed batches, skips batches whose images all exist, calls ``prepare`` once per face and
+``generate`` once per batch with one seeded CPU generator per image, and writes each new image
+atomically. Running the same command again continues where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from PIL import Image
+
+from f2d_bench.config import RunConfig
+from f2d_bench.errors import ConfigError
+from f2d_bench.faces.faceset import Face
+from f2d_bench.faceset_source import resolve_face_set
+from f2d_bench.grid import UNSHARDED, ItemKey, Shard, fixed_batches, grid_keys
+from f2d_bench.methods import METHODS
+from f2d_bench.methods.base import GenerationRequest, Method, MethodContext, Skipped, check_method_name
+from f2d_bench.prompts import PromptSet, load_prompt_set
+from f2d_bench.run_dir import RunDir
+from f2d_bench.runinfo import environment, utc_now
+from f2d_bench.store import append_jsonl
+
+
+@dataclass
+class MethodProgress:
+    method_id: str
+    label: str
+    expected: int  # images this shard owns
+    done: int = 0
+    written: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationSummary:
+    run_dir: Path
+    shard: Shard
+    methods: list[MethodProgress]
+    seconds: float
+
+    @property
+    def written(self) -> int:
+        return sum(m.written for m in self.methods)
+
+    @property
+    def complete(self) -> bool:
+        return all(m.done == m.expected for m in self.methods)
+
+    def text(self) -> str:
+        lines = [f"run {self.run_dir} (shard {self.shard.index}/{self.shard.count})"]
+        for m in self.methods:
+            lines.append(f"  {m.label} [{m.method_id}]: {m.done}/{m.expected} images, {m.written} new")
+            for reason in m.problems[:10]:
+                lines.append(f"    note: {reason}")
+            for key, reason in m.skipped[:10]:
+                lines.append(f"    not generated {key}: {reason}")
+            if len(m.skipped) > 10:
+                lines.append(f"    ... and {len(m.skipped) - 10} more not generated")
+        rate = self.written / self.seconds if self.seconds > 0 else 0.0
+        lines.append(f"  {self.written} images written in {self.seconds:.1f} s ({rate:.2f} images/s)")
+        return "\n".join(lines)
+
+
+class PipelineProvider:
+    """Loads the base pipeline on first use and shares it between methods."""
+
+    def __init__(self, config: RunConfig):
+        self._config = config
+        self._pipe = None
+
+    def __call__(self):
+        if self._pipe is None:
+            from f2d_bench.pipelines.loading import load_sd_pipeline
+
+            m = self._config.model
+            self._pipe = load_sd_pipeline(
+                m.pretrained, revision=m.revision, dtype=m.dtype, device=m.device,
+                scheduler=self._config.sampling.scheduler,
+            )
+        return self._pipe
+
+
+def build_methods(config: RunConfig, prompt_set: PromptSet, pipeline=None) -> list[Method]:
+    """Instantiate the config's methods; two entries with the same settings are an error."""
+    context = MethodContext(config=config, prompt_set=prompt_set, pipeline=pipeline or PipelineProvider(config))
+    methods: list[Method] = []
+    seen: dict[str, int] = {}
+    for i, mc in enumerate(config.methods):
+        check_method_name(mc.name)
+        cls = METHODS.load(mc.name)
+        try:
+            method = cls(mc.params, context)
+        except ConfigError as exc:
+            raise ConfigError(f"methods[{i}] ({mc.name}): {exc}") from None
+        method.label = mc.display_name
+        if method.method_id in seen:
+            raise ConfigError(
+                f"methods[{i}] has the same settings as methods[{seen[method.method_id]}] "
+                f"({method.method_id}); remove one"
+            )
+        seen[method.method_id] = i
+        methods.append(method)
+    return methods
+
+
+def generate_run(
+    config: RunConfig, run_dir: str | Path, *, shard: Shard = UNSHARDED, progress: bool = True,
+    pipeline: Callable[[], Any] | None = None,
+) -> GenerationSummary:
+    """Generate (or complete) the grid of ``config`` in ``run_dir``. Safe to re-run and to kill.
+
+    ``pipeline`` replaces the loading of ``config.model`` by a callable returning a ready pipeline
+    (benchmarks pass full-size random-weight components this way).
+    """
+    start = time.perf_counter()
+    prompt_set = load_prompt_set(config.prompts)
+    faces = resolve_face_set(config.faces)
+    methods = build_methods(config, prompt_set, pipeline)
+    run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
+    append_jsonl(run.root / "environment.jsonl", {"writer": shard.tag, **environment()})
+
+    face_ids = [f.face_id for f in faces]
+    prompt_ids = [p.id for p in prompt_set.all_prompts()]
+    config_hash = config.grid_hash()
+    results: list[MethodProgress] = []
+    for method in methods:
+        mid = method.method_id
+        keys = [k for k in grid_keys([mid], face_ids, prompt_ids, config.seeds) if shard.owns(k)]
+        run.store.reconcile(keys, writer=shard.tag, config_hash=config_hash)
+        prog = MethodProgress(mid, method.label, expected=len(keys))
+        prog.problems = method.preflight(face_ids, prompt_ids, config.seeds)
+        _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress)
+        prog.done = sum(run.store.has_image(k) for k in keys)
+        results.append(prog)
+    return GenerationSummary(Path(run_dir), shard, results, time.perf_counter() - start)
+
+
+def _run_method(
+    method: Method, keys: list[ItemKey], faces: list[Face], prompt_set: PromptSet, run: "RunDir",
+    config: RunConfig, shard: Shard, config_hash: str, prog: MethodProgress, progress: bool,
+) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    store = run.store
+    face_by_id = {f.face_id: f for f in faces}
+    batches = [b for b in fixed_batches(keys, config.batch_size) if not all(map(store.has_image, b))]
+    missing = sum(not store.has_image(k) for b in batches for k in b)
+    prepared: dict[str, Any] = {}
+    bar = tqdm(total=missing, unit="img", desc=method.label, disable=not progress or missing == 0,
+               dynamic_ncols=True)
+    try:
+        for batch in batches:
+            # Batches are ordered by face: keep only the faces this batch needs.
+            needed = {k.face_id for k in batch}
+            prepared = {fid: v for fid, v in prepared.items() if fid in needed}
+            for fid in sorted(needed - set(prepared)):
+                t0 = time.perf_counter()
+                prepared[fid] = method.prepare(face_by_id[fid])
+                append_jsonl(
+                    store.method_dir(method.method_id) / "prepare_times.jsonl",
+                    {"face_id": fid, "seconds": time.perf_counter() - t0, "writer": shard.tag, "time": utc_now()},
+                )
+            requests = [
+                GenerationRequest(
+                    key=k, prompt=prompt_set.by_id(k.prompt_id), face=face_by_id[k.face_id],
+                    prepared=prepared[k.face_id],
+                    # Seeded from the key's seed alone: every method and prompt starts from the same noise
+                    # for the same seed, as the official scripts do.
+                    generator=torch.Generator("cpu").manual_seed(k.seed),
+                )
+                for k in batch
+            ]
+            images = method.generate(requests)
+            if len(images) != len(batch):
+                raise RuntimeError(f"method {method.name} returned {len(images)} images for {len(batch)} requests")
+            now = utc_now()
+            for key, image in zip(batch, images):
+                if store.has_image(key):  # a resumed, partly finished batch: keep what exists
+                    continue
+                if isinstance(image, Skipped):
+                    prog.skipped.append((key.as_string(), image.reason))
+                elif not isinstance(image, Image.Image):
+                    raise RuntimeError(f"method {method.name} returned {type(image).__name__} for {key.as_string()}")
+                else:
+                    store.write_image(key, image.convert("RGB"), config_hash=config_hash,
+                                      batch_size=len(batch), writer=shard.tag, written_at=now)
+                    prog.written += 1
+                bar.update(1)
+    finally:
+        bar.close()
+

@@ -1,0 +1,119 @@
+"""The method plugin API: ``prepare(face)`` once per face, ``generate(requests)`` for a batch."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+
+from PIL import Image
+
+from f2d_bench.config import RunConfig, canonical_hash
+from f2d_bench.errors import ConfigError
+from f2d_bench.grid import ItemKey
+from f2d_bench.prompts import Prompt, PromptSet
+
+if TYPE_CHECKING:  # keep torch and diffusers out of import time
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from f2d_bench.faces.faceset import Face
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may use: the run's config, its prompt set and the shared base pipeline."""
+
+    config: RunConfig
+    prompt_set: PromptSet
+    #: Loads (once, shared by all methods of the run) the base Stable Diffusion pipeline.
+    pipeline: Callable[[], "StableDiffusionPipeline"]
+
+
+@dataclass
+class GenerationRequest:
+    """One image to render."""
+
+    key: ItemKey
+    prompt: Prompt
+    face: "Face"
+    #: Whatever ``prepare(face)`` returned for this face.
+    prepared: Any
+    #: A CPU generator seeded from the key, used for this image only.
+    generator: "torch.Generator"
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A request the method could not fulfil; the reason is reported and the image stays missing."""
+
+    reason: str
+
+
+class Method:
+    """Base class of generation methods.
+
+    Subclasses set ``name`` and ``summary``, validate ``params`` in ``__init__`` and implement
+    ``generate``. ``identity()`` returns every setting that decides the images: its hash becomes part
+    of the method id, so two settings never share files.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: Parameters accepted in the config's ``params`` and their defaults.
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Whether images depend on the base model and sampling settings.
+    uses_pipeline: ClassVar[bool] = True
+
+    def __init__(self, params: Mapping[str, Any], context: MethodContext):
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            allowed = ", ".join(sorted(self.defaults)) or "(none)"
+            raise ConfigError(f"method {self.name}: unknown param {unknown[0]!r}; allowed: {allowed}")
+        self.params = {**self.defaults, **params}
+        self.context = context
+
+    # -- identity -------------------------------------------------------------------------------
+    def identity(self) -> dict:
+        ident: dict[str, Any] = {"method": self.name, "params": dict(self.params)}
+        if self.uses_pipeline:
+            cfg = self.context.config
+            model = asdict(cfg.model)
+            model.pop("device")  # the device changes float rounding, not what the images are
+            ident["model"] = model
+            ident["sampling"] = asdict(cfg.sampling)
+        return ident
+
+    @property
+    def method_id(self) -> str:
+        """``<name>-<8 hex>``: the registry name plus a hash of ``identity()``."""
+        return f"{self.name}-{canonical_hash(self.identity(), 8)}"
+
+    def info(self) -> dict:
+        """Facts recorded in ``methods/<id>/method.json`` and shown in reports.
+
+        ``trained_params``: number of trained parameters (Table 2's #Params) or None;
+        ``weights``: ``"official"``, ``"none"`` or ``"random weights: not meaningful"``.
+        """
+        return {"trained_params": None, "weights": "none"}
+
+    # -- work -----------------------------------------------------------------------------------
+    def preflight(self, face_ids: Sequence[str], prompt_ids: Sequence[str], seeds: Sequence[int]) -> list[str]:
+        """Problems found before generating (reported, not fatal). Default: none."""
+        return []
+
+    def prepare(self, face: "Face") -> Any:
+        """Per-face work done once (encoders, tuned weights). Its wall time is recorded per face."""
+        return None
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Image.Image | Skipped]:
+        """One RGB image (or a Skipped) per request, in order."""
+        raise NotImplementedError
+
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
+
+
+def check_method_name(name: str) -> None:
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"method name {name!r} must match {_NAME_RE.pattern}")

@@ -1,0 +1,57 @@
+"""Shared rendering for methods built on the base Stable Diffusion pipeline.
+
+Every request is turned into its own text embedding first (``prompt_embeds``), so requests with
+different subjects (different faces, different injected tokens) share one pipeline call.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from f2d_bench.methods.base import GenerationRequest, Method
+
+
+class StableDiffusionMethod(Method):
+    """A method whose images come from the base pipeline, conditioned on per-request embeddings.
+
+    Subclasses override ``prompt_embeds`` (F2D injects identity tokens there); the unconditional
+    branch of classifier-free guidance is always the empty prompt, as in diffusers.
+    """
+
+    def prompt_text(self, request: GenerationRequest) -> str:
+        """The text fed to the text encoder for this request."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def prompt_embeds(self, requests: Sequence[GenerationRequest]) -> torch.Tensor:
+        """Text-encoder output, shape (batch, 77, text width)."""
+        pipe = self.context.pipeline()
+        embeds, _ = pipe.encode_prompt(
+            [self.prompt_text(r) for r in requests], pipe.device, 1, do_classifier_free_guidance=False
+        )
+        return embeds
+
+    @torch.inference_mode()
+    def negative_embeds(self, batch: int) -> torch.Tensor:
+        pipe = self.context.pipeline()
+        embeds, _ = pipe.encode_prompt([""] * batch, pipe.device, 1, do_classifier_free_guidance=False)
+        return embeds
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[Image.Image]:
+        pipe = self.context.pipeline()
+        sampling = self.context.config.sampling
+        out = pipe(
+            prompt_embeds=self.prompt_embeds(requests),
+            negative_prompt_embeds=self.negative_embeds(len(requests)),
+            num_inference_steps=sampling.num_inference_steps,
+            guidance_scale=sampling.guidance_scale,
+            height=sampling.height,
+            width=sampling.width,
+            generator=[r.generator for r in requests],
+            output_type="pil",
+        )
+        return list(out.images)

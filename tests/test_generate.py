@@ -1,0 +1,188 @@
+"""The generation engine on the tiny pipeline, loaded through the same from_pretrained path as SD 1.4."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from f2d_bench.cli import main
+from f2d_bench.config import config_from_dict
+from f2d_bench.engine import generate_run
+from f2d_bench.errors import F2DBenchError
+from f2d_bench.faceset_source import resolve_face_set
+from f2d_bench.grid import Shard
+from f2d_bench.run_dir import RunDir
+from f2d_bench.store import read_jsonl
+
+from conftest import REPO, small_config_dict
+
+N_FACES, N_PROMPTS, N_SEEDS = 8, 5, 2  # 8 test photos; smoke set: 4 prompts + the reference
+
+
+def _hashes(run_dir: Path) -> dict[str, str]:
+    return {r.key.as_string().split("/", 1)[1]: r.sha256 for r in RunDir(run_dir).store.manifest_records().values()}
+
+
+def _pixels(run_dir: Path) -> dict[str, np.ndarray]:
+    run = RunDir(run_dir)
+    return {k.as_string().split("/", 1)[1]: np.asarray(Image.open(run.store.image_path(k)), dtype=np.int16)
+            for k in run.keys()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = generate_run(config_from_dict(small_config_dict()), out, progress=False)
+    return out, summary
+
+
+def test_full_grid_is_written_with_metadata(reference_run):
+    out, summary = reference_run
+    expected = N_FACES * N_PROMPTS * N_SEEDS
+    assert summary.complete and summary.written == expected
+    run = RunDir(out)
+    [status] = run.status()
+    assert (status.expected, status.done) == (expected, expected)
+    for name in ("run.json", "grid.json", "config.yaml", "prompts.yaml", "environment.jsonl"):
+        assert (out / name).is_file(), name
+    grid = run.read_grid()
+    assert [p["id"] for p in grid["prompts"]][-1] == "ref"  # the reference prompt is part of the grid
+    mid = grid["methods"][0]["method_id"]
+    assert mid.startswith("sd-class-")
+    times = read_jsonl(out / "methods" / mid / "prepare_times.jsonl")
+    assert sorted(t["face_id"] for t in times) == sorted(f["face_id"] for f in grid["faces"])
+    img = Image.open(run.store.image_path(run.keys()[0]))
+    assert img.size == (64, 64) and img.mode == "RGB"
+    env = read_jsonl(out / "environment.jsonl")[0]
+    assert env["packages"]["torch"] and "cpu_count" in env["hardware"]
+
+
+def test_same_config_gives_identical_images(reference_run, tmp_path):
+    out, _ = reference_run
+    generate_run(config_from_dict(small_config_dict()), tmp_path / "again", progress=False)
+    assert _hashes(tmp_path / "again") == _hashes(out)
+
+
+def test_different_seeds_and_prompts_give_different_images(reference_run):
+    pixels = _pixels(reference_run[0])
+    face = sorted({k.split("/")[0] for k in pixels})[0]
+    assert np.abs(pixels[f"{face}/job-chef/0"] - pixels[f"{face}/job-chef/1"]).mean() > 1
+    assert np.abs(pixels[f"{face}/job-chef/0"] - pixels[f"{face}/ref/0"]).mean() > 0.1
+
+
+def test_batch_equals_one_at_a_time(reference_run, tmp_path):
+    generate_run(config_from_dict(small_config_dict(batch_size=1)), tmp_path / "b1", progress=False)
+    a, b = _pixels(reference_run[0]), _pixels(tmp_path / "b1")
+    assert a.keys() == b.keys()
+    diffs = np.array([np.abs(a[k] - b[k]).max() for k in a])
+    # Same noise, float rounding only: at most a couple of uint8 levels anywhere.
+    assert diffs.max() <= 3, diffs.max()
+    assert np.mean([np.abs(a[k] - b[k]).mean() for k in a]) < 0.05
+
+
+def test_rerun_skips_finished_images(reference_run, tmp_path):
+    out = tmp_path / "run"
+    cfg = config_from_dict(small_config_dict(seeds=[0]))
+    first = generate_run(cfg, out, progress=False)
+    second = generate_run(cfg, out, progress=False)
+    assert first.written == N_FACES * N_PROMPTS and second.written == 0 and second.complete
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "run"
+    generate_run(config_from_dict(small_config_dict(seeds=[0])), out, progress=False)
+    with pytest.raises(F2DBenchError, match="different settings"):
+        generate_run(config_from_dict(small_config_dict(seeds=[0, 1])), out, progress=False)
+    # another batch size is fine: it changes rounding, not the experiment
+    assert generate_run(config_from_dict(small_config_dict(seeds=[0], batch_size=3)), out, progress=False).complete
+
+
+def test_shards_union_to_the_unsharded_set(reference_run, tmp_path):
+    out = tmp_path / "sharded"
+    cfg = config_from_dict(small_config_dict())
+    owned = []
+    for i in (1, 2, 3):
+        s = generate_run(cfg, out, shard=Shard(i, 3), progress=False)
+        records = RunDir(out).store.manifest_records().values()
+        owned.append({r.key for r in records if r.writer == Shard(i, 3).tag})
+        assert s.complete  # each shard completes its own part
+    assert all(owned) and sum(map(len, owned)) == len(set().union(*owned))  # disjoint
+    a, b = _pixels(reference_run[0]), _pixels(out)
+    assert a.keys() == b.keys()
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 3  # other batches: rounding only
+    assert sorted(p.name for p in (out / "manifests").iterdir()) == [
+        "shard-1-of-3.jsonl", "shard-2-of-3.jsonl", "shard-3-of-3.jsonl"]
+
+
+def _write_config(path: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump(small_config_dict(**overrides)))
+    return path
+
+
+def test_kill_9_and_restart_completes_exactly_once(tmp_path):
+    """A real generate process killed with SIGKILL mid-run, then started again."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for face in resolve_face_set("builtin:test-faces")[:3]:
+        shutil.copy(face.path, faces / face.path.name)
+    cfg = _write_config(tmp_path / "run.yaml", faces=str(faces), seeds=[0, 1, 2], batch_size=4,
+                        sampling={"num_inference_steps": 30})
+    out, clean = tmp_path / "run", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "f2d_bench", "generate", "--config", str(cfg), "--no-progress", "--out"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "first.log", "wb") as log:  # a file, not a pipe: a full pipe would block the child
+        proc = subprocess.Popen([*cmd, str(out)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    manifest = out / "manifests" / "all.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.exists() and len(manifest.read_bytes().splitlines()) >= 6:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "generate ended before the kill: " + (tmp_path / "first.log").read_text()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    expected = 3 * N_PROMPTS * 3
+    partial = len(list((out / "images").rglob("*.png")))
+    assert 0 < partial < expected
+
+    done = subprocess.run([*cmd, str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "outputs:" in done.stdout
+    run = RunDir(out)
+    pngs = sorted((out / "images").rglob("*.png"))
+    assert len(pngs) == expected == len(run.keys())
+    assert not list((out / "images").rglob("*.tmp")) and not run.store.temporary_files()
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]  # no partial line
+    keys = [tuple(sorted(line["key"].items())) for line in lines]
+    assert len(keys) == len(set(keys)) == expected
+    # Fixed batches: the resumed run's images are bit-identical to an uninterrupted run's.
+    subprocess.run([*cmd, str(clean)], cwd=REPO, env=env, check=True, capture_output=True, timeout=400)
+    assert _hashes(out) == _hashes(clean)
+
+
+def test_status_json(reference_run, capsys):
+    out, _ = reference_run
+    assert main(["status", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    total = N_FACES * N_PROMPTS * N_SEEDS
+    assert data["expected"] == data["done"] == total
+    [(mid, row)] = data["methods"].items()
+    assert mid.startswith("sd-class-") and row["done"] == total
+    assert main(["status", str(out)]) == 0
+    assert f"{total}/{total}" in capsys.readouterr().out.replace(" ", "")
+
+
+def test_status_of_a_non_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["status", str(tmp_path)]) == 2
+    assert "not an f2d-bench run directory" in capsys.readouterr().err

@@ -1,0 +1,102 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from f2d_bench.errors import ConfigError
+from f2d_bench.grid import ItemKey, Shard, fixed_batches, grid_keys
+from f2d_bench.store import RunStore, read_jsonl, read_png_key
+
+
+def _keys():
+    return grid_keys(["m-1234abcd"], [f"face{i}" for i in range(7)], ["job-chef", "ref"], [0, 1, 2, 3])
+
+
+def test_key_path_and_validation():
+    key = ItemKey("sd-class-0a1b2c3d", "obama", "job-chef", 3)
+    assert key.relpath.as_posix() == "images/sd-class-0a1b2c3d/obama/job-chef/3.png"
+    for bad in ("..", "a/b", "", ".hidden", "a\\b"):
+        with pytest.raises(ValueError):
+            ItemKey("m", bad, "p", 0)
+    with pytest.raises(ValueError):
+        ItemKey("m", "f", "p", -1)
+    assert ItemKey.from_dict(key.to_dict()) == key
+
+
+def test_stable_hash_is_fixed_across_processes():
+    # A literal: if this changes, shards of existing runs would be reassigned.
+    assert ItemKey("m", "f", "p", 0).stable_hash() == int.from_bytes(
+        __import__("hashlib").sha256(b"m/f/p/0").digest()[:8], "big")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_shards_partition_the_grid(n):
+    keys = _keys()
+    parts = [[k for k in keys if Shard(i, n).owns(k)] for i in range(1, n + 1)]
+    assert sorted(k for p in parts for k in p) == sorted(keys)
+    assert sum(map(len, parts)) == len(keys)
+    if n > 1:
+        assert all(parts), "every shard gets some keys on a 56-key grid"
+
+
+def test_shard_parse_errors():
+    assert Shard.parse("2/4") == Shard(2, 4)
+    for bad in ("0/4", "5/4", "a/b", "3"):
+        with pytest.raises(ConfigError):
+            Shard.parse(bad)
+
+
+def test_fixed_batches_do_not_depend_on_what_is_done():
+    keys = _keys()
+    batches = list(fixed_batches(keys, 5))
+    assert [len(b) for b in batches] == [5] * 11 + [1]
+    assert [k for b in batches for k in b] == keys
+
+
+def _img(v=0):
+    return Image.fromarray(np.full((8, 8, 3), v, np.uint8))
+
+
+def test_write_image_is_atomic_and_recorded(tmp_path):
+    store = RunStore(tmp_path)
+    key = _keys()[0]
+    rec = store.write_image(key, _img(7), config_hash="abc", batch_size=4, writer="all", written_at="t")
+    path = store.image_path(key)
+    assert path.is_file() and not list(path.parent.glob(".*tmp"))
+    assert read_png_key(path) == (key, "abc")
+    lines = read_jsonl(store.manifest_path("all"))
+    assert len(lines) == 1 and lines[0]["sha256"] == rec.sha256
+    assert np.asarray(Image.open(path)).max() == 7
+
+
+def test_reconcile_repairs_what_a_kill_leaves(tmp_path):
+    store = RunStore(tmp_path)
+    keys = _keys()[:4]
+    for k in keys[:2]:
+        store.write_image(k, _img(), config_hash="h", batch_size=4, writer="all", written_at="t")
+    # killed between rename and manifest append: an image with no line
+    store.write_image(keys[2], _img(), config_hash="h", batch_size=4, writer="x", written_at="t")
+    store.manifest_path("x").unlink()
+    # killed mid-write: a temporary file, and a partial manifest line
+    tmp = store.image_path(keys[3]).with_name(".3.png.deadbeef.tmp")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    tmp.write_bytes(b"\x89PNG partial")
+    with open(store.manifest_path("all"), "a") as fh:
+        fh.write('{"key": {"method_id": "m-1')
+    # a temporary file of a key this writer does not own stays
+    foreign = store.image_path(_keys()[10]).with_name(".9.png.cafe.tmp")
+    foreign.parent.mkdir(parents=True, exist_ok=True)
+    foreign.write_bytes(b"x")
+
+    counts = store.reconcile(keys, writer="all", config_hash="h")
+    assert counts["removed_tmp"] == 1 and counts["manifest_added"] == 1
+    assert not tmp.exists() and foreign.exists()
+    text = store.manifest_path("all").read_text()
+    assert text.endswith("\n")
+    records = [json.loads(line) for line in text.splitlines()]  # every line is whole JSON now
+    assert sorted(ItemKey.from_dict(r["key"]) for r in records) == sorted(keys[:3])
+    assert set(store.manifest_records()) == set(keys[:3])
+    # idempotent
+    assert store.reconcile(keys, writer="all", config_hash="h") == {
+        "removed_tmp": 0, "manifest_added": 0, "manifest_dropped": 0}
