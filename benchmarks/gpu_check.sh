@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The generation checks that need a CUDA GPU, as one script: the smoke preset on the GPU, then the
+# engine against the naive loop on SD 1.4's full-size architecture (random weights) at 512x512 fp16.
+# Usage: bash benchmarks/gpu_check.sh   (with f2d_bench importable, e.g. PYTHONPATH=.)
+set -euo pipefail
+export F2D_BENCH_CACHE=${F2D_BENCH_CACHE:-/tmp/f2d-bench-cache} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+"$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
+echo "== smoke preset on cuda"
+rm -rf /tmp/f2d-smoke-gpu
+"$PY" -m f2d_bench generate --preset smoke --device cuda --out /tmp/f2d-smoke-gpu --no-progress
+echo "== SD 1.4 architecture, random weights, 512x512, float16"
+"$PY" benchmarks/generate_throughput.py --unet-config sd14 --device cuda --dtype float16 --size 512 \
+    --faces 2 --seeds 4 --batch-size 8 16 40 ${GPU_CHECK_ARGS:-}
