@@ -18,5 +18,9 @@ METHODS = Registry(
             "f2d_bench.methods.external:ExternalMethod",
             "imports images another tool made, laid out as DIR/<face>/<prompt>/<seed>.png",
         ),
+        "f2d": (
+            "f2d_bench.methods.f2d.method:F2DMethod",
+            "Face2Diffusion (CVPR 2024): MSID identity encoder + mapping network, two injected word tokens",
+        ),
     },
 )
