@@ -72,6 +72,37 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_score(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from f2d_bench.run_dir import RunDir
+    from f2d_bench.scoring import run_config, score_run
+
+    scoring = run_config(RunDir(args.run_dir)).scoring
+    if args.device:
+        scoring = dataclasses.replace(scoring, device=args.device)
+    if args.batch_size:
+        scoring = dataclasses.replace(scoring, batch_size=args.batch_size)
+    names = [n.strip() for n in args.scorers.split(",") if n.strip()] if args.scorers else None
+    summary = score_run(args.run_dir, scorers=names, scoring=scoring, progress=not args.no_progress)
+    print(summary.text())
+    return 0
+
+
+def _cmd_scorers(args: argparse.Namespace) -> int:
+    from f2d_bench.scorers import DEFAULT_SCORERS, SCORERS
+
+    for entry in SCORERS.entries().values():
+        default = "*" if entry.name in DEFAULT_SCORERS else " "
+        print(f"{default} {entry.name:<11} {entry.summary or entry.target}  ({entry.origin})")
+        if args.metrics:
+            for m in SCORERS.load(entry.name).metrics:
+                arrow = "higher is better" if m.higher_is_better else "lower is better"
+                print(f"      {m.name:<12} [{m.low:g}, {m.high:g}] {arrow}: {m.description}")
+    print("* run by default")
+    return 0
+
+
 def _cmd_methods(args: argparse.Namespace) -> int:
     from f2d_bench.methods import METHODS
 
@@ -121,9 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the entry-point group f2d_bench.methods.")
     me.set_defaults(func=_cmd_methods)
 
+    sc = sub.add_parser(
+        "score", help="compute every metric of every image of a run into records.parquet",
+        description=(
+            "Score every image of a run: faces in each image (MTCNN), identity similarity to the input "
+            "face (AdaFace, SphereFace, FaceNet, dlib), text fidelity (CLIP, directional CLIP, SigLIP), "
+            "and hMean/gMean per image. Values are cached per image hash and scorer version: re-running "
+            "computes only what is missing, and a regenerated image is rescored. Scorer settings come "
+            "from the run config's `scoring:` section."
+        ),
+    )
+    sc.add_argument("run_dir", metavar="RUN_DIR")
+    sc.add_argument("--scorers", metavar="NAMES", help="comma-separated scorer names (default: the config's, else all)")
+    sc.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides scoring.device)")
+    sc.add_argument("--batch-size", type=int, metavar="B", help="images per scorer call")
+    sc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sc.set_defaults(func=_cmd_score)
+
+    scs = sub.add_parser("scorers", help="list installed scorers and their metrics",
+                         description="List the scorers: built-ins and those installed through the entry-point "
+                                     "group f2d_bench.scorers.")
+    scs.add_argument("--metrics", action="store_true", help="also list each scorer's metrics (imports them)")
+    scs.set_defaults(func=_cmd_scorers)
+
     from f2d_bench.faces.cli import register as register_faces
+    from f2d_bench.scorers.fid.cli import register as register_fid
 
     register_faces(sub)
+    register_fid(sub)
     return parser
 
 

@@ -82,6 +82,38 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class ScoringConfig:
+    """How `f2d-bench score` scores a run. Not part of the grid: rescoring never touches the images."""
+
+    #: Scorer names (see `f2d-bench scorers`); empty means the default set.
+    scorers: tuple[str, ...] = ()
+    #: Per-scorer settings, e.g. ``{adaface: {checkpoint: /w/adaface_ir101_webface12m.ckpt}}``.
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    device: str = "auto"
+    #: Images per scorer call.
+    batch_size: int = 16
+    #: Which face counts when a generated image shows several: ``most-confident`` (highest MTCNN
+    #: probability, as FastComposer's evaluation takes MTCNN's first face) or ``largest`` (box area).
+    face_policy: str = "most-confident"
+    #: Detections below this MTCNN probability are ignored (0: every face MTCNN returns counts).
+    min_face_prob: float = 0.0
+    #: Rows per cache file: a killed score run loses at most this many computed values per scorer.
+    chunk_size: int = 256
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "settings", types.MappingProxyType(dict(self.settings)))
+        _check_choice("scoring.face_policy", self.face_policy, ("most-confident", "largest"))
+        if not 0.0 <= self.min_face_prob <= 1.0:
+            raise ConfigError(f"scoring.min_face_prob must be in [0, 1], got {self.min_face_prob}")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ConfigError(f"scoring.batch_size and scoring.chunk_size must be >= 1, got "
+                              f"{self.batch_size} and {self.chunk_size}")
+        for name, value in self.settings.items():
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"scoring.settings.{name}: expected a mapping of settings, got {value!r}")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything that decides a run's grid and images."""
 
@@ -96,6 +128,7 @@ class RunConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     #: Images per pipeline call. Changes float rounding slightly (about 1e-6), never the noise.
     batch_size: int = 8
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -119,10 +152,12 @@ class RunConfig:
     def grid_hash(self) -> str:
         """Short hash of everything that decides which images exist and what they look like.
 
-        ``batch_size`` is left out: it only changes float rounding, and a run may resume with another.
+        ``batch_size`` is left out: it only changes float rounding, and a run may resume with another;
+        ``scoring`` too: it decides how images are scored, not which exist.
         """
         data = self.to_dict()
         data.pop("batch_size")
+        data.pop("scoring")
         data.pop("name")
         return canonical_hash(data)
 

@@ -1,0 +1,29 @@
+"""Scorers: per-image metrics (identity, text fidelity) and set-level FID.
+
+Built-ins are listed by name without importing them; third-party packages add scorers through the
+entry-point group ``f2d_bench.scorers``.
+"""
+
+from f2d_bench.registry import Registry
+
+SCORERS = Registry(
+    kind="scorer",
+    group="f2d_bench.scorers",
+    builtins={
+        "adaface": ("f2d_bench.scorers.identity_scorers:AdaFaceScorer",
+                    "AdaFace IR-101 cosine similarity to the input face (Table 1)"),
+        "sphereface": ("f2d_bench.scorers.identity_scorers:SphereFaceScorer",
+                       "SphereFace cosine similarity to the input face (Table 1)"),
+        "facenet": ("f2d_bench.scorers.identity_scorers:FaceNetScorer",
+                    "FaceNet (InceptionResnetV1, VGGFace2) cosine similarity to the input face (Table 1)"),
+        "dlib": ("f2d_bench.scorers.identity_scorers:DlibScorer",
+                 "dlib ResNet cosine similarity to the input face (extra; real weights offline)"),
+        "clip": ("f2d_bench.scorers.text_scorers:ClipScorer",
+                 "CLIP score and directional CLIP against the reference image (Table 1)"),
+        "siglip": ("f2d_bench.scorers.text_scorers:SiglipScorer",
+                   "SigLIP cosine (and sigmoid probability) of image and prompt (Table 1)"),
+    },
+)
+
+#: Scorers run by `f2d-bench score` when none are named.
+DEFAULT_SCORERS = ("adaface", "sphereface", "facenet", "dlib", "clip", "siglip")

@@ -1,0 +1,105 @@
+"""The scorer plugin API: metrics declared as data, one value per image per metric.
+
+A scorer gets batches of ``ScoreItem`` (the generated image, its prompt, the input face, the reference
+image of the same method, face and seed, and the face found in the generated image) and returns one dict
+of metric values per item. Scorers never see a method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+
+from f2d_bench.config import canonical_hash
+from f2d_bench.errors import ConfigError
+from f2d_bench.grid import ItemKey
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from f2d_bench.faces.detect import Detection
+    from f2d_bench.faces.faceset import Face
+    from f2d_bench.prompts import Prompt, PromptSet
+
+#: What reports print beside a metric computed with random weights (offline smoke runs).
+RANDOM_WEIGHTS_NOTE = "random weights: not meaningful"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric's display metadata: column name, direction and range of values."""
+
+    name: str
+    higher_is_better: bool
+    low: float
+    high: float
+    description: str
+    #: Part of the paper's hMean/gMean (the six Table 1 metrics).
+    in_mean: bool = False
+
+
+@dataclass
+class ScoreItem:
+    """One generated image to score."""
+
+    key: ItemKey
+    image: "Image.Image"  # RGB, 8 bit
+    prompt: "Prompt"
+    face: "Face"
+    #: The same method's "a photo of S*" image for this face and seed (None for the reference itself).
+    reference_path: Path | None
+    #: The face chosen in the generated image (policy in ScoringContext), or None when none was found.
+    detection: "Detection | None"
+
+
+@dataclass
+class ScoringContext:
+    """What scorers share: the prompt set, the device and the input-face detections."""
+
+    prompt_set: "PromptSet"
+    device: str
+    #: face_id -> the chosen detection in the input face image (None: no face found there).
+    input_detections: Mapping[str, "Detection | None"]
+
+
+class Scorer:
+    """Base class. Subclasses set ``name``, ``version``, ``metrics`` and ``defaults`` and implement ``score``.
+
+    ``version`` is bumped whenever the values a scorer returns change for the same settings; it is part
+    of the cache key with the name and the settings, so cached values are never reused across versions.
+    """
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "1"
+    metrics: ClassVar[tuple[MetricSpec, ...]] = ()
+    defaults: ClassVar[Mapping[str, Any]] = {}
+
+    def __init__(self, settings: Mapping[str, Any], context: ScoringContext):
+        unknown = sorted(set(settings) - set(self.defaults))
+        if unknown:
+            raise ConfigError(
+                f"scorer {self.name}: unknown setting {unknown[0]!r}; allowed: {', '.join(sorted(self.defaults)) or '(none)'}"
+            )
+        self.settings = {**self.defaults, **settings}
+        self.context = context
+
+    def cache_identity(self) -> dict:
+        return {"scorer": self.name, "version": self.version, "settings": self.settings}
+
+    @property
+    def cache_id(self) -> str:
+        """``<name>-<hash>``: the folder of this scorer's cached values."""
+        return f"{self.name}-{canonical_hash(self.cache_identity(), 10)}"
+
+    def describe(self) -> dict:
+        """Recorded in the run and shown in reports: checkpoint, backend, weight status."""
+        return {"name": self.name, "version": self.version, "settings": self.settings, "note": self.note()}
+
+    def note(self) -> str | None:
+        """A caveat for reports, e.g. RANDOM_WEIGHTS_NOTE. None when the values are meaningful."""
+        return RANDOM_WEIGHTS_NOTE if self.settings.get("weights") == "random" else None
+
+    def score(self, items: Sequence[ScoreItem]) -> list[dict[str, float]]:
+        """One ``{metric name: value}`` per item, in order."""
+        raise NotImplementedError

@@ -1,0 +1,379 @@
+"""`f2d-bench score`: every metric of every image of a run, cached, resumable, into records.parquet.
+
+Stages, each cached under ``RUN/scores/`` by the hash of what went in:
+
+1. faces: MTCNN on each generated image (boxes, 5 landmarks, probability), one face chosen by the
+   recorded policy; unreadable images get their error here and no metric later.
+2. one folder per scorer and settings (``<name>-<hash>/``): chunk files of per-image values, each
+   written atomically. A row is reused only when the image, its reference image and the input face
+   are byte-identical to those it was computed from, so a regenerated image is rescored.
+3. ``records.parquet``: one row per image with every metric as a column, hMean and gMean.
+
+A score run killed at any moment leaves whole chunk files only; the next run computes what is missing
+and ends with the same table as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from f2d_bench.config import RunConfig, ScoringConfig, config_from_dict
+from f2d_bench.errors import F2DBenchError
+from f2d_bench.faces.faceset import Face
+from f2d_bench.grid import ItemKey
+from f2d_bench.run_dir import RunDir
+from f2d_bench.store import atomic_write_bytes, atomic_write_json
+
+FACE_STAGE_VERSION = "1"
+
+
+@dataclass
+class ImageEntry:
+    key: ItemKey
+    path: Path
+    sha256: str
+    reference_key: ItemKey | None
+
+
+@dataclass
+class ScoreSummary:
+    run_dir: Path
+    records_path: Path
+    n_images: int
+    computed: dict[str, int] = field(default_factory=dict)  # scorer -> rows computed this time
+    errors: int = 0
+    no_face: int = 0
+    seconds: float = 0.0
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def text(self) -> str:
+        lines = [f"scored {self.n_images} images of {self.run_dir} in {self.seconds:.1f} s"]
+        for name, n in self.computed.items():
+            note = f"  [{self.notes[name]}]" if self.notes.get(name) else ""
+            lines.append(f"  {name}: {n} computed, {self.n_images - n} from cache{note}")
+        lines.append(f"  no face detected: {self.no_face} images (identity metrics 0.0, face_detected false)")
+        if self.errors:
+            lines.append(f"  unreadable images: {self.errors} (metrics empty, see the `error` column)")
+        lines.append(f"records: {self.records_path}")
+        return "\n".join(lines)
+
+
+# -- small helpers ----------------------------------------------------------------------------------
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_parquet(path: Path, frame) -> None:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _read_chunks(folder: Path):
+    """All chunk files of a cache folder as one frame (later chunks win for the same row)."""
+    import pandas as pd
+
+    files = sorted(folder.glob("chunk-*.parquet")) if folder.is_dir() else []
+    frames = []
+    for f in files:
+        try:
+            frames.append(pd.read_parquet(f))
+        except Exception:  # a file that is not whole cannot come from an atomic write: ignore it
+            continue
+    if not frames:
+        return None
+    frame = pd.concat(frames, ignore_index=True)
+    return frame.drop_duplicates(subset=["cache_key"], keep="last")
+
+
+def _next_chunk_path(folder: Path) -> Path:
+    existing = sorted(folder.glob("chunk-*.parquet"))
+    n = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
+    return folder / f"chunk-{n:06d}.parquet"
+
+
+def _batched(seq: Sequence, size: int) -> Iterable[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+# -- the run's images -------------------------------------------------------------------------------
+
+
+def run_images(run: RunDir) -> list[ImageEntry]:
+    """Every existing image of the run with its hash and its reference image's key.
+
+    Hashes are taken from the files, not the manifest, so an image changed by any means is rescored.
+    """
+    grid = run.read_grid()
+    ref_id = grid["prompt_set"]["reference_id"]
+    entries = []
+    for key in run.keys():
+        path = run.store.image_path(key)
+        if not path.is_file():
+            continue
+        sha = _sha256_file(path)
+        ref = None if key.prompt_id == ref_id else ItemKey(key.method_id, key.face_id, ref_id, key.seed)
+        entries.append(ImageEntry(key, path, sha, ref))
+    return entries
+
+
+def run_config(run: RunDir) -> RunConfig:
+    data = json.loads((run.root / "run.json").read_text(encoding="utf-8"))["config"]
+    return config_from_dict(data, str(run.root / "run.json"))
+
+
+def run_faces(run: RunDir, config: RunConfig) -> dict[str, Face]:
+    """The run's input faces, checked against the hashes recorded when the run was made."""
+    from f2d_bench.faceset_source import resolve_face_set
+    from f2d_bench.run_dir import file_sha256
+
+    grid = run.read_grid()
+    faces = {f.face_id: f for f in resolve_face_set(config.faces)}
+    out = {}
+    for entry in grid["faces"]:
+        face = faces.get(entry["face_id"])
+        if face is None:
+            raise F2DBenchError(f"input face {entry['face_id']!r} of {run.root} is no longer in {config.faces}")
+        if file_sha256(face.path) != entry["sha256"]:
+            raise F2DBenchError(f"input face {face.path} changed since {run.root} was generated; "
+                                "identity scores would compare against another photo")
+        out[face.face_id] = face
+    return out
+
+
+# -- stage 1: faces in generated images -------------------------------------------------------------
+
+
+def choose_face(detections, policy: str, min_prob: float):
+    """The detection that counts under ``policy`` among those at or above ``min_prob`` (None if none)."""
+    found = [d for d in detections if d.prob >= min_prob]
+    if not found:
+        return None, 0
+    pick = max(found, key=(lambda d: d.area) if policy == "largest" else (lambda d: d.prob))
+    return pick, len(found)
+
+
+def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig, detector, progress) -> "Any":
+    """Stage 1, cached: per image sha, the chosen face (or none) and any read error."""
+    import pandas as pd
+
+    from f2d_bench.faces.imageio import read_image
+
+    ident = {"stage": "faces", "version": FACE_STAGE_VERSION, "policy": scoring.face_policy,
+             "min_prob": scoring.min_face_prob, "detector": "facenet-pytorch MTCNN"}
+    from f2d_bench.config import canonical_hash
+
+    folder = run.root / "scores" / f"faces-{canonical_hash(ident, 10)}"
+    atomic_write_json(folder / "stage.json", ident)
+    cached = _read_chunks(folder)
+    have = set(cached["cache_key"]) if cached is not None else set()
+    todo = [e for e in entries if e.sha256 not in have]
+    rows = []
+    for e in progress(todo, "faces"):
+        row: dict[str, Any] = {"cache_key": e.sha256, "error": None, "face_detected": False,
+                               "face_prob": np.nan, "n_faces": 0, "face_box": None, "face_landmarks": None}
+        try:
+            image = read_image(e.path)
+        except F2DBenchError as exc:
+            row["error"] = str(exc)
+        else:
+            pick, n = choose_face(detector.detect(image), scoring.face_policy, scoring.min_face_prob)
+            row["n_faces"] = n
+            if pick is not None:
+                row.update(face_detected=True, face_prob=pick.prob, face_box=list(pick.box),
+                           face_landmarks=pick.landmarks.reshape(-1).tolist())
+        rows.append(row)
+        if len(rows) >= scoring.chunk_size:
+            _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
+            rows = []
+    if rows:
+        _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
+    return _read_chunks(folder).set_index("cache_key")
+
+
+def _detection_from_row(row):
+    from f2d_bench.faces.detect import Detection
+
+    if not row["face_detected"]:
+        return None
+    return Detection(box=tuple(row["face_box"]), landmarks=np.asarray(row["face_landmarks"]).reshape(5, 2),
+                     prob=float(row["face_prob"]))
+
+
+# -- stage 2: scorers -------------------------------------------------------------------------------
+
+
+def _load_scorers(names: Sequence[str], scoring: ScoringConfig, context) -> list:
+    from f2d_bench.scorers import SCORERS
+
+    scorers = []
+    for name in names:
+        cls = SCORERS.load(name)
+        scorers.append(cls(dict(scoring.settings.get(name, {})), context))
+    unknown = sorted(set(scoring.settings) - set(names) - set(SCORERS.names()))
+    if unknown:
+        raise F2DBenchError(f"scoring.settings.{unknown[0]}: no such scorer; installed: {', '.join(SCORERS.names())}")
+    return scorers
+
+
+def score_run(
+    run_dir: str | Path, *, scorers: Sequence[str] | None = None, scoring: ScoringConfig | None = None,
+    progress: bool = True,
+) -> ScoreSummary:
+    """Score every image of ``run_dir`` with ``scorers`` (default: the run config's, else all built-ins)."""
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from f2d_bench.faces.detect import FaceDetector
+    from f2d_bench.faces.imageio import read_image
+    from f2d_bench.prompts import load_prompt_set
+    from f2d_bench.scorers import DEFAULT_SCORERS
+    from f2d_bench.scorers.base import ScoreItem, ScoringContext
+
+    start = time.perf_counter()
+    run = RunDir(run_dir)
+    grid = run.read_grid()
+    config = run_config(run)
+    scoring = scoring or config.scoring
+    names = list(scorers or scoring.scorers or DEFAULT_SCORERS)
+    prompt_set = load_prompt_set(run.root / "prompts.yaml")
+    faces = run_faces(run, config)
+    entries = run_images(run)
+    if not entries:
+        raise F2DBenchError(f"{run.root} has no images yet; run f2d-bench generate first")
+    by_key = {e.key: e for e in entries}
+    face_sha = {f["face_id"]: f["sha256"] for f in grid["faces"]}
+
+    def bar(seq, desc):
+        return tqdm(seq, desc=desc, unit="img", disable=not progress or not seq, dynamic_ncols=True)
+
+    device = "cuda" if scoring.device == "auto" and _cuda() else ("cpu" if scoring.device == "auto" else scoring.device)
+    detector = FaceDetector(device=device)
+    detections = detect_faces(run, entries, scoring, detector, bar)
+    input_det = {}
+    for fid, face in faces.items():
+        pick, _ = choose_face(detector.detect(read_image(face.path)), "largest", 0.0)
+        input_det[fid] = pick
+    context = ScoringContext(prompt_set=prompt_set, device=device, input_detections=input_det)
+    scorer_objs = _load_scorers(names, scoring, context)
+
+    summary = ScoreSummary(Path(run_dir), run.root / "records.parquet", len(entries))
+    metric_frames = []
+    for scorer in scorer_objs:
+        folder = run.root / "scores" / scorer.cache_id
+        atomic_write_json(folder / "scorer.json", scorer.describe())
+        cached = _read_chunks(folder)
+        have = set(cached["cache_key"]) if cached is not None else set()
+
+        def cache_key(e: ImageEntry) -> str:
+            ref = by_key.get(e.reference_key) if e.reference_key else None
+            parts = [e.key.as_string(), e.sha256, ref.sha256 if ref else "-", face_sha[e.key.face_id]]
+            return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+        readable = [e for e in entries if pd.isna(detections.loc[e.sha256, "error"])]
+        todo = [e for e in readable if cache_key(e) not in have]
+        summary.computed[scorer.name] = len(todo)
+        summary.notes[scorer.name] = scorer.note() or ""
+        pbar = bar(todo, scorer.name)
+        rows: list[dict] = []
+        for batch in _batched(todo, scoring.batch_size):
+            items = []
+            for e in batch:
+                ref = by_key.get(e.reference_key) if e.reference_key else None
+                items.append(ScoreItem(
+                    key=e.key, image=read_image(e.path), prompt=prompt_set.by_id(e.key.prompt_id),
+                    face=faces[e.key.face_id], reference_path=ref.path if ref else None,
+                    detection=_detection_from_row(detections.loc[e.sha256]),
+                ))
+            values = scorer.score(items)
+            if len(values) != len(items):
+                raise RuntimeError(f"scorer {scorer.name} returned {len(values)} rows for {len(items)} images")
+            for e, v in zip(batch, values):
+                rows.append({"cache_key": cache_key(e), **{m.name: _as_float(v.get(m.name)) for m in scorer.metrics}})
+            pbar.update(len(batch))
+            if len(rows) >= scoring.chunk_size:
+                _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
+                rows = []
+        if rows:
+            _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
+        pbar.close()
+        frame = _read_chunks(folder)
+        cols = [m.name for m in scorer.metrics]
+        table = frame.set_index("cache_key")[cols] if frame is not None else pd.DataFrame(columns=cols)
+        metric_frames.append((scorer, table, cache_key))
+
+    records = _assemble(run, grid, entries, detections, metric_frames, prompt_set)
+    _write_parquet(summary.records_path, records)
+    atomic_write_json(run.root / "scores" / "scoring.json", {
+        "scoring": config.to_dict()["scoring"] | {"scorers": names},
+        "scorers": [s.describe() for s in scorer_objs],
+        "face_detector": "facenet-pytorch MTCNN", "face_policy": scoring.face_policy,
+        "min_face_prob": scoring.min_face_prob, "metrics": _metric_specs(scorer_objs),
+    })
+    summary.errors = int(records["error"].notna().sum())
+    summary.no_face = int((~records["face_detected"] & records["error"].isna()).sum())
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _metric_specs(scorers) -> list[dict]:
+    from dataclasses import asdict
+
+    return [asdict(m) | {"scorer": s.name, "note": s.note()} for s in scorers for m in s.metrics]
+
+
+def _assemble(run, grid, entries, detections, metric_frames, prompt_set):
+    import pandas as pd
+
+    from f2d_bench.aggregate.combine import MEAN_METRICS, geometric_mean_rows, harmonic_mean_rows
+
+    labels = {m["method_id"]: m.get("label") or m["name"] for m in grid["methods"]}
+    rows = []
+    for e in entries:
+        det = detections.loc[e.sha256]
+        prompt = prompt_set.by_id(e.key.prompt_id)
+        rows.append({
+            "method": e.key.method_id, "method_label": labels.get(e.key.method_id, e.key.method_id),
+            "face": e.key.face_id, "prompt": e.key.prompt_id, "category": prompt.category,
+            "seed": e.key.seed, "path": e.path.relative_to(run.root).as_posix(), "sha256": e.sha256,
+            "face_detected": bool(det["face_detected"]), "face_prob": float(det["face_prob"]),
+            "n_faces": int(det["n_faces"]), "error": None if pd.isna(det["error"]) else str(det["error"]),
+        })
+    records = pd.DataFrame(rows)
+    for scorer, table, cache_key in metric_frames:
+        keys = [cache_key(e) for e in entries]
+        for m in scorer.metrics:
+            records[m.name] = table[m.name].reindex(keys).to_numpy(dtype=np.float64)
+    present = [m for m in MEAN_METRICS if m in records.columns]
+    if len(present) == len(MEAN_METRICS):
+        values = records[list(MEAN_METRICS)].to_numpy(dtype=np.float64)
+        records["hmean"] = harmonic_mean_rows(values)
+        records["gmean"] = geometric_mean_rows(values)
+    # The reference prompt's images exist for dCLIP; they are not part of Table 1's averages.
+    records["is_reference"] = records["prompt"] == grid["prompt_set"]["reference_id"]
+    return records
+
+
+def _as_float(value) -> float:
+    return np.nan if value is None else float(value)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,180 @@
+"""`f2d-bench score` end to end with real models that work offline (MTCNN, dlib) on real photos.
+
+The "generated" images are imported with the `external` method: prepared crops of the test photos, so
+that same-person and different-person pairs, a no-face image and a corrupt file are all known.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from f2d_bench.cli import main
+from f2d_bench.config import config_from_dict
+from f2d_bench.engine import generate_run
+from f2d_bench.faceset_source import resolve_face_set
+from f2d_bench.run_dir import RunDir
+from f2d_bench.scoring import choose_face, score_run
+
+from conftest import REPO, small_config_dict
+
+# input face -> the photo shown as its "generated" image for each smoke prompt
+SAME = {"obama": "obama2", "obama2": "obama3", "biden": "biden", "grace_hopper": "grace_hopper"}
+OTHER = {"obama": "biden", "obama2": "grace_hopper", "biden": "obama", "grace_hopper": "obama2"}
+
+
+def _build(tmp: Path, chunk_size: int = 256) -> tuple[Path, dict]:
+    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
+    faces = tmp / "faces"
+    faces.mkdir()
+    for fid in SAME:
+        shutil.copy(crops[fid], faces / f"{fid}.png")
+    src = tmp / "elsewhere"
+    rng = np.random.default_rng(0)
+    for fid in SAME:
+        plan = {"job-chef": crops[SAME[fid]], "activity-guitar": crops[OTHER[fid]],
+                "location-eiffel-tower": crops[SAME[fid]], "ref": crops[fid], "expression-laughing": None}
+        for pid, photo in plan.items():
+            d = src / fid / pid
+            d.mkdir(parents=True)
+            if photo is None:  # noise: no face in it
+                Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(d / "0.png")
+            else:
+                shutil.copy(photo, d / "0.png")
+    data = small_config_dict(faces=str(faces), seeds=[0],
+                             methods=[{"name": "external", "params": {"source": str(src)}}],
+                             scoring={"scorers": ["dlib"], "chunk_size": chunk_size, "batch_size": 4})
+    out = tmp / "run"
+    summary = generate_run(config_from_dict(data), out, progress=False)
+    assert summary.complete
+    return out, data
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    out, data = _build(tmp_path_factory.mktemp("scoring"))
+    summary = score_run(out, progress=False)
+    return out, data, summary, pd.read_parquet(out / "records.parquet")
+
+
+def test_records_have_one_row_per_image_and_every_column(scored):
+    out, _, summary, rec = scored
+    assert len(rec) == len(RunDir(out).keys()) == 4 * 5 == summary.n_images
+    for col in ("method", "face", "prompt", "category", "seed", "path", "sha256", "face_detected",
+                "face_prob", "error", "dlib", "is_reference"):
+        assert col in rec.columns, col
+    assert set(rec["category"]) == {"job", "activity", "expression", "location", "reference"}
+    assert rec["error"].isna().all()
+
+
+def test_dlib_same_person_beats_different_person(scored):
+    rec = scored[3].set_index(["face", "prompt"])["dlib"]
+    for fid in SAME:
+        same, other = rec[(fid, "job-chef")], rec[(fid, "activity-guitar")]
+        assert same > other, (fid, same, other)
+    assert rec[("biden", "ref")] > 0.99  # the input photo itself
+    assert rec[("obama", "job-chef")] > 0.85 and rec[("obama", "activity-guitar")] < 0.85
+
+
+def test_no_face_gives_zero_and_face_detected_false(scored):
+    rec = scored[3]
+    noise = rec[rec["prompt"] == "expression-laughing"]
+    assert (~noise["face_detected"]).all() and (noise["dlib"] == 0.0).all()
+    assert rec[rec["prompt"] != "expression-laughing"]["face_detected"].all()
+    assert scored[2].no_face == 4
+
+
+def test_rescoring_uses_the_cache_and_a_changed_image_is_rescored(scored, tmp_path):
+    out, _, _, before = scored
+    again = score_run(out, progress=False)
+    assert again.computed == {"dlib": 0}
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "records.parquet"), before)
+
+
+def test_changed_image_is_rescored(tmp_path):
+    out, _ = _build(tmp_path)
+    score_run(out, progress=False)
+    run = RunDir(out)
+    key = [k for k in run.keys() if k.face_id == "obama" and k.prompt_id == "job-chef"][0]
+    # regenerate one image (as a new generate would): remove it, change the source, generate again
+    run.store.image_path(key).unlink()
+    src = tmp_path / "elsewhere" / "obama" / "job-chef" / "0.png"
+    shutil.copy(tmp_path / "elsewhere" / "biden" / "ref" / "0.png", src)
+    from f2d_bench.scoring import run_config
+    generate_run(run_config(run), out, progress=False)
+    summary = score_run(out, progress=False)
+    assert summary.computed == {"dlib": 1}
+    rec = pd.read_parquet(out / "records.parquet").set_index(["face", "prompt"])
+    assert rec.loc[("obama", "job-chef"), "dlib"] < 0.85  # now Biden's photo
+
+
+def test_unreadable_grayscale_rgba_16bit_images(tmp_path):
+    out, _ = _build(tmp_path)
+    run = RunDir(out)
+    keys = {(k.face_id, k.prompt_id): k for k in run.keys()}
+    path = lambda f, p: run.store.image_path(keys[(f, p)])  # noqa: E731
+    data = path("obama", "job-chef").read_bytes()
+    path("obama", "job-chef").write_bytes(data[: len(data) // 3])  # truncated
+    Image.open(path("biden", "job-chef")).convert("L").save(path("biden", "job-chef"))
+    Image.open(path("grace_hopper", "job-chef")).convert("RGBA").save(path("grace_hopper", "job-chef"))
+    gray16 = (np.asarray(Image.open(path("obama2", "job-chef")).convert("L"), dtype=np.uint16) * 257)
+    Image.fromarray(gray16).save(path("obama2", "job-chef"))
+    summary = score_run(out, progress=False)
+    rec = pd.read_parquet(out / "records.parquet").set_index(["face", "prompt"])
+    assert summary.errors == 1 and "obama" in str(rec.loc[("obama", "job-chef"), "path"])
+    assert isinstance(rec.loc[("obama", "job-chef"), "error"], str)
+    assert np.isnan(rec.loc[("obama", "job-chef"), "dlib"])
+    for fid in ("biden", "grace_hopper", "obama2"):  # converted, scored, still the same person
+        assert rec.loc[(fid, "job-chef"), "face_detected"], fid
+        assert rec.loc[(fid, "job-chef"), "dlib"] > 0.85, fid
+
+
+def test_score_killed_midway_ends_with_the_same_table(scored, tmp_path):
+    out, _ = _build(tmp_path, chunk_size=2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "f2d_bench", "score", str(out), "--no-progress", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    folder = out / "scores"
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(folder.glob("dlib-*/chunk-*.parquet"))) >= 2:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "score finished before the kill"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "records.parquet").exists()
+    assert main(["score", str(out), "--no-progress"]) == 0
+    got = pd.read_parquet(out / "records.parquet")
+    want = scored[3]
+    cols = ["face", "prompt", "seed", "face_detected", "dlib"]
+    pd.testing.assert_frame_equal(got[cols].reset_index(drop=True), want[cols].reset_index(drop=True))
+
+
+def test_face_policy():
+    from f2d_bench.faces.detect import Detection
+
+    big = Detection((0, 0, 100, 100), np.zeros((5, 2)), 0.95)
+    sure = Detection((0, 0, 10, 10), np.zeros((5, 2)), 0.999)
+    assert choose_face([big, sure], "largest", 0.0) == (big, 2)
+    assert choose_face([big, sure], "most-confident", 0.0) == (sure, 2)
+    assert choose_face([big, sure], "largest", 0.99) == (sure, 1)
+    assert choose_face([], "largest", 0.0) == (None, 0)
+
+
+def test_scorers_command_lists_metrics(capsys):
+    assert main(["scorers", "--metrics"]) == 0
+    out = capsys.readouterr().out
+    for name in ("adaface", "sphereface", "facenet", "dlib", "clip", "siglip"):
+        assert name in out
