@@ -83,9 +83,14 @@ def _cmd_score(args: argparse.Namespace) -> int:
         scoring = dataclasses.replace(scoring, device=args.device)
     if args.batch_size:
         scoring = dataclasses.replace(scoring, batch_size=args.batch_size)
+    if args.fid_ref:
+        scoring = dataclasses.replace(scoring, fid_reference=args.fid_ref)
+    if args.fid_backend:
+        scoring = dataclasses.replace(scoring, fid_backend=args.fid_backend)
     names = [n.strip() for n in args.scorers.split(",") if n.strip()] if args.scorers else None
     summary = score_run(args.run_dir, scorers=names, scoring=scoring, progress=not args.no_progress)
     print(summary.text())
+    print(f"outputs: {Path(args.run_dir).resolve()} (records.parquet, table1.csv, scores/)")
     return 0
 
 
@@ -166,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--scorers", metavar="NAMES", help="comma-separated scorer names (default: the config's, else all)")
     sc.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides scoring.device)")
     sc.add_argument("--batch-size", type=int, metavar="B", help="images per scorer call")
+    sc.add_argument("--fid-ref", metavar="FILE.npz",
+                    help="reference statistics from `f2d-bench fid-ref build`: also compute FID per method")
+    sc.add_argument("--fid-backend", choices=["pytorch-fid", "clean-fid-torchscript"],
+                    help="Inception backend for FID (must match the reference's; default: the config's)")
     sc.add_argument("--no-progress", action="store_true", help="no progress bars")
     sc.set_defaults(func=_cmd_score)
 

@@ -99,6 +99,12 @@ class ScoringConfig:
     min_face_prob: float = 0.0
     #: Rows per cache file: a killed score run loses at most this many computed values per scorer.
     chunk_size: int = 256
+    #: Reference statistics (.npz from `f2d-bench fid-ref build`) for FID per method; None: no FID.
+    fid_reference: str | None = None
+    #: FID feature backend: ``pytorch-fid`` (the paper's default) or ``clean-fid-torchscript`` (offline).
+    fid_backend: str = "pytorch-fid"
+    #: Local Inception weights for the backend (None: the backend's published file).
+    fid_weights: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "settings", types.MappingProxyType(dict(self.settings)))

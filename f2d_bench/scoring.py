@@ -53,6 +53,8 @@ class ScoreSummary:
     no_face: int = 0
     seconds: float = 0.0
     notes: dict[str, str] = field(default_factory=dict)
+    table: Any = None  # per-method means (pandas DataFrame)
+    fid: dict = field(default_factory=dict)  # method_id -> FID result
 
     def text(self) -> str:
         lines = [f"scored {self.n_images} images of {self.run_dir} in {self.seconds:.1f} s"]
@@ -62,6 +64,15 @@ class ScoreSummary:
         lines.append(f"  no face detected: {self.no_face} images (identity metrics 0.0, face_detected false)")
         if self.errors:
             lines.append(f"  unreadable images: {self.errors} (metrics empty, see the `error` column)")
+        if self.table is not None and len(self.table):
+            import pandas as pd
+
+            with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 4):
+                lines.append("means per method (prompt images; reference images left out):")
+                lines.append(self.table.drop(columns=["label"]).to_string())
+        for mid, r in self.fid.items():
+            lines.append(f"  FID {mid}: {r['value']:.2f} ({r['backend']}, {r['n_generated']} generated vs "
+                         f"{r['n_reference']} reference images)")
         lines.append(f"records: {self.records_path}")
         return "\n".join(lines)
 
@@ -319,6 +330,14 @@ def score_run(
 
     records = _assemble(run, grid, entries, detections, metric_frames, prompt_set)
     _write_parquet(summary.records_path, records)
+    from f2d_bench.aggregate.tables import method_means
+
+    table = method_means(records)
+    atomic_write_bytes(run.root / "table1.csv", table.to_csv().encode("utf-8"))
+    summary.table = table
+    if scoring.fid_reference:
+        summary.fid = compute_fid(run, entries, grid, scoring, device, bar)
+        atomic_write_json(run.root / "scores" / "fid.json", summary.fid)
     atomic_write_json(run.root / "scores" / "scoring.json", {
         "scoring": config.to_dict()["scoring"] | {"scorers": names},
         "scorers": [s.describe() for s in scorer_objs],
@@ -329,6 +348,58 @@ def score_run(
     summary.no_face = int((~records["face_detected"] & records["error"].isna()).sum())
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def compute_fid(run: RunDir, entries: list[ImageEntry], grid: dict, scoring: ScoringConfig, device: str,
+                progress) -> dict:
+    """FID of each method's prompt images against ``scoring.fid_reference``.
+
+    Inception features are cached per image (``scores/fid-<hash>/``), so any grouping can be computed
+    later and a regenerated image is re-embedded. Returns method_id -> {value, backend, n_generated,
+    n_reference, reference}.
+    """
+    import pandas as pd
+
+    from f2d_bench.config import canonical_hash
+    from f2d_bench.faces.imageio import read_image
+    from f2d_bench.scorers.fid import fid_from_features, load_stats, make_backend
+
+    reference = load_stats(scoring.fid_reference)
+    backend = make_backend(scoring.fid_backend, weights=scoring.fid_weights, device=device)
+    ident = {"stage": "fid-features", "backend": backend.describe()}
+    folder = run.root / "scores" / f"fid-{canonical_hash(ident, 10)}"
+    atomic_write_json(folder / "stage.json", ident)
+    ref_id = grid["prompt_set"]["reference_id"]
+    wanted = [e for e in entries if e.key.prompt_id != ref_id]
+    cached = _read_chunks(folder)
+    have = set(cached["cache_key"]) if cached is not None else set()
+    todo = list({e.sha256: e for e in wanted if e.sha256 not in have}.values())
+    pbar = progress(todo, "fid")
+    for chunk in _batched(todo, scoring.chunk_size):
+        images, keep = [], []
+        for e in chunk:
+            try:
+                images.append(read_image(e.path))
+                keep.append(e)
+            except F2DBenchError:
+                continue  # recorded as an error by the faces stage; not part of any FID
+        feats = backend.features(images) if images else np.zeros((0, 2048))
+        frame = pd.DataFrame({"cache_key": [e.sha256 for e in keep],
+                              "features": [f.astype(np.float32).tolist() for f in feats]})
+        _write_parquet(_next_chunk_path(folder), frame)
+        pbar.update(len(chunk))
+    pbar.close()
+    table = _read_chunks(folder)
+    by_sha = dict(zip(table["cache_key"], table["features"])) if table is not None else {}
+    results = {}
+    for m in grid["methods"]:
+        feats = [by_sha[e.sha256] for e in wanted if e.key.method_id == m["method_id"] and e.sha256 in by_sha]
+        if len(feats) < 2:
+            continue
+        r = fid_from_features(np.asarray(np.stack(feats), dtype=np.float64), reference, backend.name)
+        results[m["method_id"]] = {"value": r.value, "backend": r.backend, "n_generated": r.n_generated,
+                                   "n_reference": r.n_reference, "reference": str(scoring.fid_reference)}
+    return results
 
 
 def _metric_specs(scorers) -> list[dict]:

@@ -178,3 +178,62 @@ def test_scorers_command_lists_metrics(capsys):
     out = capsys.readouterr().out
     for name in ("adaface", "sphereface", "facenet", "dlib", "clip", "siglip"):
         assert name in out
+
+
+def test_table1_means_match_a_hand_computation(scored):
+    out, _, summary, rec = scored
+    table = pd.read_csv(out / "table1.csv", index_col=0)
+    prompts = rec[rec["prompt"] != "ref"]
+    assert table.loc[prompts["method"].iloc[0], "dlib"] == pytest.approx(prompts["dlib"].mean())
+    assert table.iloc[0]["face_detection_rate"] == pytest.approx(12 / 16)  # 4 noise images of 16
+    assert table.iloc[0]["n_images"] == 16
+
+
+def test_fid_per_method_against_a_reference(tmp_path):
+    out, data = _build(tmp_path)
+    crops = [f.path for f in resolve_face_set("builtin:test-faces")]
+    ref_dir = tmp_path / "reference"
+    ref_dir.mkdir()
+    for p in crops:
+        img = Image.open(p).convert("RGB").resize((128, 128))
+        img.save(ref_dir / f"{p.stem}.png")
+        img.transpose(Image.FLIP_LEFT_RIGHT).save(ref_dir / f"{p.stem}-flip.png")
+    ref = tmp_path / "ref.npz"
+    assert main(["fid-ref", "build", str(ref_dir), "--out", str(ref), "--backend", "clean-fid-torchscript",
+                 "--quiet"]) == 0
+    assert main(["score", str(out), "--no-progress", "--fid-ref", str(ref),
+                 "--fid-backend", "clean-fid-torchscript"]) == 0
+    fid = __import__("json").loads((out / "scores" / "fid.json").read_text())
+    [(mid, r)] = fid.items()
+    assert r["backend"] == "clean-fid-torchscript" and r["n_generated"] == 16 and r["n_reference"] == 16
+    assert np.isfinite(r["value"]) and r["value"] > 1.0  # 4 noise images among 16: far from the photos
+
+
+def test_f2d_grid_generates_and_scores_end_to_end(tmp_path):
+    """F2D (official structure, random weights) on the tiny pipeline with real photos, then every scorer."""
+    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for fid in ("obama", "biden"):
+        shutil.copy(crops[fid], faces / f"{fid}.png")
+    data = small_config_dict(
+        faces=str(faces), seeds=[0], methods=[{"name": "f2d", "params": {"weights": "random"}}],
+        scoring={"device": "cpu", "settings": {
+            "adaface": {"weights": "random"}, "sphereface": {"weights": "random"},
+            "facenet": {"weights": "random"}, "clip": {"model": "tiny"}, "siglip": {"model": "tiny"}}})
+    out = tmp_path / "run"
+    assert generate_run(config_from_dict(data), out, progress=False).complete
+    summary = score_run(out, progress=False)
+    rec = pd.read_parquet(out / "records.parquet")
+    assert len(rec) == 2 * 5 and rec["method"].str.startswith("f2d-").all()
+    for col in ("adaface", "sphereface", "facenet", "dlib", "clip", "siglip", "siglip_prob"):
+        assert rec[col].notna().all(), col
+    prompts, refs = rec[~rec["is_reference"]], rec[rec["is_reference"]]
+    # dCLIP (and so hMean/gMean) is defined for prompt images, not for the reference images themselves
+    for col in ("dclip", "hmean", "gmean"):
+        assert prompts[col].notna().all() and refs[col].isna().all(), col
+    assert rec["clip"].nunique() > 1  # not a constant
+    assert summary.notes["adaface"] == "random weights: not meaningful" and summary.notes["dlib"] == ""
+    scoring = __import__("json").loads((out / "scores" / "scoring.json").read_text())
+    notes = {s["name"]: s["note"] for s in scoring["scorers"]}
+    assert notes["clip"] == "random weights: not meaningful" and notes["dlib"] is None
