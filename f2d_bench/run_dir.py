@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,21 +13,13 @@ from f2d_bench import __version__
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.grid import ItemKey, grid_keys
 from f2d_bench.runinfo import utc_now
-from f2d_bench.store import RunStore, atomic_write_json, atomic_write_text
+from f2d_bench.store import RunStore, atomic_write_json, atomic_write_text, file_sha256
 
 if TYPE_CHECKING:
     from f2d_bench.config import RunConfig
     from f2d_bench.faces.faceset import Face
     from f2d_bench.methods.base import Method
     from f2d_bench.prompts import PromptSet
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass

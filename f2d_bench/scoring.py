@@ -21,7 +21,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from f2d_bench.errors import F2DBenchError
 from f2d_bench.faces.faceset import Face
 from f2d_bench.grid import ItemKey
 from f2d_bench.run_dir import RunDir
-from f2d_bench.store import atomic_write_bytes, atomic_write_json
+from f2d_bench.store import atomic_write_bytes, atomic_write_json, file_sha256
 
 FACE_STAGE_VERSION = "1"
 
@@ -78,14 +78,6 @@ class ScoreSummary:
 
 
 # -- small helpers ----------------------------------------------------------------------------------
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_parquet(path: Path, frame) -> None:
@@ -137,7 +129,7 @@ def run_images(run: RunDir) -> list[ImageEntry]:
         path = run.store.image_path(key)
         if not path.is_file():
             continue
-        sha = _sha256_file(path)
+        sha = file_sha256(path)
         ref = None if key.prompt_id == ref_id else ItemKey(key.method_id, key.face_id, ref_id, key.seed)
         entries.append(ImageEntry(key, path, sha, ref))
     return entries
@@ -151,7 +143,6 @@ def run_config(run: RunDir) -> RunConfig:
 def run_faces(run: RunDir, config: RunConfig) -> dict[str, Face]:
     """The run's input faces, checked against the hashes recorded when the run was made."""
     from f2d_bench.faceset_source import resolve_face_set
-    from f2d_bench.run_dir import file_sha256
 
     grid = run.read_grid()
     faces = {f.face_id: f for f in resolve_face_set(config.faces)}

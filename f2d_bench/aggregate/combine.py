@@ -20,28 +20,24 @@ def clamped(values: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(values), np.nan, np.maximum(values, 0.0))
 
 
-def harmonic_mean_rows(values: np.ndarray) -> np.ndarray:
-    """Harmonic mean of each row of ``values`` (n_images, n_metrics) after clamping at 0.
-
-    A row with a 0 has harmonic mean 0 (the limit); a row with a NaN gives NaN. Range [0, max].
-    """
+def _row_means(values: np.ndarray, positive_mean) -> np.ndarray:
+    """``positive_mean`` of each row after clamping at 0; a row with a 0 gives 0 (the limit of both means
+    as a value goes to 0), a row with a NaN gives NaN."""
     v = clamped(values)
     out = np.full(v.shape[0], np.nan)
     ok = ~np.isnan(v).any(axis=1)
     zero = ok & (v == 0).any(axis=1)
     pos = ok & ~zero
     out[zero] = 0.0
-    out[pos] = v.shape[1] / np.sum(1.0 / v[pos], axis=1)
+    out[pos] = positive_mean(v[pos])
     return out
+
+
+def harmonic_mean_rows(values: np.ndarray) -> np.ndarray:
+    """Harmonic mean of each row of ``values`` (n_images, n_metrics) after clamping at 0. Range [0, max]."""
+    return _row_means(values, lambda v: v.shape[1] / np.sum(1.0 / v, axis=1))
 
 
 def geometric_mean_rows(values: np.ndarray) -> np.ndarray:
     """Geometric mean of each row after clamping at 0 (0 if any value is 0, NaN if any is NaN)."""
-    v = clamped(values)
-    out = np.full(v.shape[0], np.nan)
-    ok = ~np.isnan(v).any(axis=1)
-    zero = ok & (v == 0).any(axis=1)
-    pos = ok & ~zero
-    out[zero] = 0.0
-    out[pos] = np.exp(np.mean(np.log(v[pos]), axis=1))
-    return out
+    return _row_means(values, lambda v: np.exp(np.mean(np.log(v), axis=1)))

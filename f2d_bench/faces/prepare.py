@@ -8,14 +8,13 @@ run never leaves a half-written PNG or manifest behind.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from f2d_bench.store import atomic_write_bytes, atomic_write_text, png_bytes
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.align import ffhq_align
 from f2d_bench.faces.detect import DETECTOR_NAME, Detection, FaceDetector
@@ -95,29 +94,12 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(binary_file)`` on a temporary file beside ``path``, then rename it onto ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with 0o666 honours the umask (mkstemp would make the final file private, 0o600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _save_png(image: Image.Image, path: Path) -> None:
-    _atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+    atomic_write_bytes(path, png_bytes(image, {}))
 
 
 def _save_json(data: dict, path: Path) -> None:
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def _validate(frame_index: int, several: str, min_prob: float, output_size: int) -> None:

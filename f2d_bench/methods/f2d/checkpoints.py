@@ -8,7 +8,6 @@ a missing, unexpected or wrongly shaped key is an error that names it, never a s
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 from typing import Mapping
@@ -54,14 +53,6 @@ def missing_checkpoints_message(problems: Mapping[str, str]) -> str:
         "the machinery only, set methods[i].params.weights: random (images are then not meaningful)."
     )
     return "\n".join(lines)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:

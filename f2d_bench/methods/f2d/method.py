@@ -31,12 +31,12 @@ from f2d_bench.faces.imageio import read_image
 from f2d_bench.methods.base import GenerationRequest, MethodContext
 from f2d_bench.methods.f2d.checkpoints import (
     CheckpointError,
-    file_sha256,
     load_strict,
     missing_checkpoints_message,
     read_state_dict,
 )
 from f2d_bench.methods.f2d.expression import load_expression
+from f2d_bench.store import file_sha256
 from f2d_bench.methods.f2d.injection import SUBJECT, injected_tokens, placeholder_ids
 from f2d_bench.methods.f2d.mapping import MappingNetwork
 from f2d_bench.methods.f2d.msid import IMAGE_SIZE, MSIDEncoder
