@@ -6,15 +6,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from f2d_bench.config import BUILTIN_TEST_FACES
 from f2d_bench.errors import ConfigError
 from f2d_bench.faces.faceset import Face, load_face_set
-from f2d_bench.paths import cache_root
+from f2d_bench.paths import cache_root, cached_build
 
 TEST_FACE_PHOTOS = Path(__file__).resolve().parent / "assets" / "faces"
 _BUILTIN_VERSION = "v1"  # bump when preparation changes so caches are rebuilt
@@ -22,23 +19,13 @@ _BUILTIN_VERSION = "v1"  # bump when preparation changes so caches are rebuilt
 
 def builtin_test_faces_dir() -> Path:
     """Prepared crops of the shipped test photos, built on first use (atomically)."""
-    target = cache_root() / "faces" / f"test-faces-{_BUILTIN_VERSION}"
-    if (target / "manifest.json").is_file():
-        return target
     from f2d_bench.faces.prepare import prepare_faces
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".test-faces-", dir=target.parent))
-    try:
-        prepare_faces(TEST_FACE_PHOTOS, tmp, progress=False)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep its copy
-            if not (target / "manifest.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return cached_build(
+        cache_root() / "faces" / f"test-faces-{_BUILTIN_VERSION}",
+        lambda tmp: prepare_faces(TEST_FACE_PHOTOS, tmp, progress=False),
+        lambda d: (d / "manifest.json").is_file(),
+    )
 
 
 def resolve_face_set(value: str | None) -> list[Face]:

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +23,6 @@ from f2d_bench.pipelines.tokenizer import write_clip_tokenizer
 # Bump the suffix whenever the recipe below changes, so caches never serve an older build.
 TINY_SD14_NAME = "tiny-sd14-v1"
 BUILD_INFO_FILE = "f2d_bench_build.json"
-_STALE_TEMP_SECONDS = 3600.0  # temp dirs older than this are leftovers of killed builds
 
 TINY_UNET_CONFIG = {
     "sample_size": 8,  # 8x8 latents -> 64x64 images by default
@@ -141,16 +137,6 @@ def _is_complete(directory: Path) -> bool:
     return (directory / BUILD_INFO_FILE).is_file() and (directory / "model_index.json").is_file()
 
 
-def _remove_stale_temp_dirs(parent: Path) -> None:
-    now = time.time()
-    for entry in parent.glob(f".{TINY_SD14_NAME}.tmp-*"):
-        try:
-            if now - entry.stat().st_mtime > _STALE_TEMP_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
-        except FileNotFoundError:
-            pass  # another process removed it first
-
-
 def tiny_sd14_dir(cache_root: Path | None = None) -> Path:
     """Directory of the cached tiny model (`<cache_root>/models/tiny-sd14-v1`), built on first use.
 
@@ -160,31 +146,4 @@ def tiny_sd14_dir(cache_root: Path | None = None) -> Path:
     seconds of library imports in a fresh process.
     """
     root = Path(cache_root) if cache_root is not None else paths.cache_root()
-    target = root / "models" / TINY_SD14_NAME
-    if _is_complete(target):
-        return target
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(target.parent)
-    # Re-checked: a concurrent builder may have finished meanwhile. Only a rename ever creates target,
-    # so an incomplete one was damaged from outside: move it aside.
-    if target.exists() and not _is_complete(target):
-        trash = Path(tempfile.mkdtemp(prefix=f".{TINY_SD14_NAME}.tmp-", dir=target.parent))
-        try:
-            os.replace(target, trash / "broken")
-        except FileNotFoundError:
-            pass  # a concurrent builder moved it already
-        shutil.rmtree(trash, ignore_errors=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_SD14_NAME}.tmp-", dir=target.parent))
-    try:
-        build_tiny_sd14(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another builder won the race (target now exists and is non-empty): use theirs.
-            if not _is_complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return paths.cached_build(root / "models" / TINY_SD14_NAME, build_tiny_sd14, _is_complete)

@@ -23,9 +23,7 @@ import io
 import json
 import math
 import os
-import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -39,7 +37,6 @@ TINY_SEED = 0
 CHECKPOINT_FILE = "open_clip_model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 BUILD_INFO_FILE = "f2d_bench_build.json"
-_STALE_TEMP_SECONDS = 3600.0  # temp dirs older than this are leftovers of killed builds
 
 _TINY_VISION_CFG = {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}
 
@@ -171,44 +168,11 @@ def _is_complete(directory: Path) -> bool:
     return (directory / BUILD_INFO_FILE).is_file() and (directory / CHECKPOINT_FILE).is_file()
 
 
-def _remove_stale_temp_dirs(parent: Path, name: str) -> None:
-    now = time.time()
-    for entry in parent.glob(f".{name}.tmp-*"):
-        try:
-            if now - entry.stat().st_mtime > _STALE_TEMP_SECONDS:
-                shutil.rmtree(entry, ignore_errors=True)
-        except FileNotFoundError:
-            pass  # another process removed it first
-
-
 def _built_dir(kind: str, cache_dir: Path | None) -> Path:
     """`<cache>/models/<name>`, built on first use in a temporary sibling and renamed into place."""
-    name = _model_name(kind)
     root = Path(cache_dir) if cache_dir is not None else paths.cache_root()
-    target = root / "models" / name
-    if _is_complete(target):
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(target.parent, name)
-    # Only a rename ever creates target, so an incomplete one was damaged from outside: move it aside.
-    if target.exists() and not _is_complete(target):
-        trash = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-        try:
-            os.replace(target, trash / "broken")
-        except FileNotFoundError:
-            pass  # a concurrent builder moved it already
-        shutil.rmtree(trash, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=target.parent))
-    try:
-        build_tiny_model(kind, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_complete(target):  # else another builder won the race: use theirs
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return paths.cached_build(root / "models" / _model_name(kind), lambda tmp: build_tiny_model(kind, tmp),
+                              _is_complete)
 
 
 def register_tiny_config(kind: str, directory: Path) -> str:
