@@ -63,7 +63,7 @@ class RunDir:
         }
         if run.grid_json.exists():
             old = run.read_grid()
-            if old != json.loads(json.dumps(grid, default=str)):
+            if _without_labels(old) != _without_labels(json.loads(json.dumps(grid, default=str))):
                 raise F2DBenchError(
                     f"{run.root} already holds a run made with different settings "
                     f"({', '.join(_differences(old, grid))} differ). Use another --out, or the same config."
@@ -120,6 +120,11 @@ class RunDir:
             out.append(MethodStatus(m["method_id"], m.get("label") or m["name"], len(keys),
                                     sum(self.store.has_image(k) for k in keys)))
         return out
+
+
+def _without_labels(grid: dict) -> dict:
+    """The grid minus display labels: renaming a method in reports does not change the experiment."""
+    return {**grid, "methods": [{k: v for k, v in m.items() if k != "label"} for m in grid.get("methods", [])]}
 
 
 def _differences(old: dict, new: dict) -> list[str]:

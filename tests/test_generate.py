@@ -104,8 +104,10 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     generate_run(config_from_dict(small_config_dict(seeds=[0])), out, progress=False)
     with pytest.raises(F2DBenchError, match="different settings"):
         generate_run(config_from_dict(small_config_dict(seeds=[0, 1])), out, progress=False)
-    # another batch size is fine: it changes rounding, not the experiment
+    # another batch size is fine: it changes rounding, not the experiment; so is another display label
     assert generate_run(config_from_dict(small_config_dict(seeds=[0], batch_size=3)), out, progress=False).complete
+    relabelled = small_config_dict(seeds=[0], methods=[{"name": "sd-class", "label": "SD (class word)"}])
+    assert generate_run(config_from_dict(relabelled), out, progress=False).complete
 
 
 def test_shards_union_to_the_unsharded_set(reference_run, tmp_path):

@@ -64,6 +64,8 @@ class Method:
     defaults: ClassVar[Mapping[str, Any]] = {}
     #: Whether images depend on the base model and sampling settings.
     uses_pipeline: ClassVar[bool] = True
+    #: Display name in reports (the config's ``label``, else the registry name); set by the engine.
+    label: str = ""
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         unknown = sorted(set(params) - set(self.defaults))
