@@ -159,11 +159,13 @@ class RunConfig:
         """Short hash of everything that decides which images exist and what they look like.
 
         ``batch_size`` is left out: it only changes float rounding, and a run may resume with another;
-        ``scoring`` too: it decides how images are scored, not which exist.
+        ``scoring`` too: it decides how images are scored, not which exist; and methods' display labels.
         """
         data = self.to_dict()
         data.pop("batch_size")
         data.pop("scoring")
+        for method in data["methods"]:
+            method.pop("label")  # a display name
         data.pop("name")
         return canonical_hash(data)
 
