@@ -17,6 +17,8 @@ f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protoc
   f2d-bench faces prepare RAW_DIR faces/        detect, FFHQ-align and crop a face set
   f2d-bench generate --preset smoke             the method x face x prompt x seed grid (resumable)
   f2d-bench status runs/smoke                   images done / expected per method
+  f2d-bench score runs/smoke                    every metric per image -> records.parquet
+  f2d-bench upper-bound runs/smoke --n 16       best-of-N hMean curve (tops the grid up to N seeds)
   f2d-bench methods                             installed generation methods
 """
 
@@ -187,8 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     from f2d_bench.faces.cli import register as register_faces
     from f2d_bench.scorers.fid.cli import register as register_fid
 
+    from f2d_bench.upper_bound import register as register_upper_bound
+
     register_faces(sub)
     register_fid(sub)
+    register_upper_bound(sub)
     return parser
 
 

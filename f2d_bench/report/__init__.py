@@ -1,0 +1,1 @@
+"""Reports of a scored run: tables and figures."""

@@ -1,0 +1,245 @@
+"""Best-of-N (Fig. 7): the closed form against enumeration, and `upper-bound` end to end on the tiny pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from f2d_bench.aggregate.best_of_n import best_of_n_curve, best_of_n_weights, expected_best_of_n
+from f2d_bench.config import config_from_dict
+from f2d_bench.engine import generate_run
+from f2d_bench.errors import F2DBenchError
+from f2d_bench.faceset_source import resolve_face_set
+from f2d_bench.run_dir import RunDir
+from f2d_bench.scoring import score_run
+from f2d_bench.upper_bound import choose_batch_size, register, upper_bound
+
+from conftest import small_config_dict
+
+# -- the closed form ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [6, 8])
+def test_closed_form_equals_enumeration_of_all_subsets(k):
+    rng = np.random.default_rng(k)
+    for trial in range(3):
+        values = rng.normal(size=k)
+        if trial == 2:
+            values[:3] = values[0]  # ties
+        for n in range(1, k + 1):
+            brute = np.mean([max(s) for s in itertools.combinations(values, n)])
+            assert expected_best_of_n(values, n) == pytest.approx(brute, rel=1e-12, abs=1e-12), (k, n)
+
+
+def test_n1_is_the_mean_nk_the_max_and_weights_sum_to_one():
+    v = np.array([0.3, -0.1, 0.9, 0.25, 0.5, 0.0, 0.7, 0.1, 0.2, 0.6, 0.45, 0.35, 0.05, 0.8, 0.15, 0.4])
+    assert expected_best_of_n(v, 1) == pytest.approx(v.mean(), abs=1e-15)
+    assert expected_best_of_n(v, 16) == v.max()
+    for n in range(1, 17):
+        assert best_of_n_weights(16, n).sum() == pytest.approx(1.0, abs=1e-14)
+    # non-decreasing in n
+    e = [expected_best_of_n(v, n) for n in range(1, 17)]
+    assert all(a <= b + 1e-15 for a, b in zip(e, e[1:]))
+    assert np.isnan(expected_best_of_n(np.array([0.1, np.nan, 0.3]), 2))
+    with pytest.raises(ValueError):
+        expected_best_of_n(v[:3], 4)
+    with pytest.raises(ValueError):
+        expected_best_of_n(v, 0)
+
+
+def _records(values_by_pair: dict, method="m1", label="Method 1") -> pd.DataFrame:
+    rows = []
+    for (face, prompt), values in values_by_pair.items():
+        for seed, v in enumerate(values):
+            rows.append({"method": method, "method_label": label, "face": face, "prompt": prompt,
+                         "seed": seed, "hmean": v, "is_reference": False, "error": None})
+    return pd.DataFrame(rows)
+
+
+def test_curve_first_variant_by_hand_and_exclusions():
+    rec = _records({("a", "p1"): [0.1, 0.5, 0.2, 0.4], ("a", "p2"): [0.3, 0.1, 0.6, 0.2],
+                    ("b", "p1"): [0.2, 0.2, np.nan, 0.9],  # NaN: left out, counted
+                    ("b", "p2"): [0.7, 0.1, 0.3]})          # 3 seeds: left out, counted
+    ref = _records({("a", "ref"): [9.0, 9.0, 9.0, 9.0]})
+    ref["is_reference"] = True
+    bad = _records({("a", "p3"): [9.0, 9.0, 9.0, 9.0]})
+    bad["error"] = "unreadable"
+    rec = pd.concat([rec, ref, bad], ignore_index=True).sample(frac=1.0, random_state=0)  # order must not matter
+    curve = best_of_n_curve(rec, ns=(1, 2, 4), k=4)
+    assert list(curve.columns[:6]) == ["method", "method_label", "n", "variant", "value", "n_pairs"]
+    first = curve[curve["variant"] == "first"].set_index("n")["value"]
+    # pair (a,p1): first 1 -> 0.1, first 2 -> 0.5, all -> 0.5; pair (a,p2): 0.3, 0.3, 0.6
+    assert first[1] == pytest.approx((0.1 + 0.3) / 2)
+    assert first[2] == pytest.approx((0.5 + 0.3) / 2)
+    assert first[4] == pytest.approx((0.5 + 0.6) / 2)
+    exp = curve[curve["variant"] == "expected"].set_index("n")["value"]
+    assert exp[1] == pytest.approx((0.3 + 0.3) / 2)  # means of the two pairs
+    assert exp[2] == pytest.approx((expected_best_of_n([0.1, 0.5, 0.2, 0.4], 2)
+                                    + expected_best_of_n([0.3, 0.1, 0.6, 0.2], 2)) / 2)
+    assert exp[4] == first[4]
+    row = curve.iloc[0]
+    assert (row["n_pairs"], row["n_too_few"], row["n_nan"], row["method_label"]) == (2, 1, 1, "Method 1")
+    with pytest.raises(ValueError):
+        best_of_n_curve(rec, ns=(8,), k=4)
+
+
+def test_batch_size_is_halved_when_that_avoids_regenerating_parent_images():
+    from f2d_bench.grid import grid_keys
+
+    keys = grid_keys(["m"], ["f1", "f2"], ["p1", "p2"], list(range(16)))
+    present = {k for k in keys if k.seed < 4}
+    assert choose_batch_size(keys, present, 8) == 4
+    assert choose_batch_size(keys, {k for k in keys if k.seed < 8}, 8) == 8
+    assert choose_batch_size(keys, present, 5) == 5
+
+
+# -- end to end on the tiny pipeline -------------------------------------------------------------------
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def topped_up(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("upper-bound")
+    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
+    faces = tmp / "faces"
+    faces.mkdir()
+    for fid in ("obama", "biden"):
+        shutil.copy(crops[fid], faces / f"{fid}.png")
+    data = small_config_dict(
+        faces=str(faces), seeds=[0, 1], batch_size=4,
+        scoring={"device": "cpu", "scorers": ["adaface", "sphereface", "facenet", "clip", "siglip"], "settings": {
+            "adaface": {"weights": "random"}, "sphereface": {"weights": "random"},
+            "facenet": {"weights": "random"}, "clip": {"model": "tiny"}, "siglip": {"model": "tiny"}}})
+    parent = tmp / "run"
+    assert generate_run(config_from_dict(data), parent, progress=False).complete
+    score_run(parent, progress=False)
+    parent_sha = {k: _sha(RunDir(parent).store.image_path(k)) for k in RunDir(parent).keys()}
+
+    # --no-generate on a parent with 2 seeds and n=4: a clear error, nothing created
+    with pytest.raises(F2DBenchError) as err:
+        upper_bound(parent, 4, generate=False, progress=False)
+    no_generate_message = str(err.value)
+    assert not (parent / "upper_bound").exists()
+
+    first = upper_bound(parent, 4, progress=False)
+    second = upper_bound(parent, 4, progress=False)
+    return parent, parent_sha, no_generate_message, first, second
+
+
+def test_no_generate_names_what_is_missing_and_what_to_run(topped_up):
+    _, _, message, _, _ = topped_up
+    # 1 method x 2 faces x (4 prompts + reference): every pair lacks 2 seeds
+    assert "10 of 10 (method, face, prompt) pairs" in message and "fewer than 4 images" in message
+    assert "20 images missing" in message and "upper-bound" in message and "--n 4" in message
+
+
+def test_top_up_reuses_parent_images_and_generates_only_the_missing_seeds(topped_up):
+    parent, parent_sha, _, first, _ = topped_up
+    child = RunDir(parent / "upper_bound" / "n4")
+    assert first.scored_dir == child.root
+    assert child.read_grid()["seeds"] == [0, 1, 2, 3]
+    assert first.linked == 20 and first.generated == 20
+    keys = child.keys()
+    assert len(keys) == 40 and all(child.store.has_image(k) for k in keys)
+    for key, sha in parent_sha.items():
+        assert _sha(child.store.image_path(key)) == sha
+        # hard links where the file system allows them (tmp does): no second copy of the bytes
+        assert child.store.image_path(key).stat().st_ino == (parent / key.relpath).stat().st_ino
+    assert first.batch_size == 2  # batches of 2 = the new seeds of a pair only (config: 4)
+    # the manifest holds every image; the linked ones keep the parent's config hash
+    records = child.store.manifest_records()
+    assert set(records) == set(keys)
+    parent_hash = json.loads((parent / "run.json").read_text())["config_hash"]
+    assert {records[k].config_hash for k in parent_sha} == {parent_hash}
+    # parent's score caches were copied: only the new images were scored
+    assert first.score_chunks_copied > 0
+    assert set(first.score_computed.values()) == {20}
+    # the parent itself is untouched
+    assert RunDir(parent).read_grid()["seeds"] == [0, 1]
+
+
+def test_outputs_and_curve(topped_up):
+    parent, _, _, first, _ = topped_up
+    out = parent / "upper_bound"
+    assert first.outputs == {"csv": out / "best_of_n.csv", "json": out / "best_of_n.json", "svg": out / "best_of_n.svg"}
+    csv = pd.read_csv(out / "best_of_n.csv")
+    assert set(csv["variant"]) == {"expected", "first"} and sorted(set(csv["n"])) == [1, 2, 4]
+    assert (csv["n_pairs"] == 8).all() and (csv["n_too_few"] == 0).all()
+    meta = json.loads((out / "best_of_n.json").read_text())
+    assert meta["N"] == 4 and meta["ns"] == [1, 2, 4] and meta["column"] == "hmean"
+    assert meta["counts"]["generated"] == 20 or meta["counts"]["generated"] == 0  # the second call rewrote it
+    assert len(meta["curve"]) == len(csv)
+    svg = (out / "best_of_n.svg").read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "hMean" in svg
+    for _, rows in csv[csv["variant"] == "expected"].groupby("method"):
+        v = rows.sort_values("n")["value"].to_numpy()
+        assert np.all(np.diff(v) >= -1e-12)
+    # a non-trivial column (hMean is 0 here: no faces in tiny-model images): expected curve rises from the mean
+    rec = pd.read_parquet(first.scored_dir / "records.parquet")
+    clip = best_of_n_curve(rec, ns=(1, 2, 4), column="clip", k=4)
+    exp = clip[clip["variant"] == "expected"].sort_values("n")["value"].to_numpy()
+    assert exp[0] == pytest.approx(rec.loc[~rec["is_reference"], "clip"].mean())
+    assert exp[0] < exp[1] < exp[2]
+    assert "expected" in first.text() and "best_of_n.svg" in first.text()
+    from f2d_bench.report.fig7 import plot_best_of_n
+
+    plot_best_of_n(first.curve, out / "again.svg")
+    assert (out / "again.svg").read_bytes() == (out / "best_of_n.svg").read_bytes()  # deterministic
+
+
+def test_second_call_resumes_without_work(topped_up):
+    _, _, _, first, second = topped_up
+    assert (second.linked, second.generated, second.score_chunks_copied) == (0, 0, 0)
+    assert set(second.score_computed.values()) == {0}
+    pd.testing.assert_frame_equal(first.curve, second.curve)
+
+
+def test_no_generate_after_top_up_and_direct_use_of_a_parent_with_all_seeds(topped_up):
+    parent, _, _, first, _ = topped_up
+    again = upper_bound(parent, 4, generate=False, progress=False)
+    assert again.generated == 0 and set(again.score_computed.values()) == {0}
+    pd.testing.assert_frame_equal(first.curve, again.curve)
+    # n=2: the parent's own seeds suffice, no child run
+    direct = upper_bound(parent, 2, generate=False, progress=False)
+    assert direct.scored_dir == parent and not (parent / "upper_bound" / "n2").exists()
+    assert sorted(set(direct.curve["n"])) == [1, 2]
+
+
+def test_seeds_outside_range_are_an_error(topped_up, tmp_path):
+    parent = topped_up[0]
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    shutil.copy(parent / "run.json", fake / "run.json")
+    grid = json.loads((parent / "grid.json").read_text())
+    grid["seeds"] = [0, 7]
+    (fake / "grid.json").write_text(json.dumps(grid))
+    with pytest.raises(F2DBenchError, match=r"seed\(s\) \[7\] are not among them"):
+        upper_bound(fake, 4, progress=False)
+
+
+def test_command_line(topped_up, capsys):
+    parent = topped_up[0]
+    parser = argparse.ArgumentParser(prog="f2d-bench")
+    register(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["upper-bound", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--no-generate" in help_text and "Fig. 7" in help_text and "--n N" in help_text
+    args = parser.parse_args(["upper-bound", str(parent), "--n", "4", "--no-generate", "--no-progress"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "best_of_n.csv" in out and "expected" in out
+    args = parser.parse_args(["upper-bound", str(parent), "--n", "8", "--no-generate", "--no-progress"])
+    with pytest.raises(F2DBenchError, match="fewer than 8 images"):
+        args.func(args)
