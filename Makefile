@@ -7,6 +7,7 @@ setup:
 smoke: setup
 	.venv/bin/f2d-bench generate --preset smoke --out runs/smoke
 	.venv/bin/f2d-bench score runs/smoke
+	.venv/bin/f2d-bench report runs/smoke -o reports/smoke
 
 test: setup
 	.venv/bin/python -m pytest -q

@@ -1,0 +1,397 @@
+"""`f2d-bench report`: one static HTML page (plus CSS, SVG plots, CSV/JSON and images beside it).
+
+The page opens from disk with no network: the CSS is a file beside it, the only script is inline and
+allowed by its hash in the page's Content-Security-Policy, plots are SVG files, and every image shown is
+copied into the report folder. Every user-supplied string (prompts, ids, labels, paths) goes through
+jinja2's autoescaping, and before the page is written every href/src in it is checked to point at a
+file inside the report folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pandas as pd
+
+from f2d_bench import __version__
+from f2d_bench.aggregate.breakdown import PROMPT_CATEGORIES
+from f2d_bench.aggregate.combine import MEAN_METRICS
+from f2d_bench.aggregate.tables import TABLE1_COLUMNS
+from f2d_bench.errors import F2DBenchError
+from f2d_bench.report.aggregates import (
+    Aggregates,
+    compute_aggregates,
+    write_aggregate_files,
+)
+from f2d_bench.report.data import IDENTITY_METRICS, ReportData, load_runs
+from f2d_bench.report.plots import (
+    COLUMN_NAMES,
+    plot_categories,
+    plot_means,
+    plot_tradeoff,
+)
+from f2d_bench.report.thumbnails import export_image, inside
+from f2d_bench.runinfo import utc_now
+from f2d_bench.store import atomic_write_text
+
+TEMPLATES = Path(__file__).parent / "templates"
+#: Table 1 as the page shows it: the detection rate right after the identity columns.
+DISPLAY_COLUMNS = (*IDENTITY_METRICS, "face_detection_rate", "clip", "dclip", "siglip", "hmean", "gmean")
+MARK_TAGS = {1: "strong", 2: "u", 3: "em"}
+SCORE_COLUMNS = (*TABLE1_COLUMNS, "dlib", "siglip_prob", "face_prob")
+LINK_ATTRIBUTES = ("href", "src", "srcset", "poster", "data", "action", "formaction", "xlink:href", "background")
+
+
+# -- formatting --------------------------------------------------------------------------------------
+
+
+def _finite(value) -> bool:
+    try:
+        return value is not None and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt(value, digits: int = 4) -> str:
+    """A number as the page shows it (``–`` for a missing value)."""
+    return f"{float(value):.{digits}f}" if _finite(value) else "\u2013"
+
+
+def fmt_sci(value) -> str:
+    return f"{float(value):.2e}".replace("e+0", "e").replace("e+", "e") if _finite(value) else "\u2013"
+
+
+def fmt_seconds(value) -> str:
+    if not _finite(value):
+        return "\u2013"
+    v = float(value)
+    return f"{v:.3g} s" if v < 100 else f"{v:,.0f} s"
+
+
+# -- view models -------------------------------------------------------------------------------------
+
+
+def _cell(table: pd.DataFrame, method, col: str, marks: dict, with_ci: bool = True) -> dict:
+    value = table.loc[method, col] if col in table.columns else np.nan
+    cell = {"col": col, "value": fmt(value), "mark": MARK_TAGS.get(marks.get((method, col))), "ci": None}
+    if with_ci and f"{col}_lo" in table.columns:
+        cell["ci"] = f"[{fmt(table.loc[method, f'{col}_lo'])}, {fmt(table.loc[method, f'{col}_hi'])}]"
+    return cell
+
+
+def _table1_view(agg: Aggregates, notes: dict[str, str]) -> dict:
+    t = agg.table1
+    cols = [c for c in DISPLAY_COLUMNS if c in t.columns]
+    mean_note = next((notes[m] for m in MEAN_METRICS if m in notes), None)
+    headers = []
+    for c in cols:
+        note = notes.get(c) or (mean_note if c in ("hmean", "gmean") else None)
+        headers.append({"col": c, "name": COLUMN_NAMES.get(c, c), "note": note or None,
+                        "identity": c in IDENTITY_METRICS or c == "face_detection_rate"})
+    rows = []
+    for m in t.index:
+        cells = []
+        for h in headers:
+            cell = _cell(t, m, h["col"], agg.table1_marks, with_ci=h["col"] != "face_detection_rate")
+            cell["note"] = h["note"]
+            cells.append(cell)
+        rows.append({"method": m, "label": t.loc[m, "label"], "cells": cells,
+                     "n_images": int(t.loc[m, "n_images"]), "n_faces": int(t.loc[m, "n_faces"])
+                     if _finite(t.loc[m, "n_faces"]) else 0, "n_errors": int(t.loc[m, "n_errors"] or 0)})
+    noted = sorted({notes[c] for c in cols if c in notes})
+    combined = [h["name"] for h in headers if h["col"] in ("hmean", "gmean") and h["note"] and h["col"] not in notes]
+    return {"headers": headers, "rows": rows, "notes": noted, "combined": combined}
+
+
+def _table2_view(agg: Aggregates) -> dict:
+    t = agg.table2
+    rows = []
+    for m in t.index:
+        r = t.loc[m]
+        fid = {"value": fmt(r["fid"], 2), "mark": MARK_TAGS.get(agg.table2_marks.get((m, "fid"))),
+               "backend": r["fid_backend"], "n_generated": r["fid_n_generated"], "n_reference": r["fid_n_reference"]}
+        rows.append({"method": m, "label": r["label"], "fid": fid if _finite(r["fid"]) else None,
+                     "trained_params": fmt_sci(r["trained_params"]), "weights": r["weights"],
+                     "encode_median": fmt_seconds(r["encode_median_s"]),
+                     "encode_median_mark": MARK_TAGS.get(agg.table2_marks.get((m, "encode_median_s"))),
+                     "encode_mean": fmt_seconds(r["encode_mean_s"]), "encode_n": int(r["encode_n_faces"])})
+    return {"rows": rows, "has_fid": bool(t["fid"].notna().any()) if len(t) else False}
+
+
+def _categories_view(agg: Aggregates, labels: dict) -> dict:
+    cats = agg.categories
+    cols = [c for c in TABLE1_COLUMNS if c in cats.columns]
+    groups = []
+    for cat in PROMPT_CATEGORIES:
+        if not len(cats) or cat not in cats.index.get_level_values("category"):
+            continue
+        part = cats.xs(cat, level="category")
+        marks = agg.category_marks.get(cat, {})
+        groups.append({"category": cat, "rows": [
+            {"method": m, "label": labels.get(m, m), "cells": [_cell(part, m, c, marks, with_ci=False) for c in cols]}
+            for m in part.index]})
+    return {"headers": [COLUMN_NAMES.get(c, c) for c in cols], "groups": groups}
+
+
+def _pairs_view(agg: Aggregates, labels: dict) -> list[dict]:
+    rows = []
+    for r in agg.pairs.itertuples(index=False):
+        clear = _finite(r.lo) and _finite(r.hi) and (r.lo > 0 or r.hi < 0)
+        rows.append({"a": r.method_a, "a_label": labels.get(r.method_a, r.method_a), "b": r.method_b,
+                     "b_label": labels.get(r.method_b, r.method_b), "column": COLUMN_NAMES.get(r.column, r.column),
+                     "diff": fmt(r.diff), "ci": f"[{fmt(r.lo)}, {fmt(r.hi)}]", "p": fmt(r.p_a_better, 3),
+                     "n_faces": int(r.n_faces), "clear": clear})
+    return rows
+
+
+def _paper_view() -> dict:
+    from f2d_bench.aggregate.breakdown import top_k_marks
+    from f2d_bench.aggregate.paper import PAPER_SOURCE, PAPER_TABLE1, PAPER_TABLE2
+
+    cols = list(TABLE1_COLUMNS)
+    marks = top_k_marks(PAPER_TABLE1, cols, k=3)
+    t1 = [{"method": m, "cells": [_cell(PAPER_TABLE1, m, c, marks, with_ci=False) for c in cols]}
+          for m in PAPER_TABLE1.index]
+    t2 = [{"method": m, "fid": fmt(r["fid"], 2), "trained_params": fmt_sci(r["trained_params"]),
+           "encode": fmt_seconds(r["encode_seconds"])} for m, r in PAPER_TABLE2.iterrows()]
+    return {"source": PAPER_SOURCE, "headers": [COLUMN_NAMES[c] for c in cols], "table1": t1, "table2": t2}
+
+
+def _best_of_n_view(agg: Aggregates, data: ReportData, out_dir: Path) -> list[dict]:
+    views = []
+    for run in data.runs:
+        if run.best_of_n_svg is None and run.best_of_n_csv is None:
+            continue
+        view = {"run": run.name, "svg": None, "ns": [], "rows": []}
+        if run.best_of_n_svg is not None:
+            rel = f"upper_bound/run{run.index}-best_of_n.svg"
+            (out_dir / "upper_bound").mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(run.best_of_n_svg, out_dir / rel)
+            view["svg"] = rel
+        part = agg.best_of_n[agg.best_of_n["run"] == run.index] if len(agg.best_of_n) else pd.DataFrame()
+        if len(part):
+            ns = sorted(int(n) for n in part["n"].unique())
+            view["ns"] = ns
+            for (method, variant), g in part.groupby(["method", "variant"], sort=True):
+                by_n = dict(zip(g["n"].astype(int), g["value"]))
+                view["rows"].append({"method": method, "label": g["method_label"].iloc[0], "variant": variant,
+                                     "cells": [fmt(by_n.get(n)) for n in ns],
+                                     "n_pairs": int(g["n_pairs"].max())})
+        views.append(view)
+    return views
+
+
+def _score_dict(row) -> dict:
+    out = {}
+    for c in SCORE_COLUMNS:
+        if c in row and c != "face_prob":
+            out[COLUMN_NAMES.get(c, c)] = round(float(row[c]), 4) if _finite(row[c]) else None
+    out["face detected"] = "yes" if bool(row.get("face_detected")) else "no"
+    if _finite(row.get("face_prob")):
+        out["face prob"] = round(float(row["face_prob"]), 4)
+    if isinstance(row.get("error"), str):
+        out["error"] = row["error"]
+    return out
+
+
+def _grid_view(data: ReportData, out_dir: Path, labels: dict, grid_faces: int, grid_seeds: int) -> dict:
+    """Per method: faces x prompts, each cell the thumbnails of up to ``grid_seeds`` seeds."""
+    rec = data.records
+    faces_all = sorted(rec["face"].unique())
+    faces = faces_all if grid_faces <= 0 else faces_all[:grid_faces]
+    prompt_ids = list(data.prompts)  # grid order; the reference prompt last (it is listed last or first)
+    refs = [p for p in prompt_ids if data.prompts[p]["category"] == "reference"]
+    prompt_ids = [p for p in prompt_ids if p not in refs] + refs
+    prompt_ids = [p for p in prompt_ids if p in set(rec["prompt"])]
+    seeds_all = sorted(int(s) for s in rec["seed"].unique())
+    seeds = seeds_all if grid_seeds <= 0 else seeds_all[:grid_seeds]
+    roots = {run.index: run.root for run in data.runs}
+    phrase = next((r.grid.get("prompt_set", {}).get("class_phrase") for r in data.runs), None) or "S*"
+    shown = rec[rec["face"].isin(faces) & rec["seed"].isin(seeds)]
+    by_key = {(r["method"], r["face"], r["prompt"]): [] for _, r in shown.iterrows()}
+    for _, r in shown.sort_values("seed").iterrows():
+        root = roots[int(r["run"])]
+        source = root / str(r["path"])
+        exported = export_image(source, out_dir, r.get("sha256")) if inside(source, root) else None
+        template = data.prompts.get(r["prompt"], {}).get("template") or ""
+        by_key[(r["method"], r["face"], r["prompt"])].append({
+            "thumb": exported[0] if exported else None, "full": exported[1] if exported else None,
+            "key": f"{r['method']} / {r['face']} / {r['prompt']} / seed {int(r['seed'])}",
+            "prompt": template.replace("{}", phrase),
+            "scores": json.dumps(_score_dict(r), ensure_ascii=False),
+            "seed": int(r["seed"]), "no_face": not bool(r["face_detected"]), "error": isinstance(r["error"], str),
+        })
+    methods = []
+    for m in sorted(rec["method"].unique()):
+        methods.append({"method": m, "label": labels.get(m, m), "rows": [
+            {"face": f, "cells": [by_key.get((m, f, p), []) for p in prompt_ids]} for f in faces]})
+    input_faces = []
+    for fid in faces:
+        photo = next((r.input_faces[fid] for r in data.runs if fid in r.input_faces), None)
+        exported = export_image(photo, out_dir) if photo is not None else None
+        input_faces.append({"face": fid, "thumb": exported[0] if exported else None,
+                            "full": exported[1] if exported else None})
+    prompts = [{"id": p, "category": data.prompts[p]["category"], "template": data.prompts[p]["template"]}
+               for p in prompt_ids]
+    return {"methods": methods, "prompts": prompts, "faces": faces, "n_faces": len(faces_all),
+            "seeds": seeds, "n_seeds": len(seeds_all), "input_faces": input_faces}
+
+
+def _metadata_view(data: ReportData) -> list[dict]:
+    runs = []
+    for run in data.runs:
+        env = run.environment
+        latest = env[-1] if env else {}
+        scoring = run.scoring
+        scorers = []
+        for s in scoring.get("scorers", []):
+            rest = {k: v for k, v in s.items() if k not in ("name", "note", "version", "settings")}
+            scorers.append({"name": s.get("name"), "version": s.get("version"), "note": s.get("note"),
+                            "settings": json.dumps(s.get("settings", {}), sort_keys=True),
+                            "extra": json.dumps(rest, sort_keys=True) if rest else ""})
+        fid_backends = sorted({f"{r.get('backend')} (reference: {r.get('reference')}, "
+                               f"{r.get('n_reference')} images)" for r in run.fid.values()})
+        runs.append({
+            "index": run.index, "name": run.name, "path": str(run.root.resolve()),
+            "created": run.run_json.get("created"), "scored": run.scored_at,
+            "version": run.run_json.get("f2d_bench_version"), "config_hash": run.run_json.get("config_hash"),
+            "config": json.dumps(run.run_json.get("config", {}), indent=2, ensure_ascii=False),
+            "prompt_set": run.grid.get("prompt_set", {}),
+            "n_faces": len(run.grid.get("faces", [])), "n_prompts": len(run.grid.get("prompts", [])),
+            "seeds": run.grid.get("seeds", []),
+            "packages": sorted((latest.get("packages") or {}).items()),
+            "hardware": json.dumps(latest.get("hardware", {}), indent=2),
+            "writers": [{"writer": e.get("writer"), "time": e.get("time"),
+                         "gpus": ", ".join(g.get("name", "?") for g in (e.get("hardware") or {}).get("gpus", []))
+                         or "none", "platform": (e.get("hardware") or {}).get("platform")} for e in env],
+            "face_detector": scoring.get("face_detector"), "face_policy": scoring.get("face_policy"),
+            "min_face_prob": scoring.get("min_face_prob"), "scorers": scorers,
+            "scoring_settings": json.dumps(scoring.get("scoring", {}), indent=2, sort_keys=True),
+            "fid_backends": fid_backends,
+        })
+    return runs
+
+
+# -- safety ------------------------------------------------------------------------------------------
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.links: list[tuple[str, str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in LINK_ATTRIBUTES and value is not None:
+                self.links.append((tag, name, value))
+
+    handle_startendtag = handle_starttag
+
+
+def page_links(html: str) -> list[tuple[str, str, str]]:
+    """(tag, attribute, value) of every link-like attribute in ``html``."""
+    parser = _Links()
+    parser.feed(html)
+    parser.close()
+    return parser.links
+
+
+def check_links_inside(html: str, out_dir: Path) -> None:
+    """Raise unless every href/src of ``html`` is a relative link to an existing file inside ``out_dir``.
+
+    Fragment-only links (``#table1``) are allowed; schemes (http:, file:, javascript:, data:), absolute
+    paths and links that leave the folder are not.
+    """
+    root = out_dir.resolve()
+    for tag, attr, value in page_links(html):
+        values = [v.strip().split(" ")[0] for v in value.split(",")] if attr == "srcset" else [value]
+        for v in values:
+            if v.startswith("#") and attr == "href":
+                continue
+            parts = urlsplit(v)
+            if parts.scheme or parts.netloc or v.startswith(("/", "\\")) or not parts.path:
+                raise F2DBenchError(f"report link <{tag} {attr}={v!r}> is not relative to the report folder")
+            target = (root / unquote(parts.path)).resolve()
+            if not inside(target, root) or not target.is_file():
+                raise F2DBenchError(f"report link <{tag} {attr}={v!r}> does not resolve to a file inside {root}")
+
+
+def _environment():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+        autoescape=True,  # every template and every value: user text never becomes markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters["fmt"] = fmt
+    return env
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4, n_resamples: int = 2000,
+                 confidence: float = 0.95, seed: int = 0) -> Path:
+    """Write the report of ``run_dirs`` (scored runs, merged) into ``out_dir``; returns ``out_dir/index.html``.
+
+    ``grid_faces`` / ``grid_seeds`` bound the image grids (0: all), since a full run has 16,000 images per
+    method; the tables and files always use every image.
+    """
+    out_dir = Path(out_dir)
+    run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+    data = load_runs(run_dirs)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in run_dirs:
+        if out_dir.resolve() == r.resolve():
+            raise F2DBenchError(f"the report folder {out_dir} is the run folder itself; give another -o")
+    agg = compute_aggregates(data, n_resamples=n_resamples, confidence=confidence, seed=seed)
+    notes = data.metric_notes()
+    labels = {m: agg.table1.loc[m, "label"] for m in agg.table1.index}
+    labels.update({m: agg.table2.loc[m, "label"] for m in agg.table2.index if m not in labels})
+    files = write_aggregate_files(agg, out_dir, {
+        "runs": [str(r.root.resolve()) for r in data.runs], "metric_notes": notes,
+        "f2d_bench_version": __version__,
+    })
+
+    from f2d_bench.aggregate.paper import PAPER_TABLE1
+
+    plots_dir = out_dir / "plots"
+    plots = []
+    for path, title in (
+        (plot_means(agg.table1, plots_dir / "means.svg", confidence), "hMean and gMean per method"),
+        (plot_tradeoff(agg.table1, PAPER_TABLE1, plots_dir / "tradeoff.svg"), "Identity vs text trade-off"),
+        (plot_categories(agg.categories, labels, plots_dir / "categories.svg"), "hMean by prompt category"),
+    ):
+        if path is not None:
+            plots.append({"src": path.relative_to(out_dir).as_posix(), "title": title})
+
+    script = (TEMPLATES / "viewer.js").read_text(encoding="utf-8")
+    script_hash = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    shutil.copyfile(TEMPLATES / "style.css", out_dir / "style.css")
+    context = {
+        "title": "f2d-bench report: " + ", ".join(r.name for r in data.runs),
+        "generated": utc_now(), "version": __version__,
+        "runs": _metadata_view(data), "duplicates": data.duplicates,
+        "table1": _table1_view(agg, notes), "table2": _table2_view(agg),
+        "categories": _categories_view(agg, labels), "pairs": _pairs_view(agg, labels),
+        "paper": _paper_view(), "best_of_n": _best_of_n_view(agg, data, out_dir),
+        "plots": plots, "files": files,
+        "grid": _grid_view(data, out_dir, labels, grid_faces, grid_seeds),
+        "confidence": f"{confidence:.0%}", "n_resamples": n_resamples,
+        "script": script, "script_hash": script_hash,
+    }
+    html = _environment().get_template("report.html.j2").render(**context)
+    check_links_inside(html, out_dir)
+    index = out_dir / "index.html"
+    atomic_write_text(index, html)
+    return index

@@ -1,0 +1,401 @@
+"""`f2d-bench report`: a small scored run (two imported methods, every scorer on tiny / random-weight
+models) rendered to HTML, checked against the aggregates, for links that stay inside, for escaping of
+hostile prompts and labels, and opened in headless Chromium when it is installed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, small_config_dict
+from PIL import Image
+
+from f2d_bench.aggregate.bootstrap import face_bootstrap_ci
+from f2d_bench.aggregate.tables import TABLE1_COLUMNS, method_means
+from f2d_bench.errors import F2DBenchError
+from f2d_bench.report.render import build_report, check_links_inside, fmt, page_links
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+
+# A prompt and labels that would run script if any of them reached the page unescaped.
+XSS_PROMPT = "{} as a chef <script>alert(1)</script><script>document.body.setAttribute('data-pwned','prompt')</script>"
+XSS_LABEL = "Method {} <img src=x onerror=\"document.body.setAttribute('data-pwned','label')\">"
+SAME = {"obama": "obama2", "obama2": "obama3", "biden": "biden", "grace_hopper": "grace_hopper"}
+OTHER = {"obama": "biden", "obama2": "grace_hopper", "biden": "obama", "grace_hopper": "obama2"}
+RESAMPLES = 300
+
+
+def _prompts_yaml(path: Path) -> Path:
+    path.write_text(f"""name: hostile
+version: "1"
+class_phrase: a person
+reference:
+  id: ref
+  template: "a photo of {{}}"
+prompts:
+  - id: job-chef
+    category: job
+    template: {json.dumps(XSS_PROMPT)}
+  - id: activity-guitar
+    category: activity
+    template: "{{}} playing the guitar & singing"
+  - id: expression-laughing
+    category: expression
+    template: "{{}} laughing"
+  - id: location-eiffel-tower
+    category: location
+    template: "{{}} in front of the Eiffel Tower"
+""", encoding="utf-8")
+    return path
+
+
+def _build_scored_run(tmp: Path) -> Path:
+    """Two `external` methods made of real photo crops (A: mostly the same person; B: more often another
+    person and a noise image without a face), scored by every scorer with tiny / random weights."""
+    from f2d_bench.config import config_from_dict
+    from f2d_bench.engine import generate_run
+    from f2d_bench.faceset_source import resolve_face_set
+    from f2d_bench.scoring import score_run
+
+    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
+    faces = tmp / "faces"
+    faces.mkdir()
+    for fid in SAME:
+        shutil.copy(crops[fid], faces / f"{fid}.png")
+    rng = np.random.default_rng(0)
+    plans = {
+        "A": lambda f: {"job-chef": SAME[f], "activity-guitar": OTHER[f], "location-eiffel-tower": SAME[f],
+                        "expression-laughing": SAME[f], "ref": f},
+        "B": lambda f: {"job-chef": OTHER[f], "activity-guitar": OTHER[f], "location-eiffel-tower": SAME[f],
+                        "expression-laughing": None, "ref": f},
+    }
+    methods = []
+    for name, plan in plans.items():
+        src = tmp / f"src-{name}"
+        for fid in SAME:
+            for pid, photo in plan(fid).items():
+                d = src / fid / pid
+                d.mkdir(parents=True)
+                if photo is None:
+                    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(d / "0.png")
+                else:
+                    shutil.copy(crops[photo], d / "0.png")
+        methods.append({"name": "external", "label": XSS_LABEL.replace("{}", name),
+                        "params": {"source": str(src), "trained_params": 1.2e7 if name == "A" else None}})
+    data = small_config_dict(
+        faces=str(faces), prompts=str(_prompts_yaml(tmp / "prompts.yaml")), seeds=[0], methods=methods,
+        scoring={"device": "cpu", "settings": {
+            "adaface": {"weights": "random"}, "sphereface": {"weights": "random"},
+            "facenet": {"weights": "random"}, "clip": {"model": "tiny"}, "siglip": {"model": "tiny"}}})
+    out = tmp / "run"
+    assert generate_run(config_from_dict(data), out, progress=False).complete
+    score_run(out, progress=False)
+    return out
+
+
+def _add_fid_and_upper_bound(run: Path) -> None:
+    """What `score --fid-ref` and `upper-bound` write, in their documented formats."""
+    from f2d_bench.aggregate.best_of_n import best_of_n_curve
+    from f2d_bench.report.fig7 import plot_best_of_n
+
+    rec = pd.read_parquet(run / "records.parquet")
+    methods = sorted(rec["method"].unique())
+    fid = {m: {"value": 100.0 + 10 * i, "backend": "pytorch-fid", "n_generated": 16, "n_reference": 321,
+               "reference": "/refs/cc12m-person.npz"} for i, m in enumerate(methods)}
+    (run / "scores" / "fid.json").write_text(json.dumps(fid), encoding="utf-8")
+    curve = best_of_n_curve(rec, ns=(1,), k=1)
+    (run / "upper_bound").mkdir(exist_ok=True)
+    curve.to_csv(run / "upper_bound" / "best_of_n.csv", index=False)
+    plot_best_of_n(curve, run / "upper_bound" / "best_of_n.svg")
+
+
+@pytest.fixture(scope="module")
+def scored_run(tmp_path_factory) -> Path:
+    run = _build_scored_run(tmp_path_factory.mktemp("report-run"))
+    _add_fid_and_upper_bound(run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(scored_run, tmp_path_factory) -> Path:
+    return build_report([scored_run], tmp_path_factory.mktemp("report") / "out", n_resamples=RESAMPLES)
+
+
+def _html(report: Path) -> str:
+    return report.read_text(encoding="utf-8")
+
+
+class _Table1Cells(HTMLParser):
+    """(method id, column) -> the first number shown in each Table 1 cell of the page."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_table1 = self.in_td = self.in_code = False
+        self.method = self.col = None
+        self.text = ""
+        self.cells: dict[tuple[str, str], str] = {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "section":
+            self.in_table1 = a.get("id") == "table1"
+        if self.in_table1 and tag == "code":
+            self.in_code, self.text = True, ""
+        if self.in_table1 and tag == "td" and "data-col" in a:
+            self.in_td, self.col, self.text = True, a["data-col"], ""
+
+    def handle_endtag(self, tag):
+        if tag == "code" and self.in_code:
+            self.in_code, self.method = False, self.text.strip()
+        if tag == "td" and self.in_td:
+            self.in_td = False
+            self.cells[(self.method, self.col)] = re.match(r"[-\d.–]+", self.text.strip()).group(0)
+
+    def handle_data(self, data):
+        if self.in_code or self.in_td:
+            self.text += data
+
+
+# -- contents and numbers -----------------------------------------------------------------------------
+
+
+def test_report_has_every_section_and_file(report):
+    html = _html(report)
+    for section in ("table1", "table2", "categories", "pairs", "plots", "upper-bound", "paper", "images", "metadata"):
+        assert f'<section id="{section}"' in html, section
+    out = report.parent
+    for name in ("table1", "table2", "categories", "paired", "best_of_n"):
+        assert (out / f"{name}.csv").is_file() and (out / f"{name}.json").is_file(), name
+    for svg in ("plots/means.svg", "plots/tradeoff.svg", "plots/categories.svg", "upper_bound/run0-best_of_n.svg"):
+        assert (out / svg).read_text(encoding="utf-8").lstrip().startswith("<?xml"), svg
+        assert f'src="{svg}"' in html, svg
+    assert "Reference: the paper's published numbers" in html and "Face2Diffusion" in html
+    for meta in ("EulerAncestralDiscreteScheduler", "facenet-pytorch MTCNN", "open_clip_torch", "cpu_count"):
+        assert meta in html, meta
+
+
+def test_table1_numbers_equal_the_aggregates(report, scored_run):
+    rec = pd.read_parquet(scored_run / "records.parquet")
+    means = method_means(rec)
+    ci = face_bootstrap_ci(rec, TABLE1_COLUMNS, n_resamples=RESAMPLES)
+    csv = pd.read_csv(report.parent / "table1.csv", index_col=0)
+    assert list(csv.index) == list(means.index) and len(csv) == 2
+    for c in (*TABLE1_COLUMNS, "face_detection_rate", "n_images"):
+        np.testing.assert_allclose(csv[c].to_numpy(float), means[c].to_numpy(float), rtol=1e-12, err_msg=c)
+    for c in TABLE1_COLUMNS:
+        for side in ("lo", "hi"):
+            np.testing.assert_allclose(csv[f"{c}_{side}"].to_numpy(float), ci[f"{c}_{side}"].to_numpy(float),
+                                       rtol=1e-12, err_msg=f"{c}_{side}")
+    assert (csv["hmean_lo"] <= csv["hmean"]).all() and (csv["hmean"] <= csv["hmean_hi"]).all()
+    # what the page shows is the same numbers, rounded
+    parser = _Table1Cells()
+    parser.feed(_html(report))
+    for m in means.index:
+        for c in (*TABLE1_COLUMNS, "face_detection_rate"):
+            assert parser.cells[(m, c)] == fmt(means.loc[m, c]), (m, c)
+    # method B has 4 noise images of 16: detection rate 12/16
+    assert sorted(csv["face_detection_rate"]) == [pytest.approx(0.75), pytest.approx(1.0)]
+    assert json.loads((report.parent / "table1.json").read_text())[0]["method"] == means.index[0]
+
+
+def test_top_three_marks_and_random_weight_notes(report):
+    html = _html(report)
+    csv = pd.read_csv(report.parent / "table1.csv", index_col=0)
+    best = csv["face_detection_rate"].idxmax()
+    cell = re.search(rf'{re.escape(best)}</code></th>.*?data-col="face_detection_rate">(.*?)</td>', html, re.DOTALL)
+    assert cell.group(1).startswith("<strong>"), cell.group(1)
+    worst = csv["face_detection_rate"].idxmin()
+    cell = re.search(rf'{re.escape(worst)}</code></th>.*?data-col="face_detection_rate">(.*?)</td>', html, re.DOTALL)
+    assert cell.group(1).startswith("<u>"), cell.group(1)
+    assert "<strong>best</strong>, <u>second</u>" in html
+    # adaface ... siglip were scored with random weights, hMean/gMean combine them: all six marked
+    assert "random weights: not meaningful" in html
+    for name in ("AdaFace", "SphereFace", "FaceNet", "CLIP", "dCLIP", "SigLIP", "hMean", "gMean"):
+        assert re.search(rf'title="random weights: not meaningful">{name}&nbsp;&dagger;', html), name
+    assert '<th class="" title="">face det.</th>' in html  # the detection rate is not a model output
+
+
+def test_table2_fid_parameters_and_encoding_time(report, scored_run):
+    t2 = pd.read_csv(report.parent / "table2.csv", index_col=0)
+    fid = json.loads((scored_run / "scores" / "fid.json").read_text())
+    for m, r in fid.items():
+        assert t2.loc[m, "fid"] == r["value"] and t2.loc[m, "fid_backend"] == "pytorch-fid"
+        assert t2.loc[m, "fid_n_generated"] == 16 and t2.loc[m, "fid_n_reference"] == 321
+        times = [json.loads(line)["seconds"]
+                 for line in (scored_run / "methods" / m / "prepare_times.jsonl").read_text().splitlines()]
+        assert t2.loc[m, "encode_median_s"] == pytest.approx(float(np.median(times)))
+        assert t2.loc[m, "encode_mean_s"] == pytest.approx(float(np.mean(times)))
+    assert sorted(t2["trained_params"].fillna(-1)) == [-1, 1.2e7]
+    html = _html(report)
+    assert "1.20e7" in html and ">321<" in html and "100.00" in html
+
+
+def test_categories_pairs_and_best_of_n_tables(report, scored_run):
+    from f2d_bench.aggregate.breakdown import category_means
+
+    rec = pd.read_parquet(scored_run / "records.parquet")
+    cats = pd.read_csv(report.parent / "categories.csv", index_col=[0, 1])
+    want = category_means(rec, TABLE1_COLUMNS)
+    np.testing.assert_allclose(cats[list(TABLE1_COLUMNS)].to_numpy(float), want.to_numpy(float), rtol=1e-12)
+    assert set(cats.index.get_level_values("category")) == {"job", "activity", "expression", "location"}
+    pairs = pd.read_csv(report.parent / "paired.csv")
+    assert list(pairs["column"]) == ["hmean", "gmean"]
+    means = pd.read_csv(report.parent / "table1.csv", index_col=0)
+    a, b = pairs.loc[0, "method_a"], pairs.loc[0, "method_b"]
+    assert pairs.loc[0, "diff"] == pytest.approx(means.loc[a, "hmean"] - means.loc[b, "hmean"])
+    best = pd.read_csv(report.parent / "best_of_n.csv")
+    assert set(best["variant"]) == {"expected", "first"} and len(best) == 4
+
+
+# -- files and links ----------------------------------------------------------------------------------
+
+
+def test_thumbnails_and_full_images_exist_inside_the_report(report, scored_run):
+    out = report.parent.resolve()
+    html = _html(report)
+    links = page_links(html)
+    assert links, "no links at all"
+    thumbs = [v for tag, attr, v in links if tag == "img" and v.startswith("thumbs/")]
+    fulls = [v for tag, attr, v in links if tag == "a" and v.startswith("full/")]
+    rec = pd.read_parquet(scored_run / "records.parquet")
+    assert len(thumbs) == len(rec) + 4  # every image of the small run plus the 4 input faces
+    assert len(fulls) == len(thumbs)
+    for v in thumbs:
+        with Image.open(out / v) as im:
+            assert max(im.size) <= 160 and im.format == "JPEG"
+    for v in fulls:  # the copies are byte-identical to the run's images
+        sha = Path(v).stem
+        assert __import__("hashlib").sha256((out / v).read_bytes()).hexdigest() == sha
+    for tag, attr, v in links:
+        if v.startswith("#"):
+            continue
+        assert not re.match(r"^[a-z][a-z0-9+.-]*:", v, re.IGNORECASE) and not v.startswith("/"), v
+        target = (out / v).resolve()
+        assert target.is_relative_to(out) and target.is_file(), v
+    check_links_inside(html, out)  # the page's own check agrees
+
+
+@pytest.mark.parametrize("link", [
+    '<a href="../outside.html">x</a>', '<img src="/etc/passwd">', '<a href="https://example.com/">x</a>',
+    '<a href="javascript:alert(1)">x</a>', '<img src="file:///etc/passwd">', '<link href="//cdn.example/x.css">',
+    '<img src="thumbs/missing.jpg">', '<img srcset="plots/means.svg 1x, ../x.png 2x">',
+])
+def test_link_check_rejects_links_that_leave_the_report(report, link):
+    with pytest.raises(F2DBenchError):
+        check_links_inside(f"<html><body>{link}</body></html>", report.parent)
+    check_links_inside('<a href="#table1">t</a><img src="plots/means.svg">', report.parent)
+
+
+def test_user_text_is_escaped(report):
+    html = _html(report)
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<img src=x" not in html and "&lt;img src=x onerror=" in html
+    assert html.count("<script") == 1  # the page's own viewer script only
+    # the report's JSON carries the label as data, unchanged
+    rows = json.loads((report.parent / "table1.json").read_text())
+    assert rows[0]["label"] == XSS_LABEL.replace("{}", "A")
+
+
+def test_report_imports_no_torch(scored_run, tmp_path):
+    code = (
+        "import sys\n"
+        "from f2d_bench.report.render import build_report\n"
+        f"build_report([{str(scored_run)!r}], {str(tmp_path / 'r')!r}, n_resamples=50)\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers', 'open_clip'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "HEAVY []" in res.stdout, res.stdout
+    assert (tmp_path / "r" / "index.html").is_file()
+
+
+def test_cli_register_writes_the_report(scored_run, tmp_path, capsys):
+    from f2d_bench.report.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["report", str(scored_run), "-o", str(tmp_path / "r"), "--resamples", "50",
+                              "--grid-faces", "2", "--grid-seeds", "1"])
+    assert args.func(args) == 0
+    assert str(tmp_path / "r" / "index.html") in capsys.readouterr().out
+    html = (tmp_path / "r" / "index.html").read_text()
+    assert "Showing 2 of 4 faces" in html
+
+
+def test_two_runs_are_merged(scored_run, tmp_path):
+    rec = pd.read_parquet(scored_run / "records.parquet")
+    a, b = sorted(rec["method"].unique())
+    runs = []
+    for keep in (a, b):  # each copy holds one method's records
+        copy = tmp_path / f"run-{keep}"
+        shutil.copytree(scored_run, copy)
+        rec[rec["method"] == keep].to_parquet(copy / "records.parquet", index=False)
+        runs.append(copy)
+    index = build_report(runs, tmp_path / "merged", n_resamples=RESAMPLES)
+    merged = pd.read_csv(index.parent / "table1.csv", index_col=0)
+    want = method_means(rec)
+    np.testing.assert_allclose(merged["hmean"].to_numpy(float), want["hmean"].to_numpy(float), rtol=1e-12)
+    assert "Run 2: run-" in index.read_text()
+
+
+def test_unscored_run_is_a_clear_error(tmp_path, scored_run):
+    copy = tmp_path / "unscored"
+    shutil.copytree(scored_run, copy)
+    (copy / "records.parquet").unlink()
+    with pytest.raises(F2DBenchError, match="score it first"):
+        build_report([copy], tmp_path / "r")
+
+
+# -- in a browser -------------------------------------------------------------------------------------
+
+
+def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--enable-logging=stderr", "--v=0",
+           "--virtual-time-budget=5000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+@needs_chromium
+def test_chromium_opens_the_page_without_errors_and_runs_no_injected_script(report, tmp_path):
+    res = _chromium(tmp_path, "--dump-dom", report.resolve().as_uri())
+    dom = res.stdout
+    assert res.returncode == 0 and "<table" in dom, res.stderr[-2000:]
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    assert 'data-report-ready="1"' in body, body  # the viewer script ran (allowed by its CSP hash)
+    assert 'data-broken-images="0"' in body, body  # every thumbnail, face and plot loaded
+    assert "data-js-error" not in body, body
+    assert "data-pwned" not in body, body  # neither the prompt's script nor the label's onerror ran
+    console = [line for line in res.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
+    assert not console, console  # no console messages: no errors, no CSP violations
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+    assert dom.count("<script") == 1
+    for section in ('id="table1"', 'id="table2"', 'id="categories"', 'id="pairs"', 'id="paper"'):
+        assert section in dom
+    assert 'src="plots/means.svg"' in dom and 'src="plots/tradeoff.svg"' in dom
+
+
+@needs_chromium
+def test_chromium_screenshot_shows_a_rendered_page(report, tmp_path):
+    shot = tmp_path / "shot.png"
+    res = _chromium(tmp_path, "--window-size=1280,1600", f"--screenshot={shot}", report.resolve().as_uri())
+    assert shot.is_file(), res.stderr[-2000:]
+    with Image.open(shot) as im:
+        im = im.convert("RGB")
+        assert im.size == (1280, 1600)
+        colours = im.getcolors(maxcolors=1 << 20)
+        assert colours is not None and len(colours) > 50  # text, tables and a plot, not a blank page
+        # the header band is the page's own light background, not Chromium's error page
+        assert im.getpixel((5, 5)) == (245, 247, 249)
