@@ -27,7 +27,8 @@ _FFHQ_SUPERSAMPLE = 4  # FFHQ renders at 4096 for 1024 output: quad transform at
 _FFHQ_PIXEL_CENTER = 0.5  # FFHQ passes quad + 0.5 to PIL (integer landmark = pixel centre)
 
 
-def _landmarks(landmarks5) -> np.ndarray:
+def as_landmarks5(landmarks5) -> np.ndarray:
+    """A 5x2 float64 array of finite landmark coordinates (pixels), or ValueError."""
     points = np.asarray(landmarks5, dtype=np.float64)
     if points.shape != (5, 2):
         raise ValueError(f"expected 5x2 landmarks, got shape {points.shape}")
@@ -42,7 +43,7 @@ def ffhq_quad(landmarks5) -> tuple[np.ndarray, float]:
     Returns ``(quad, qsize)``: quad is 4x2 (x, y) corners in the order top-left, bottom-left,
     bottom-right, top-right of the output (PIL's QUAD order); qsize is the side length in pixels.
     """
-    points = _landmarks(landmarks5)
+    points = as_landmarks5(landmarks5)
     eye_left, eye_right = points[0], points[1]
     mouth_left, mouth_right = points[3], points[4]
     eye_avg = (eye_left + eye_right) * 0.5
@@ -208,5 +209,5 @@ def arcface_align(image, landmarks5, size: int = 112, interpolation: int | None 
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 RGB array, got {pixels.shape} {pixels.dtype}")
     template = ARCFACE_TEMPLATE_112 * (size / 112.0)
-    matrix = similarity_transform(_landmarks(landmarks5), template)
+    matrix = similarity_transform(as_landmarks5(landmarks5), template)
     return cv2.warpAffine(np.ascontiguousarray(pixels), matrix, (size, size), flags=interpolation)

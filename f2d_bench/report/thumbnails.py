@@ -6,24 +6,17 @@ shown twice (or by a second report into the same folder) is written once.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shutil
 from pathlib import Path
 
 from PIL import Image
 
+from f2d_bench.store import file_sha256
+
 THUMB_SIZE = 160
 _SHA = re.compile(r"[0-9a-f]{64}")
 _EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp"}
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def inside(path: Path, root: Path) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from f2d_bench.faces.align import similarity_transform
+from f2d_bench.faces.align import as_landmarks5, similarity_transform
 from f2d_bench.faces.imageio import to_rgb8
 
 
@@ -30,13 +30,7 @@ def rgb_array(image) -> np.ndarray:
 
 def landmarks_of(detection_or_landmarks) -> np.ndarray:
     """The 5x2 float64 landmarks of a Detection (``.landmarks``) or of a 5x2 array-like."""
-    points = getattr(detection_or_landmarks, "landmarks", detection_or_landmarks)
-    points = np.asarray(points, dtype=np.float64)
-    if points.shape != (5, 2):
-        raise ValueError(f"expected 5x2 landmarks (or a Detection), got shape {points.shape}")
-    if not np.all(np.isfinite(points)):
-        raise ValueError("landmarks contain NaN or infinity")
-    return points
+    return as_landmarks5(getattr(detection_or_landmarks, "landmarks", detection_or_landmarks))
 
 
 def box_of(detection_or_box) -> tuple[float, float, float, float]:
