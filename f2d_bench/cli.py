@@ -82,9 +82,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from f2d_bench.scoring import run_config, score_run
 
     scoring = run_config(RunDir(args.run_dir)).scoring
+    if args.config:
+        from f2d_bench.config import load_config
+
+        scoring = load_config(args.config).scoring
     if args.device:
         scoring = dataclasses.replace(scoring, device=args.device)
-    if args.batch_size:
+    if args.batch_size is not None:
         scoring = dataclasses.replace(scoring, batch_size=args.batch_size)
     if args.fid_ref:
         scoring = dataclasses.replace(scoring, fid_reference=args.fid_ref)
@@ -171,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sc.add_argument("run_dir", metavar="RUN_DIR")
+    sc.add_argument("--config", metavar="FILE",
+                    help="take the `scoring:` section from this run config instead of the run's own "
+                         "(other checkpoints, variants or policies; the images are not touched)")
     sc.add_argument("--scorers", metavar="NAMES", help="comma-separated scorer names (default: the config's, else all)")
     sc.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides scoring.device)")
     sc.add_argument("--batch-size", type=int, metavar="B", help="images per scorer call")

@@ -136,8 +136,14 @@ def run_images(run: RunDir) -> list[ImageEntry]:
 
 
 def run_config(run: RunDir) -> RunConfig:
-    data = json.loads((run.root / "run.json").read_text(encoding="utf-8"))["config"]
-    return config_from_dict(data, str(run.root / "run.json"))
+    """The config a run was generated with (``run.json``)."""
+    run.read_grid()  # a clear error when ``run`` is not a run directory
+    path = run.root / "run.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))["config"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise F2DBenchError(f"{path} is missing or damaged ({exc}); the run's config cannot be read") from None
+    return config_from_dict(data, str(path))
 
 
 def run_faces(run: RunDir, config: RunConfig) -> dict[str, Face]:
@@ -145,7 +151,11 @@ def run_faces(run: RunDir, config: RunConfig) -> dict[str, Face]:
     from f2d_bench.faceset_source import resolve_face_set
 
     grid = run.read_grid()
-    faces = {f.face_id: f for f in resolve_face_set(config.faces)}
+    # The face directory resolved at generation time: a relative `faces:` path then still works when
+    # scoring from another working directory.
+    recorded = json.loads((run.root / "run.json").read_text(encoding="utf-8")).get("faces_dir") or []
+    source = recorded[0] if len(recorded) == 1 and Path(recorded[0]).is_dir() else config.faces
+    faces = {f.face_id: f for f in resolve_face_set(source)}
     out = {}
     for entry in grid["faces"]:
         face = faces.get(entry["face_id"])
@@ -170,17 +180,26 @@ def choose_face(detections, policy: str, min_prob: float):
     return pick, len(found)
 
 
+def _face_stage_identity(scoring: ScoringConfig) -> dict:
+    return {"stage": "faces", "version": FACE_STAGE_VERSION, "policy": scoring.face_policy,
+            "min_prob": scoring.min_face_prob, "detector": "facenet-pytorch MTCNN"}
+
+
+def face_stage_id(scoring: ScoringConfig) -> str:
+    """``faces-<hash>``: the folder of the face stage, and part of face-dependent scorers' cache keys."""
+    from f2d_bench.config import canonical_hash
+
+    return f"faces-{canonical_hash(_face_stage_identity(scoring), 10)}"
+
+
 def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig, detector, progress) -> "Any":
     """Stage 1, cached: per image sha, the chosen face (or none) and any read error."""
     import pandas as pd
 
     from f2d_bench.faces.imageio import read_image
 
-    ident = {"stage": "faces", "version": FACE_STAGE_VERSION, "policy": scoring.face_policy,
-             "min_prob": scoring.min_face_prob, "detector": "facenet-pytorch MTCNN"}
-    from f2d_bench.config import canonical_hash
-
-    folder = run.root / "scores" / f"faces-{canonical_hash(ident, 10)}"
+    ident = _face_stage_identity(scoring)
+    folder = run.root / "scores" / face_stage_id(scoring)
     atomic_write_json(folder / "stage.json", ident)
     cached = _read_chunks(folder)
     have = set(cached["cache_key"]) if cached is not None else set()
@@ -252,7 +271,7 @@ def score_run(
     grid = run.read_grid()
     config = run_config(run)
     scoring = scoring or config.scoring
-    names = list(scorers or scoring.scorers or DEFAULT_SCORERS)
+    names = list(dict.fromkeys(scorers or scoring.scorers or DEFAULT_SCORERS))  # each once, in order
     prompt_set = load_prompt_set(run.root / "prompts.yaml")
     faces = run_faces(run, config)
     entries = run_images(run)
@@ -264,7 +283,15 @@ def score_run(
     def bar(seq, desc):
         return tqdm(seq, desc=desc, unit="img", disable=not progress or not seq, dynamic_ncols=True)
 
-    device = "cuda" if scoring.device == "auto" and _cuda() else ("cpu" if scoring.device == "auto" else scoring.device)
+    def readable(e: ImageEntry) -> bool:
+        return pd.isna(detections.loc[e.sha256, "error"])
+
+    def reference(e: ImageEntry) -> ImageEntry | None:
+        """The same method's reference image for this face and seed, if it exists and is readable."""
+        ref = by_key.get(e.reference_key) if e.reference_key else None
+        return ref if ref is not None and readable(ref) else None
+
+    device = _scoring_device(scoring.device)
     detector = FaceDetector(device=device)
     detections = detect_faces(run, entries, scoring, detector, bar)
     input_det = {}
@@ -282,13 +309,15 @@ def score_run(
         cached = _read_chunks(folder)
         have = set(cached["cache_key"]) if cached is not None else set()
 
-        def cache_key(e: ImageEntry) -> str:
-            ref = by_key.get(e.reference_key) if e.reference_key else None
-            parts = [e.key.as_string(), e.sha256, ref.sha256 if ref else "-", face_sha[e.key.face_id]]
+        # Identity scores depend on which face the face stage chose, so its settings are in their key.
+        faces_part = face_stage_id(scoring) if scorer.uses_faces else "-"
+
+        def cache_key(e: ImageEntry, faces_part=faces_part) -> str:
+            ref = reference(e)
+            parts = [e.key.as_string(), e.sha256, ref.sha256 if ref else "-", face_sha[e.key.face_id], faces_part]
             return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
-        readable = [e for e in entries if pd.isna(detections.loc[e.sha256, "error"])]
-        todo = [e for e in readable if cache_key(e) not in have]
+        todo = [e for e in entries if readable(e) and cache_key(e) not in have]
         summary.computed[scorer.name] = len(todo)
         summary.notes[scorer.name] = scorer.note() or ""
         pbar = bar(todo, scorer.name)
@@ -296,7 +325,7 @@ def score_run(
         for batch in _batched(todo, scoring.batch_size):
             items = []
             for e in batch:
-                ref = by_key.get(e.reference_key) if e.reference_key else None
+                ref = reference(e)
                 items.append(ScoreItem(
                     key=e.key, image=read_image(e.path), prompt=prompt_set.by_id(e.key.prompt_id),
                     face=faces[e.key.face_id], reference_path=ref.path if ref else None,
@@ -435,7 +464,16 @@ def _as_float(value) -> float:
     return np.nan if value is None else float(value)
 
 
-def _cuda() -> bool:
+def _scoring_device(name: str) -> str:
+    """``auto`` -> cuda when available, else cpu; ``cuda``/``cuda:N`` must be available."""
     import torch
 
-    return torch.cuda.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise F2DBenchError(f"scoring device {name!r}: CUDA is not available on this machine; use cpu or auto")
+        return name
+    raise F2DBenchError(f"scoring device {name!r} is not one of auto, cpu, cuda, cuda:N")

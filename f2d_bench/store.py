@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.grid import ItemKey
@@ -80,8 +80,12 @@ def append_jsonl(path: Path, record: dict) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        size = os.fstat(fd).st_size
+        # A killed writer's partial last line would swallow this record: start on a new line.
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
         os.write(fd, line)
     finally:
         os.close(fd)
@@ -255,7 +259,9 @@ class RunStore:
             img_path = self.image_path(key)
             try:
                 stored_key, stored_hash = read_png_key(img_path)
-            except Exception:  # unreadable: a corrupt file cannot come from our rename; treat as missing
+            except (UnidentifiedImageError, SyntaxError, ValueError, EOFError, json.JSONDecodeError):
+                # Undecodable: a corrupt file cannot come from our rename; regenerate it. An OSError
+                # (a transient read failure) is raised instead, so no good image is ever deleted.
                 img_path.unlink(missing_ok=True)
                 continue
             if stored_key != key:

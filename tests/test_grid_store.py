@@ -100,3 +100,14 @@ def test_reconcile_repairs_what_a_kill_leaves(tmp_path):
     # idempotent
     assert store.reconcile(keys, writer="all", config_hash="h") == {
         "removed_tmp": 0, "manifest_added": 0, "manifest_dropped": 0}
+
+
+def test_append_after_a_partial_line_keeps_the_new_record(tmp_path):
+    from f2d_bench.store import append_jsonl
+
+    path = tmp_path / "log.jsonl"
+    append_jsonl(path, {"a": 1})
+    with open(path, "a") as fh:
+        fh.write('{"b": ')  # a writer killed mid-line
+    append_jsonl(path, {"c": 3})
+    assert read_jsonl(path) == [{"a": 1}, {"c": 3}]

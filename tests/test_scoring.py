@@ -53,7 +53,8 @@ def _build(tmp: Path, chunk_size: int = 256) -> tuple[Path, dict]:
                 shutil.copy(photo, d / "0.png")
     data = small_config_dict(faces=str(faces), seeds=[0],
                              methods=[{"name": "external", "params": {"source": str(src)}}],
-                             scoring={"scorers": ["dlib"], "chunk_size": chunk_size, "batch_size": 4})
+                             scoring={"scorers": ["dlib"], "chunk_size": chunk_size, "batch_size": 4,
+                                      "settings": {"clip": {"model": "tiny"}}})
     out = tmp / "run"
     summary = generate_run(config_from_dict(data), out, progress=False)
     assert summary.complete
@@ -236,3 +237,35 @@ def test_f2d_grid_generates_and_scores_end_to_end(tmp_path):
     scoring = __import__("json").loads((out / "scores" / "scoring.json").read_text())
     notes = {s["name"]: s["note"] for s in scoring["scorers"]}
     assert notes["clip"] == "random weights: not meaningful" and notes["dlib"] is None
+
+
+def test_changed_face_settings_rescore_identity_but_not_text(scored, tmp_path):
+    import dataclasses
+
+    from f2d_bench.scoring import run_config
+
+    out, _, _, before = scored
+    strict = dataclasses.replace(run_config(RunDir(out)).scoring, min_face_prob=1.0)  # no face passes
+    summary = score_run(out, scoring=strict, progress=False)
+    assert summary.computed == {"dlib": len(before)}  # identity depends on the chosen face: recomputed
+    rec = pd.read_parquet(out / "records.parquet")
+    assert not rec["face_detected"].any() and (rec["dlib"] == 0.0).all()
+    score_run(out, progress=False)  # back to the run's own settings: the earlier values again
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "records.parquet"), before)
+
+
+def test_unreadable_reference_image_leaves_dclip_empty_and_the_run_goes_on(tmp_path):
+    out, _ = _build(tmp_path)
+    run = RunDir(out)
+    ref = [k for k in run.keys() if k.face_id == "biden" and k.prompt_id == "ref"][0]
+    run.store.image_path(ref).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    summary = score_run(out, scorers=["clip"], progress=False)
+    rec = pd.read_parquet(out / "records.parquet").set_index(["face", "prompt"])
+    assert summary.errors == 1 and isinstance(rec.loc[("biden", "ref"), "error"], str)
+    assert np.isnan(rec.loc[("biden", "job-chef"), "dclip"]) and np.isfinite(rec.loc[("biden", "job-chef"), "clip"])
+    assert np.isfinite(rec.loc[("obama", "job-chef"), "dclip"])
+
+
+def test_score_of_a_non_run_is_a_clear_error(tmp_path, capsys):
+    assert main(["score", str(tmp_path)]) == 2
+    assert "not an f2d-bench run directory" in capsys.readouterr().err

@@ -25,5 +25,9 @@ def method_means(records: pd.DataFrame) -> pd.DataFrame:
     table.insert(0, "label", ok.groupby("method")["method_label"].first())
     table["face_detection_rate"] = ok.groupby("method")["face_detected"].mean()
     table["n_images"] = ok.groupby("method").size()
+    if "hmean" in ok.columns:
+        # hMean/gMean are empty where a metric is (e.g. dCLIP without a readable reference image):
+        # their means then cover fewer images, and this says how many.
+        table["n_hmean"] = ok.groupby("method")["hmean"].count()
     table["n_errors"] = rows.groupby("method")["error"].apply(lambda e: int(e.notna().sum())).reindex(table.index)
     return table

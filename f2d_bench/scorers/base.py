@@ -74,6 +74,9 @@ class Scorer:
     version: ClassVar[str] = "1"
     metrics: ClassVar[tuple[MetricSpec, ...]] = ()
     defaults: ClassVar[Mapping[str, Any]] = {}
+    #: Whether values depend on the face chosen in the generated image (then the face stage's
+    #: settings are part of the cache key).
+    uses_faces: ClassVar[bool] = False
 
     def __init__(self, settings: Mapping[str, Any], context: ScoringContext):
         unknown = sorted(set(settings) - set(self.defaults))

@@ -33,6 +33,7 @@ class IdentityScorer(Scorer):
     """
 
     metric: ClassVar[str] = ""
+    uses_faces = True
 
     def __init__(self, settings, context):
         super().__init__(settings, context)

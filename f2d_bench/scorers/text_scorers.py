@@ -15,8 +15,6 @@ import numpy as np
 from f2d_bench.errors import ConfigError
 from f2d_bench.scorers.base import RANDOM_WEIGHTS_NOTE, MetricSpec, ScoreItem, Scorer
 
-#: The reference text of dCLIP (paper: "A photo of a person").
-DCLIP_REFERENCE_TEXT = "a photo of a person"
 TINY_MODEL = "tiny"
 
 
@@ -120,6 +118,11 @@ class ClipScorer(_OpenClipScorer):
         super().__init__(settings, context)
         self._ref_images: dict[Path, Any] = {}
 
+    def reference_text(self) -> str:
+        """dCLIP's reference text: the reference prompt with the class phrase ("a photo of a person")."""
+        ps = self.context.prompt_set
+        return ps.reference.render(ps.class_phrase)
+
     def _reference_embeddings(self, paths: Sequence[Path]):
         import torch
 
@@ -143,7 +146,7 @@ class ClipScorer(_OpenClipScorer):
         with_ref = [i for i, it in enumerate(items) if it.reference_path is not None]
         if with_ref:
             ref_img = self._reference_embeddings([items[i].reference_path for i in with_ref])
-            ref_txt = self.text_embeddings([DCLIP_REFERENCE_TEXT])
+            ref_txt = self.text_embeddings([self.reference_text()])
             d = directional_clip(img[with_ref], ref_img, txt[with_ref], ref_txt).numpy()
             for row, i in enumerate(with_ref):
                 out[i]["dclip"] = float(d[row])
