@@ -159,13 +159,16 @@ class RunConfig:
         """Short hash of everything that decides which images exist and what they look like.
 
         ``batch_size`` is left out: it only changes float rounding, and a run may resume with another;
-        ``scoring`` too: it decides how images are scored, not which exist; and methods' display labels.
+        ``scoring`` too: it decides how images are scored, not which exist; and ``methods``, which the
+        run identifies by method ids.
         """
         data = self.to_dict()
         data.pop("batch_size")
         data.pop("scoring")
-        for method in data["methods"]:
-            method.pop("label")  # a display name
+        # Methods are identified by their method ids (grid.json), which hash what decides their images
+        # by content (F2D's checkpoints by sha256): moving a checkpoint file or relabelling a method
+        # must not look like another experiment.
+        data.pop("methods")
         data.pop("name")
         return canonical_hash(data)
 

@@ -386,3 +386,24 @@ def test_f2d_grid_end_to_end(faces, tmp_path):
     times = read_jsonl(method_dir / "prepare_times.jsonl")
     assert sorted(t["face_id"] for t in times) == sorted(FACES) and all(t["seconds"] > 0 for t in times)
     assert generate_run(cfg, out, progress=False).written == 0  # resumable like every method
+
+
+def test_moved_checkpoints_resume_the_same_run(official_files, faces, tmp_path):
+    """Method ids hash the checkpoints' contents, and the grid follows method ids: a run made with the
+    official files resumes after the files move, and other file contents are refused."""
+    def config(folder):
+        params = {"weights": "official", "msid": str(folder / "msid.pt"), "mapping": str(folder / "mapping.pt")}
+        return config_from_dict(small_config_dict(methods=[{"name": "f2d", "params": params}],
+                                                  faces=str(faces), seeds=[0]))
+
+    out = tmp_path / "run"
+    first = generate_run(config(official_files), out, progress=False)
+    assert first.complete and first.written == len(FACES) * 5
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(official_files, moved)
+    again = generate_run(config(moved), out, progress=False)
+    assert again.complete and again.written == 0
+    assert again.methods[0].method_id == first.methods[0].method_id
+    torch.save(_random_state(lambda: MappingNetwork(32), 99), moved / "mapping.pt")  # other weights
+    with pytest.raises(F2DBenchError, match="different settings"):
+        generate_run(config(moved), out, progress=False)
