@@ -299,7 +299,11 @@ def score_run(
         pick, _ = choose_face(detector.detect(read_image(face.path)), "largest", 0.0)
         input_det[fid] = pick
     context = ScoringContext(prompt_set=prompt_set, device=device, input_detections=input_det)
-    scorer_objs = _load_scorers(names, scoring, context)
+    # Scorers of earlier score calls keep their columns (from their caches) when --scorers names a subset.
+    from f2d_bench.scorers import SCORERS
+
+    kept = [n for n in _previous_scorers(run) if n not in names and n in SCORERS.names()]
+    scorer_objs = _load_scorers(names + kept, scoring, context)
 
     summary = ScoreSummary(Path(run_dir), run.root / "records.parquet", len(entries))
     metric_frames = []
@@ -317,8 +321,9 @@ def score_run(
             parts = [e.key.as_string(), e.sha256, ref.sha256 if ref else "-", face_sha[e.key.face_id], faces_part]
             return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
-        todo = [e for e in entries if readable(e) and cache_key(e) not in have]
-        summary.computed[scorer.name] = len(todo)
+        todo = [e for e in entries if readable(e) and cache_key(e) not in have] if scorer.name in names else []
+        if scorer.name in names:
+            summary.computed[scorer.name] = len(todo)
         summary.notes[scorer.name] = scorer.note() or ""
         pbar = bar(todo, scorer.name)
         rows: list[dict] = []
@@ -359,7 +364,7 @@ def score_run(
         summary.fid = compute_fid(run, entries, grid, scoring, device, bar)
         atomic_write_json(run.root / "scores" / "fid.json", summary.fid)
     atomic_write_json(run.root / "scores" / "scoring.json", {
-        "scoring": config.to_dict()["scoring"] | {"scorers": names},
+        "scoring": config.to_dict()["scoring"] | {"scorers": names + kept},
         "scorers": [s.describe() for s in scorer_objs],
         "face_detector": "facenet-pytorch MTCNN", "face_policy": scoring.face_policy,
         "min_face_prob": scoring.min_face_prob, "metrics": _metric_specs(scorer_objs),
@@ -420,6 +425,15 @@ def compute_fid(run: RunDir, entries: list[ImageEntry], grid: dict, scoring: Sco
         results[m["method_id"]] = {"value": r.value, "backend": r.backend, "n_generated": r.n_generated,
                                    "n_reference": r.n_reference, "reference": str(scoring.fid_reference)}
     return results
+
+
+def _previous_scorers(run: RunDir) -> list[str]:
+    """Names of the scorers the last score call recorded (none before the first)."""
+    try:
+        data = json.loads((run.root / "scores" / "scoring.json").read_text(encoding="utf-8"))
+        return [str(s["name"]) for s in data.get("scorers", [])]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return []
 
 
 def _metric_specs(scorers) -> list[dict]:

@@ -269,3 +269,14 @@ def test_unreadable_reference_image_leaves_dclip_empty_and_the_run_goes_on(tmp_p
 def test_score_of_a_non_run_is_a_clear_error(tmp_path, capsys):
     assert main(["score", str(tmp_path)]) == 2
     assert "not an f2d-bench run directory" in capsys.readouterr().err
+
+
+def test_scoring_a_subset_keeps_the_other_scorers_columns(tmp_path):
+    out, _ = _build(tmp_path)
+    score_run(out, progress=False)  # the run's own scorers: dlib
+    dlib_before = pd.read_parquet(out / "records.parquet")["dlib"]
+    summary = score_run(out, scorers=["clip"], progress=False)  # then CLIP alone
+    assert summary.computed == {"clip": 20}
+    rec = pd.read_parquet(out / "records.parquet")
+    assert rec["clip"].notna().all()
+    pd.testing.assert_series_equal(rec["dlib"], dlib_before)  # from dlib's cache, not recomputed, not lost
