@@ -109,6 +109,25 @@ def _next_chunk_path(folder: Path) -> Path:
     return folder / f"chunk-{n:06d}.parquet"
 
 
+class _ChunkWriter:
+    """Collects cache rows and writes them as whole chunk files of ``size`` rows (the rest on ``close``)."""
+
+    def __init__(self, folder: Path, size: int):
+        self.folder, self.size, self.rows = folder, size, []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.size:
+            self.close()
+
+    def close(self) -> None:
+        if self.rows:
+            import pandas as pd
+
+            _write_parquet(_next_chunk_path(self.folder), pd.DataFrame(self.rows))
+            self.rows = []
+
+
 def _batched(seq: Sequence, size: int) -> Iterable[Sequence]:
     for i in range(0, len(seq), size):
         yield seq[i:i + size]
@@ -194,7 +213,6 @@ def face_stage_id(scoring: ScoringConfig) -> str:
 
 def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig, detector, progress) -> "Any":
     """Stage 1, cached: per image sha, the chosen face (or none) and any read error."""
-    import pandas as pd
 
     from f2d_bench.faces.imageio import read_image
 
@@ -204,7 +222,7 @@ def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig,
     cached = _read_chunks(folder)
     have = set(cached["cache_key"]) if cached is not None else set()
     todo = [e for e in entries if e.sha256 not in have]
-    rows = []
+    writer = _ChunkWriter(folder, scoring.chunk_size)
     for e in progress(todo, "faces"):
         row: dict[str, Any] = {"cache_key": e.sha256, "error": None, "face_detected": False,
                                "face_prob": np.nan, "n_faces": 0, "face_box": None, "face_landmarks": None}
@@ -218,12 +236,8 @@ def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig,
             if pick is not None:
                 row.update(face_detected=True, face_prob=pick.prob, face_box=list(pick.box),
                            face_landmarks=pick.landmarks.reshape(-1).tolist())
-        rows.append(row)
-        if len(rows) >= scoring.chunk_size:
-            _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
-            rows = []
-    if rows:
-        _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
+        writer.add(row)
+    writer.close()
     return _read_chunks(folder).set_index("cache_key")
 
 
@@ -326,7 +340,7 @@ def score_run(
             summary.computed[scorer.name] = len(todo)
         summary.notes[scorer.name] = scorer.note() or ""
         pbar = bar(todo, scorer.name)
-        rows: list[dict] = []
+        writer = _ChunkWriter(folder, scoring.chunk_size)
         for batch in _batched(todo, scoring.batch_size):
             items = []
             for e in batch:
@@ -340,13 +354,9 @@ def score_run(
             if len(values) != len(items):
                 raise RuntimeError(f"scorer {scorer.name} returned {len(values)} rows for {len(items)} images")
             for e, v in zip(batch, values):
-                rows.append({"cache_key": cache_key(e), **{m.name: _as_float(v.get(m.name)) for m in scorer.metrics}})
+                writer.add({"cache_key": cache_key(e), **{m.name: _as_float(v.get(m.name)) for m in scorer.metrics}})
             pbar.update(len(batch))
-            if len(rows) >= scoring.chunk_size:
-                _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
-                rows = []
-        if rows:
-            _write_parquet(_next_chunk_path(folder), pd.DataFrame(rows))
+        writer.close()
         pbar.close()
         frame = _read_chunks(folder)
         cols = [m.name for m in scorer.metrics]
