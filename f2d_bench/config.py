@@ -1,4 +1,4 @@
-"""Run configuration: one YAML file per run, loaded strictly into frozen dataclasses.
+"""Run configuration: one YAML file per run, loaded strictly into frozen pydantic models.
 
 Unknown keys and values of the wrong type are errors that name the key path (``sampling.height``)
 and the file. Presets are YAML files shipped in ``f2d_bench/presets/``.
@@ -6,27 +6,60 @@ and the file. Presets are YAML files shipped in ``f2d_bench/presets/``.
 
 from __future__ import annotations
 
-import collections.abc
-import dataclasses
 import hashlib
 import json
 import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Mapping
 
 import yaml
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
+                      model_validator)
 
 from f2d_bench.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs Python 3.11
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 #: The face-set value that names the photos shipped in ``f2d_bench/assets/faces`` (prepared on first use).
 BUILTIN_TEST_FACES = "builtin:test-faces"
 
+# Strict pydantic takes only tuples for a tuple field, and YAML gives lists; nothing else becomes a tuple.
+_Listed = BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
+# Frozen models must not hold a mutable dict: params and settings become read-only views of a copy.
+_Frozen = AfterValidator(lambda value: types.MappingProxyType(dict(value)))
+_Settings = Annotated[Mapping[Any, Any], _Frozen]
 
-@dataclass(frozen=True)
-class ModelConfig:
+
+class _Section(BaseModel):
+    """Shared behaviour: frozen, unknown keys forbidden, no type coercion (``"8"`` is not an int, ``true``
+    is not a number; an int is accepted for a float and becomes a float).
+
+    Build sections with :func:`config_from_dict` or :meth:`replace`, which raise ConfigError; the
+    constructor raises pydantic's ValidationError. (No custom ``__init__``: pydantic would then build
+    nested sections through it, and the errors would lose their key paths.)
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied, validated again (ConfigError if the result is invalid)."""
+        cls = type(self)
+        try:
+            return cls.model_validate({**{name: getattr(self, name) for name in cls.model_fields}, **changes})
+        except ValidationError as exc:
+            raise _config_error(exc, cls) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain, JSON/YAML-serialisable form: fields in declaration order, tuples as lists.
+
+        Hashes of it identify grids and methods, so its form must never change.
+        """
+        return _to_plain(self)
+
+
+class ModelConfig(_Section):
     """The base text-to-image model shared by the methods that render with Stable Diffusion."""
 
     #: Hugging Face id, local directory, or ``f2d-bench/tiny-sd14`` (tiny offline model).
@@ -37,14 +70,15 @@ class ModelConfig:
     #: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "auto"
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
         _check_choice("model.dtype", self.dtype, ("auto", "float16", "bfloat16", "float32"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"model.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+            raise ValueError(f"model.device: {self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        return self
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
+class SamplingConfig(_Section):
     """Diffusion sampling settings (paper: EulerAncestral, 30 steps, CFG 7.0, 512x512)."""
 
     scheduler: str = "EulerAncestralDiscreteScheduler"
@@ -54,41 +88,38 @@ class SamplingConfig:
     height: int = 512
     width: int = 512
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> SamplingConfig:
         if self.num_inference_steps < 1:
-            raise ConfigError(f"sampling.num_inference_steps must be >= 1, got {self.num_inference_steps}")
+            raise ValueError(f"sampling.num_inference_steps must be >= 1, got {self.num_inference_steps}")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value < 8 or value % 8:
-                raise ConfigError(f"sampling.{name} must be a positive multiple of 8, got {value}")
+                raise ValueError(f"sampling.{name} must be a positive multiple of 8, got {value}")
+        return self
 
 
-@dataclass(frozen=True)
-class MethodConfig:
+class MethodConfig(_Section):
     """One method of the grid: a registry name and its settings."""
 
     name: str
-    params: Mapping[str, Any] = field(default_factory=dict)
+    params: _Settings = Field(default_factory=lambda: types.MappingProxyType({}))
     #: Display name in reports; defaults to the registry name.
     label: str | None = None
 
-    def __post_init__(self) -> None:
-        # Freeze the params so the config stays hashable-by-content and immutable.
-        object.__setattr__(self, "params", types.MappingProxyType(dict(self.params)))
-
     @property
     def display_name(self) -> str:
+        """The label, or the registry name when there is none."""
         return self.label or self.name
 
 
-@dataclass(frozen=True)
-class ScoringConfig:
+class ScoringConfig(_Section):
     """How `f2d-bench score` scores a run. Not part of the grid: rescoring never touches the images."""
 
     #: Scorer names (see `f2d-bench scorers`); empty means the default set.
-    scorers: tuple[str, ...] = ()
+    scorers: Annotated[tuple[str, ...], _Listed] = ()
     #: Per-scorer settings, e.g. ``{adaface: {checkpoint: /w/adaface_ir101_webface12m.ckpt}}``.
-    settings: Mapping[str, Any] = field(default_factory=dict)
+    settings: _Settings = Field(default_factory=lambda: types.MappingProxyType({}))
     device: str = "auto"
     #: Images per scorer call.
     batch_size: int = 16
@@ -106,54 +137,49 @@ class ScoringConfig:
     #: Local Inception weights for the backend (None: the backend's published file).
     fid_weights: str | None = None
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "settings", types.MappingProxyType(dict(self.settings)))
+    @model_validator(mode="after")
+    def _check(self) -> ScoringConfig:
         _check_choice("scoring.face_policy", self.face_policy, ("most-confident", "largest"))
         if not 0.0 <= self.min_face_prob <= 1.0:
-            raise ConfigError(f"scoring.min_face_prob must be in [0, 1], got {self.min_face_prob}")
+            raise ValueError(f"scoring.min_face_prob must be in [0, 1], got {self.min_face_prob}")
         if self.batch_size < 1 or self.chunk_size < 1:
-            raise ConfigError(f"scoring.batch_size and scoring.chunk_size must be >= 1, got "
-                              f"{self.batch_size} and {self.chunk_size}")
+            raise ValueError(f"scoring.batch_size and scoring.chunk_size must be >= 1, got "
+                             f"{self.batch_size} and {self.chunk_size}")
         for name, value in self.settings.items():
             if not isinstance(value, Mapping):
-                raise ConfigError(f"scoring.settings.{name}: expected a mapping of settings, got {value!r}")
+                raise ValueError(f"scoring.settings.{name}: expected a mapping of settings, got {value!r}")
+        return self
 
 
-@dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     """Everything that decides a run's grid and images."""
 
     name: str
-    methods: tuple[MethodConfig, ...]
+    methods: Annotated[tuple[MethodConfig, ...], _Listed]
     #: Directory of prepared faces (``f2d-bench faces prepare``) or ``builtin:test-faces``.
     faces: str | None = None
     #: Built-in prompt-set name (``prompts/NAME.yaml``) or a path to a prompt-set file.
     prompts: str = "human40"
-    seeds: tuple[int, ...] = (0, 1, 2, 3)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    seeds: Annotated[tuple[int, ...], _Listed] = (0, 1, 2, 3)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     #: Images per pipeline call. Changes float rounding slightly (about 1e-6), never the noise.
     batch_size: int = 8
-    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
         if not self.methods:
-            raise ConfigError("methods: at least one method is needed")
+            raise ValueError("methods: at least one method is needed")
         if not self.seeds:
-            raise ConfigError("seeds: at least one seed is needed")
+            raise ValueError("seeds: at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds: duplicates in {list(self.seeds)}")
+            raise ValueError(f"seeds: duplicates in {list(self.seeds)}")
         if any(s < 0 for s in self.seeds):
-            raise ConfigError(f"seeds: must be >= 0, got {list(self.seeds)}")
+            raise ValueError(f"seeds: must be >= 0, got {list(self.seeds)}")
         if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain, JSON/YAML-serialisable form (the resolved config written into a run)."""
-        return _to_plain(self)
-
-    def replace(self, **changes: Any) -> "RunConfig":
-        return dataclasses.replace(self, **changes)
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        return self
 
     def grid_hash(self) -> str:
         """Short hash of everything that decides which images exist and what they look like.
@@ -173,6 +199,14 @@ class RunConfig:
         return canonical_hash(data)
 
 
+#: The sections a key path steps into: the model class below each nested field.
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig, "sampling": SamplingConfig, "methods": MethodConfig, "scoring": ScoringConfig,
+}
+_EXPECTED = {"string_type": "a string", "int_type": "an integer", "float_type": "a number",
+             "tuple_type": "a list", "dict_type": "a mapping"}
+
+
 def canonical_hash(data: Any, length: int = 12) -> str:
     """sha256 of the canonical JSON of ``data`` (sorted keys), as ``length`` hex digits."""
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
@@ -180,8 +214,8 @@ def canonical_hash(data: Any, length: int = 12) -> str:
 
 
 def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, BaseModel):
+        return {name: _to_plain(getattr(value, name)) for name in type(value).model_fields}
     if isinstance(value, Mapping):
         return {str(k): _to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -191,18 +225,71 @@ def _to_plain(value: Any) -> Any:
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+        raise ValueError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
-# --- strict loading -------------------------------------------------------------------------------
+# --- errors ---------------------------------------------------------------------------------------
+
+
+def _config_error(exc: ValidationError, root: type[_Section], source: str | None = None) -> ConfigError:
+    """One ConfigError for pydantic's errors: the first one in the order a reader checks the file.
+
+    That order is: unknown keys of a mapping (alphabetically) before its values, values in field order,
+    list items by index. A section's own checks (the validators) only run once its values are valid.
+    """
+    errors = exc.errors()
+
+    def rank(error: Any) -> list[tuple[int, Any]]:
+        ranks, cls, loc = [], root, error["loc"]
+        for i, part in enumerate(loc):
+            if i == len(loc) - 1 and error["type"] in ("extra_forbidden", "invalid_key"):
+                ranks.append((0, str(part)))
+            elif isinstance(part, int):
+                ranks.append((1, part))
+            else:
+                ranks.append((1, list(cls.model_fields).index(part)))
+                cls = _SECTIONS.get(part, cls)
+        return ranks
+
+    error = min(errors, key=rank)
+    message = _message(error, root)
+    return ConfigError(f"{source}: {message}" if source else message)
+
+
+def _message(error: Any, root: type[_Section]) -> str:
+    """The message for one pydantic error, naming its key path as ``methods[0].params``."""
+    kind, loc, value = error["type"], error["loc"], error.get("input")
+    if kind == "value_error":  # the sections' own checks, whose messages name their keys
+        return str(error["ctx"]["error"])
+    if kind in ("extra_forbidden", "invalid_key"):
+        cls = root
+        for part in loc[:-1]:
+            cls = _SECTIONS.get(part, cls) if isinstance(part, str) else cls
+        return (f"unknown key {_key_path(loc[:-1] + (str(loc[-1]),))}; "
+                f"allowed keys here: {', '.join(sorted(cls.model_fields))}")
+    key = _key_path(loc)
+    if kind == "missing":
+        return f"missing required key {key}"
+    if kind == "model_type":
+        return f"{key or 'config'}: expected a mapping, got {type(value).__name__}"
+    if kind in _EXPECTED:
+        return f"{key}: expected {_EXPECTED[kind]}, got {value!r}"
+    return f"{key or 'config'}: {error['msg']}"  # a kind the fields above cannot produce today
+
+
+def _key_path(loc: tuple[Any, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if i else p for i, p in enumerate(loc))
+
+
+# --- loading --------------------------------------------------------------------------------------
 
 
 def config_from_dict(data: Any, source: str = "<config>") -> RunConfig:
     """Build a RunConfig from plain data; every error names ``source`` and the key path."""
     try:
-        return _build(RunConfig, data, "")
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise _config_error(exc, RunConfig, source) from None
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -222,6 +309,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 
 def preset_names() -> list[str]:
+    """The names of the shipped presets, sorted."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
@@ -231,63 +319,3 @@ def load_preset(name: str) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     return load_config(path)
-
-
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(map(str, data)) - set(fields))
-    if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s}; allowed keys here: {', '.join(sorted(fields))}"
-        )
-    kwargs = {}
-    for name, f in fields.items():
-        key = f"{prefix}{name}"
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key {key}")
-    try:
-        return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, f"{key}.")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (collections.abc.Mapping, dict):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"config field {key} has an unsupported type {tp}")  # a bug, not user input

@@ -19,8 +19,9 @@ own subject text, and CLIP text and the plain-SD reference method replace it wit
 reference prompt is rendered once per (face, seed) and gives dCLIP its reference image; rendered with the
 class phrase it is dCLIP's reference text "a photo of a person" (PROTOCOL.md section 2).
 
-The loader walks the composed YAML nodes (``yaml.compose``) rather than the constructed Python objects, so
-that every error can name the file and line at fault; each is a :class:`PromptSetError`.
+The loader validates the file against a pydantic schema and names the file and line of every error (a
+:class:`PromptSetError`): it composes the YAML nodes once (``yaml.compose``) and maps each error's key path
+to the line of its node.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Annotated, Any, Callable, Literal
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from f2d_bench.errors import F2DBenchError
 
@@ -51,11 +53,6 @@ PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 
 # Version of the canonical form hashed by PromptSet.content_hash; bump it only if that form must change.
 _HASH_FORMAT = 1
-
-_TOP_FIELDS = ("name", "version", "description", "class_phrase", "reference", "prompts")
-_TOP_REQUIRED = ("name", "version", "class_phrase", "reference", "prompts")
-_PROMPT_FIELDS = ("id", "category", "template")
-_REFERENCE_FIELDS = ("id", "template")
 
 _STR_TAG = "tag:yaml.org,2002:str"
 _INT_TAG = "tag:yaml.org,2002:int"
@@ -286,213 +283,222 @@ def load_prompt_set(name_or_path: str | Path) -> PromptSet:
         ) from exc
     except OSError as exc:
         raise PromptSetError(f"cannot read the file: {exc.strerror or exc}", path=path) from exc
-    return _Parser(path, text).parse()
+    return _parse(path, text)
 
 
-# --- parsing -----------------------------------------------------------------------------------------
+# --- the file's schema -------------------------------------------------------------------------------
+
+
+def _rule(problem: Callable[[Any], str | None]) -> AfterValidator:
+    """A pydantic validator: ``problem(value)`` says what is wrong with the value, None if nothing."""
+
+    def check(value: Any) -> Any:
+        if (message := problem(value)) is not None:
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+_Id = Annotated[str, _rule(_id_problem)]
+_Template = Annotated[str, _rule(_template_problem)]
+
+
+class _Schema(BaseModel):
+    # strict: a number or a yes/no value is never taken for text
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _ReferenceEntry(_Schema):
+    id: _Id
+    template: _Template
+
+
+class _PromptEntry(_Schema):
+    id: _Id
+    category: Literal[CATEGORIES]  # _explain words the message ('reference' is reserved)
+    template: _Template
+
+
+class _PromptSetFile(_Schema):
+    """A prompt-set file. The order of the fields is the order in which messages list them."""
+
+    name: Annotated[str, _rule(lambda v: None if v.strip() else "the name is empty; name the set, e.g. after its file")]
+    version: Annotated[str, Field(pattern=r"\S")]  # not blank; _explain words the message
+    description: str = ""
+    class_phrase: Annotated[str, _rule(_class_phrase_problem)]
+    reference: _ReferenceEntry
+    prompts: Annotated[list[_PromptEntry], Field(min_length=1)]
+
+
+def _fields(loc: tuple) -> str:
+    """The fields of the schema mapping at ``loc``, as text; "" inside a value, where no schema applies."""
+    if len(loc) == 2 and loc[0] == "prompts" and isinstance(loc[1], int):
+        return ", ".join(_PromptEntry.model_fields)
+    schema = {(): _PromptSetFile, ("reference",): _ReferenceEntry}.get(loc)
+    return ", ".join(schema.model_fields) if schema else ""
+
+
+# --- loading: the YAML nodes give the lines, the schema the verdict ---------------------------------------
 
 
 def _line(node: yaml.Node) -> int:
     return node.start_mark.line + 1
 
 
-def _peek_id(entry: yaml.Node) -> str | None:
-    """The id text of a prompt entry, if it has one, to name the entry in errors found before its id."""
-    if isinstance(entry, yaml.MappingNode):
-        for key_node, value_node in entry.value:
-            if getattr(key_node, "value", None) == "id" and value_node.tag == _STR_TAG:
-                return value_node.value
-    return None
-
-
 def _describe(node: yaml.Node) -> str:
     return _TAG_NAMES.get(node.tag, f"a value tagged {node.tag}")
 
 
-class _Parser:
-    """Turns the composed YAML node tree of one file into a PromptSet; every error names file and line."""
+def _compose(path: Path, text: str) -> yaml.Node | None:
+    """The YAML node tree of the file (None if it holds no document); syntax errors name their line."""
+    try:
+        return yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = ": ".join(filter(None, (exc.context, exc.problem or "invalid YAML")))
+        column = f" (column {mark.column + 1})" if mark is not None else ""
+        hint = "Fix the YAML syntax there"
+        if line is not None and "{" in "".join(text.splitlines()[line - 1 : line]):
+            # The usual cause: an unquoted template, where "{" opens a YAML flow mapping.
+            hint += '; quote every template, e.g. template: "{} laughing", because an unquoted { starts a YAML mapping'
+        raise PromptSetError(f"malformed YAML: {problem}{column}. {hint}", path=path, line=line) from None
+    except yaml.YAMLError as exc:
+        # ReaderError (e.g. a control character) carries a character position, not a mark.
+        position = getattr(exc, "position", None)
+        line = text.count("\n", 0, position) + 1 if isinstance(position, int) else None
+        character = getattr(exc, "character", None)  # a code point (int) for text input
+        what = f"the character U+{character:04X}" if isinstance(character, int) else "a character"
+        raise PromptSetError(f"malformed YAML: {what} that YAML does not allow; remove it", path=path,
+                             line=line) from None
 
-    def __init__(self, path: Path, text: str) -> None:
-        self.path = path
-        self.text = text
 
-    def fail(self, line: int | None, message: str) -> NoReturn:
-        raise PromptSetError(message, path=self.path, line=line)
+class _Document:
+    """A composed file: ``data`` for pydantic, ``nodes`` (key node, value node) by key path for the lines of
+    its errors' ``loc``, and ``twice``: the keys given twice in a mapping, which pydantic never sees."""
 
-    def parse(self) -> PromptSet:
-        root = self.compose()
-        if root is None:
-            self.fail(1, "the file is empty; a prompt set needs the fields " + ", ".join(_TOP_REQUIRED))
-        top = self.fields(root, "the prompt set", _TOP_FIELDS, _TOP_REQUIRED)
+    def __init__(self, root: yaml.Node) -> None:
+        self.nodes: dict[tuple, tuple[yaml.Node | None, yaml.Node]] = {}
+        self.twice: list[tuple[tuple, int, int]] = []  # (loc, first line, line)
+        self.data = self._plain(root, None, ())
 
-        # The reference first, wherever it sits in the file: the prompts' ids are checked against it.
-        reference, reference_line = self.reference(*top["reference"])
-        class_phrase = self.text_value(*top["class_phrase"], "class_phrase")
-        problem = _class_phrase_problem(class_phrase)
-        if problem is not None:
-            self.fail(_line(top["class_phrase"][1]), problem)
-        name = self.text_value(*top["name"], "name")
-        if not name.strip():
-            self.fail(_line(top["name"][1]), "the name is empty; name the set, e.g. after its file")
-        version = self.version(*top["version"])
-        description = ""
-        if "description" in top:
-            description = self.text_value(*top["description"], "description")
-        prompts = self.prompt_list(*top["prompts"], reference, reference_line)
-        return PromptSet(
-            name=name,
-            version=version,
-            prompts=prompts,
-            reference=reference,
-            class_phrase=class_phrase,
-            source=self.path,
-            description=description,
-        )
+    def _plain(self, node: yaml.Node, key_node: yaml.Node | None, loc: tuple) -> Any:
+        self.nodes[loc] = (key_node, node)  # a later duplicate key replaces the earlier, as in PyYAML
+        if isinstance(node, yaml.SequenceNode):
+            return [self._plain(item, None, (*loc, i)) for i, item in enumerate(node.value)]
+        if isinstance(node, yaml.MappingNode):
+            data: dict[Any, Any] = {}
+            for key, value in node.value:
+                # A key that is not text stays a node: pydantic rejects it and hands it back as the input.
+                name = key.value if key.tag == _STR_TAG else key
+                if name in data and _fields(loc):
+                    self.twice.append(((*loc, name), _line(self.nodes[(*loc, name)][0]), _line(key)))
+                data[name] = self._plain(value, key, (*loc, name))
+            return data
+        if node.tag == _STR_TAG or (loc == ("version",) and node.tag == _INT_TAG):
+            return node.value  # a whole-number version as written: 01 stays 01
+        # Numbers, yes/no values, other tags stay nodes: no str to pydantic, and described by their tag.
+        return None if node.tag == _NULL_TAG else node
 
-    def compose(self) -> yaml.Node | None:
-        try:
-            return yaml.compose(self.text, Loader=yaml.SafeLoader)
-        except yaml.MarkedYAMLError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            line = mark.line + 1 if mark is not None else None
-            problem = exc.problem or "invalid YAML"
-            if exc.context:
-                problem = f"{exc.context}: {problem}"
-            column = f" (column {mark.column + 1})" if mark is not None else ""
-            hint = "Fix the YAML syntax there"
-            lines = self.text.splitlines()
-            if line is not None and line <= len(lines) and "{" in lines[line - 1]:
-                # The usual cause: an unquoted template, where "{" opens a YAML flow mapping.
-                hint += (
-                    '; quote every template, e.g. template: "{} laughing", '
-                    "because an unquoted { starts a YAML mapping"
-                )
-            self.fail(line, f"malformed YAML: {problem}{column}. {hint}")
-        except yaml.YAMLError as exc:
-            # ReaderError (e.g. a control character) carries a character position, not a mark.
-            position = getattr(exc, "position", None)
-            line = self.text.count("\n", 0, position) + 1 if isinstance(position, int) else None
-            character = getattr(exc, "character", None)  # a code point (int) for text input
-            what = f"the character U+{character:04X}" if isinstance(character, int) else "a character"
-            self.fail(line, f"malformed YAML: {what} that YAML does not allow; remove it")
+    def line(self, loc: tuple) -> int:
+        """The value's line; the key's for an empty value (its mark may sit on the next line); for a missing
+        field, the line of the mapping that lacks it."""
+        while loc not in self.nodes:
+            loc = loc[:-1]
+        key_node, node = self.nodes[loc]
+        return _line(key_node) if key_node is not None and node.tag == _NULL_TAG else _line(node)
 
-    def fields(
-        self, node: yaml.Node, what: str, allowed: tuple[str, ...], required: tuple[str, ...]
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        """The (key node, value node) of each field of a mapping, checking unknown, duplicate, missing."""
-        if not isinstance(node, yaml.MappingNode):
-            self.fail(
-                _line(node),
-                f"{what} must be a mapping with the fields {', '.join(allowed)}; found {_describe(node)}",
-            )
-        found: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
-                self.fail(_line(key_node), f"{what} has a key that is {_describe(key_node)}, not a field "
-                          f"name; allowed fields: {', '.join(allowed)}")
-            key = key_node.value
-            if key in found:
-                # PyYAML would silently keep the last one; two templates for one prompt are a mistake.
-                self.fail(_line(key_node), f"{what} has the field {key!r} twice (first on line "
-                          f"{_line(found[key][0])}); keep one")
-            if key not in allowed:
-                self.fail(_line(key_node), f"{what} has an unknown field {key!r}; allowed fields: "
-                          f"{', '.join(allowed)} (check the spelling)")
-            found[key] = (key_node, value_node)
-        missing = [field for field in required if field not in found]
-        if missing:
-            self.fail(_line(node), f"{what} is missing the field{'s' if len(missing) > 1 else ''} "
-                      f"{', '.join(missing)}; add {'them' if len(missing) > 1 else 'it'}")
-        return found
+    def owner(self, loc: tuple, field: object = None) -> str:
+        """How messages name the mapping at ``loc``; a prompt by its id once that id is valid."""
+        if not loc or loc[0] == "reference":
+            return "the reference prompt" if loc else "the prompt set"
+        id_node = self.nodes.get((*loc[:2], "id"), (None, None))[1]
+        prompt_id = id_node.value if id_node is not None and id_node.tag == _STR_TAG else None
+        if field in ("category", "template") and prompt_id is not None and _id_problem(prompt_id) is None:
+            return f"prompt {prompt_id!r}"
+        return f"prompt #{loc[1] + 1}" + (f" (id {prompt_id!r})" if prompt_id is not None else "")
 
-    def value_line(self, key_node: yaml.Node, value_node: yaml.Node) -> int:
-        # An absent value ("template:") is an empty null scalar whose mark may sit on the next line.
-        if value_node.tag == _NULL_TAG:
-            return _line(key_node)
-        return _line(value_node)
 
-    def text_value(self, key_node: yaml.Node, value_node: yaml.Node, field: str) -> str:
-        if value_node.tag == _NULL_TAG:
-            self.fail(self.value_line(key_node, value_node),
-                      f"{field} has no value; write it after the colon")
-        if not isinstance(value_node, yaml.ScalarNode) or value_node.tag != _STR_TAG:
-            self.fail(self.value_line(key_node, value_node),
-                      f"{field} must be text, found {_describe(value_node)}; write it in quotes")
-        return value_node.value
+def _explain(doc: _Document, error: Any, errors: list[Any]) -> tuple[int, str]:
+    """The line and message of one pydantic error."""
+    loc, kind = error["loc"], error["type"]
+    field, parent = (loc[-1], loc[:-1]) if loc else (None, ())
+    node, line = doc.nodes.get(loc, (None, None))[1], doc.line(loc)
+    if kind == "invalid_key":  # the input is the key's node (see _Document._plain)
+        return (_line(error["input"]), f"{doc.owner(parent)} has a key that is {_describe(error['input'])}, not "
+                f"a field name; allowed fields: {_fields(parent)}")
+    if kind == "extra_forbidden":
+        return (_line(doc.nodes[loc][0]), f"{doc.owner(parent)} has an unknown field {field!r}; allowed fields: "
+                f"{_fields(parent)} (check the spelling)")
+    if kind == "missing":
+        missing = [e["loc"][-1] for e in errors if e["type"] == "missing" and e["loc"][:-1] == parent]
+        many = len(missing) > 1
+        return line, (f"{doc.owner(parent)} is missing the field{'s' if many else ''} {', '.join(missing)}; "
+                      f"add {'them' if many else 'it'}")
+    if loc == ("reference",) and node.tag == _NULL_TAG:
+        return line, 'the reference prompt is empty; give it an id and a template, e.g. id: ref, template: "a photo of {}"'
+    if kind == "model_type":
+        return line, f"{doc.owner(loc)} must be a mapping with the fields {_fields(loc)}; found {_describe(node)}"
+    if loc == ("version",):  # a float would turn "1.10" into 1.1: ask for text instead
+        text = node.value if isinstance(node, yaml.ScalarNode) else ""
+        return line, (f"version must be text or a whole number, found {_describe(node)} {text!r}; write it in "
+                      'quotes, e.g. version: "1.0"')
+    if loc == ("prompts",):
+        if node.tag == _NULL_TAG or isinstance(node, yaml.SequenceNode):
+            return line, "the prompt list is empty; add at least one prompt with id, category and template"
+        return line, f"prompts must be a list of prompts (lines starting with '- '), found {_describe(node)}"
+    owner = f"{doc.owner(parent, field)}: " if parent else ""
+    if kind == "value_error":  # a _rule's message
+        return line, owner + str(error["ctx"]["error"])
+    if kind == "literal_error" and isinstance(error["input"], str):  # a category
+        reserved = " ('reference' is kept for the reference prompt)" if error["input"] == REFERENCE_CATEGORY else ""
+        return line, f"{owner}unknown category {error['input']!r}{reserved}; use one of {', '.join(CATEGORIES)}"
+    if field == "template" and node.tag == "tag:yaml.org,2002:map" and not node.value:
+        # template: {} laughing fails to parse, but template: {} composes to an empty mapping.
+        return line, (f"{owner}the template is an empty mapping; an unquoted {{}} is YAML for a mapping, so quote "
+                      'the template, e.g. template: "{} laughing"')
+    if node.tag == _NULL_TAG:
+        return line, f"{owner}{field} has no value; write it after the colon"
+    return line, f"{owner}{field} must be text, found {_describe(node)}; write it in quotes"
 
-    def version(self, key_node: yaml.Node, value_node: yaml.Node) -> str:
-        if isinstance(value_node, yaml.ScalarNode) and value_node.tag in (_STR_TAG, _INT_TAG):
-            version = value_node.value  # the text as written: 01 stays 01
-            if version.strip():
-                return version
-        # A float would turn "1.10" into 1.1; ask for text instead.
-        self.fail(self.value_line(key_node, value_node),
-                  f"version must be text or a whole number, found {_describe(value_node)} "
-                  f"{value_node.value if isinstance(value_node, yaml.ScalarNode) else ''!r}; write it in "
-                  'quotes, e.g. version: "1.0"')
 
-    def template(self, key_node: yaml.Node, value_node: yaml.Node, owner: str) -> str:
-        if value_node.tag == "tag:yaml.org,2002:map" and not value_node.value:
-            # template: {} laughing fails to parse, but template: {} composes to an empty mapping.
-            self.fail(_line(value_node), f"{owner}: the template is an empty mapping; an unquoted {{}} is "
-                      'YAML for a mapping, so quote the template, e.g. template: "{} laughing"')
-        template = self.text_value(key_node, value_node, f"{owner}: template")
-        problem = _template_problem(template)
-        if problem is not None:
-            self.fail(_line(value_node), f"{owner}: {problem}")
-        return template
+#: Which errors are reported first: wrong keys, then missing fields, then wrong values (2).
+_GROUP = {"invalid_key": 0, "extra_forbidden": 0, "missing": 1}
 
-    def prompt_id(self, key_node: yaml.Node, value_node: yaml.Node, owner: str) -> str:
-        prompt_id = self.text_value(key_node, value_node, f"{owner}: id")
-        problem = _id_problem(prompt_id)
-        if problem is not None:
-            self.fail(_line(value_node), f"{owner}: {problem}")
-        return prompt_id
 
-    def reference(self, key_node: yaml.Node, node: yaml.Node) -> tuple[Prompt, int]:
-        what = "the reference prompt"
-        if node.tag == _NULL_TAG:
-            self.fail(_line(key_node), f"{what} is empty; give it an id and a template, e.g. id: ref, "
-                      'template: "a photo of {}"')
-        fields = self.fields(node, what, _REFERENCE_FIELDS, _REFERENCE_FIELDS)
-        prompt_id = self.prompt_id(*fields["id"], what)
-        template = self.template(*fields["template"], what)
-        return Prompt(prompt_id, REFERENCE_CATEGORY, template), _line(fields["id"][1])
-
-    def prompt_list(
-        self, key_node: yaml.Node, node: yaml.Node, reference: Prompt, reference_line: int
-    ) -> tuple[Prompt, ...]:
-        if node.tag == _NULL_TAG or (isinstance(node, yaml.SequenceNode) and not node.value):
-            self.fail(self.value_line(key_node, node), "the prompt list is empty; add at least one prompt "
-                      "with id, category and template")
-        if not isinstance(node, yaml.SequenceNode):
-            self.fail(_line(node), f"prompts must be a list of prompts (lines starting with '- '), "
-                      f"found {_describe(node)}")
-        prompts: list[Prompt] = []
-        first_line: dict[str, int] = {}
-        for index, entry in enumerate(node.value, start=1):
-            what = f"prompt #{index}"
-            peeked = _peek_id(entry)
-            if peeked is not None:
-                what += f" (id {peeked!r})"
-            fields = self.fields(entry, what, _PROMPT_FIELDS, _PROMPT_FIELDS)
-            prompt_id = self.prompt_id(*fields["id"], what)
-            what = f"prompt {prompt_id!r}"
-            id_line = _line(fields["id"][1])
-            if prompt_id == reference.id:
-                self.fail(id_line, f"{what}: the id is the reference prompt's id (line {reference_line}); "
-                          "choose another id")
-            if prompt_id in first_line:
-                self.fail(id_line, f"duplicate id {prompt_id!r} (first used on line "
-                          f"{first_line[prompt_id]}); give each prompt its own id")
-            first_line[prompt_id] = id_line
-            category = self.text_value(*fields["category"], f"{what}: category")
-            if category not in CATEGORIES:
-                reserved = ""
-                if category == REFERENCE_CATEGORY:
-                    reserved = " ('reference' is kept for the reference prompt)"
-                self.fail(_line(fields["category"][1]), f"{what}: unknown category {category!r}{reserved}; "
-                          f"use one of {', '.join(CATEGORIES)}")
-            template = self.template(*fields["template"], what)
-            prompts.append(Prompt(prompt_id, category, template))
-        return tuple(prompts)
+def _parse(path: Path, text: str) -> PromptSet:
+    """The prompt set in ``text``; else PromptSetError for the first problem: wrong keys (unknown, given
+    twice, not text), then missing fields, then wrong values, each group in file order."""
+    root = _compose(path, text)
+    if root is None:
+        required = ", ".join(name for name, info in _PromptSetFile.model_fields.items() if info.is_required())
+        raise PromptSetError(f"the file is empty; a prompt set needs the fields {required}", path=path, line=1)
+    doc = _Document(root)
+    problems = [(0, line, f"{doc.owner(loc[:-1])} has the field {loc[-1]!r} twice (first on line {first}); "
+                 "keep one") for loc, first, line in doc.twice]
+    try:
+        data = _PromptSetFile.model_validate(doc.data)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems += [(_GROUP.get(error["type"], 2), *_explain(doc, error, errors)) for error in errors]
+    if problems:
+        _, line, message = min(problems, key=lambda problem: problem[:2])
+        raise PromptSetError(message, path=path, line=line)
+    # Across entries, which the schema does not check: each id once, and none the reference prompt's.
+    first_line = {data.reference.id: doc.line(("reference", "id"))}
+    for index, entry in enumerate(data.prompts):
+        line = doc.line(("prompts", index, "id"))
+        if entry.id == data.reference.id:
+            message = (f"prompt {entry.id!r}: the id is the reference prompt's id (line {first_line[entry.id]}); "
+                       "choose another id")
+        elif entry.id in first_line:
+            message = (f"duplicate id {entry.id!r} (first used on line {first_line[entry.id]}); give each prompt "
+                       "its own id")
+        else:
+            first_line[entry.id] = line
+            continue
+        raise PromptSetError(message, path=path, line=line)
+    prompts = tuple(Prompt(entry.id, entry.category, entry.template) for entry in data.prompts)
+    reference = Prompt(data.reference.id, REFERENCE_CATEGORY, data.reference.template)
+    return PromptSet(data.name, data.version, prompts, reference, data.class_phrase, path, data.description)

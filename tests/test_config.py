@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import yaml
 
@@ -79,3 +81,135 @@ def test_load_config_file(tmp_path):
     path.write_text(yaml.safe_dump(small_config_dict()))
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig) and cfg.seeds == (0, 1)
+
+
+# --- pinned forms: run directories resume by these hashes, so a refactor must never change them ---------
+
+SMOKE_PLAIN = {
+    "name": "smoke",
+    "methods": [{"name": "sd-class", "params": {}, "label": None},
+                {"name": "f2d", "params": {"weights": "random"}, "label": None}],
+    "faces": "builtin:test-faces", "prompts": "smoke", "seeds": [0, 1],
+    "model": {"pretrained": "f2d-bench/tiny-sd14", "revision": None, "dtype": "float32", "device": "cpu"},
+    "sampling": {"scheduler": "EulerAncestralDiscreteScheduler", "num_inference_steps": 30,
+                 "guidance_scale": 7.0, "height": 64, "width": 64},
+    "batch_size": 16,
+    "scoring": {"scorers": [], "settings": {"adaface": {"weights": "random"}, "sphereface": {"weights": "random"},
+                                            "facenet": {"weights": "random"},
+                                            "clip": {"model": "ViT-B-32-quickgelu", "weights": "random"},
+                                            "siglip": {"model": "tiny"}},
+                "device": "cpu", "batch_size": 16, "face_policy": "most-confident", "min_face_prob": 0.0,
+                "chunk_size": 256, "fid_reference": None, "fid_backend": "pytorch-fid", "fid_weights": None},
+}
+PAPER_PLAIN = {
+    "name": "paper",
+    "methods": [{"name": "sd-class", "params": {}, "label": None}],
+    "faces": None, "prompts": "human40", "seeds": [0, 1, 2, 3],
+    "model": {"pretrained": "CompVis/stable-diffusion-v1-4", "revision": None, "dtype": "auto", "device": "auto"},
+    "sampling": {"scheduler": "EulerAncestralDiscreteScheduler", "num_inference_steps": 30,
+                 "guidance_scale": 7.0, "height": 512, "width": 512},
+    "batch_size": 16,
+    "scoring": {"scorers": [], "settings": {}, "device": "auto", "batch_size": 16, "face_policy": "most-confident",
+                "min_face_prob": 0.0, "chunk_size": 256, "fid_reference": None, "fid_backend": "pytorch-fid",
+                "fid_weights": None},
+}
+
+
+@pytest.mark.parametrize("name, plain, grid_hash", [
+    ("smoke", SMOKE_PLAIN, "0cd62b8b74e2"),
+    ("paper", PAPER_PLAIN, "02274b2d87e6"),
+])
+def test_plain_form_and_grid_hash_of_the_presets_are_pinned(name, plain, grid_hash):
+    cfg = load_preset(name)
+    # json.dumps keeps key order and tells 7.0 from 7, which == on dicts would not.
+    assert json.dumps(cfg.to_dict()) == json.dumps(plain)
+    assert cfg.grid_hash() == grid_hash
+    assert json.dumps(cfg.model.to_dict()) == json.dumps(plain["model"])
+    assert json.dumps(cfg.sampling.to_dict()) == json.dumps(plain["sampling"])
+
+
+def test_int_for_a_float_becomes_a_float():
+    cfg = config_from_dict(small_config_dict(sampling={"guidance_scale": 5}, scoring={"min_face_prob": 1}))
+    assert type(cfg.sampling.guidance_scale) is float and type(cfg.scoring.min_face_prob) is float
+    assert cfg.grid_hash() == config_from_dict(small_config_dict(sampling={"guidance_scale": 5.0})).grid_hash()
+
+
+# --- pydantic's errors, translated: exact messages --------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, message", [
+    # unknown keys at a nested path, the alphabetically first one
+    ({"methods": [{"name": "a", "nam": "b"}]}, "unknown key methods[0].nam; allowed keys here: label, name, params"),
+    ({"scoring": {"zz": 1, "bogus": 2}}, "unknown key scoring.bogus; allowed keys here: batch_size, chunk_size, "
+     "device, face_policy, fid_backend, fid_reference, fid_weights, min_face_prob, scorers, settings"),
+    # wrong types, with list indices in the path
+    ({"methods": [{"name": "a"}, {"name": 3}]}, "methods[1].name: expected a string, got 3"),
+    ({"seeds": [0, "x"]}, "seeds[1]: expected an integer, got 'x'"),
+    ({"scoring": {"scorers": ["clip", 3]}}, "scoring.scorers[1]: expected a string, got 3"),
+    ({"methods": ["sd-class"]}, "methods[0]: expected a mapping, got str"),
+    ({"methods": [{"name": "a", "params": None}]}, "methods[0].params: expected a mapping, got None"),
+    # a bool is not an int, nor a number; a string is not a number either
+    ({"sampling": {"height": True}}, "sampling.height: expected an integer, got True"),
+    ({"seeds": [0, False]}, "seeds[1]: expected an integer, got False"),
+    ({"sampling": {"guidance_scale": True}}, "sampling.guidance_scale: expected a number, got True"),
+    ({"sampling": {"num_inference_steps": 8.0}}, "sampling.num_inference_steps: expected an integer, got 8.0"),
+    ({"batch_size": "8"}, "batch_size: expected an integer, got '8'"),
+    ({"model": {"revision": 3}}, "model.revision: expected a string, got 3"),
+    # the validators' own messages
+    ({"sampling": {"height": 7}}, "sampling.height must be a positive multiple of 8, got 7"),
+    ({"scoring": {"min_face_prob": 2}}, "scoring.min_face_prob must be in [0, 1], got 2.0"),
+    ({"scoring": {"settings": {"clip": 3}}}, "scoring.settings.clip: expected a mapping of settings, got 3"),
+    ({"seeds": [3, -1]}, "seeds: must be >= 0, got [3, -1]"),
+    # the first error in reading order: unknown keys of a mapping first, then values in field order,
+    # and a section's own checks only once every value is valid
+    ({"name": 3, "colour": "red"}, "unknown key colour; allowed keys here: batch_size, faces, methods, model, "
+     "name, prompts, sampling, scoring, seeds"),
+    ({"name": 3, "sampling": {"foo": 1}}, "name: expected a string, got 3"),
+    ({"methods": [{"name": 3}], "sampling": {"height": 7}}, "methods[0].name: expected a string, got 3"),
+    ({"seeds": [0, 0], "sampling": {"height": 7}}, "sampling.height must be a positive multiple of 8, got 7"),
+])
+def test_translated_messages(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(small_config_dict(**overrides), "bad.yaml")
+    assert str(info.value) == f"bad.yaml: {message}"
+
+
+def test_not_a_mapping():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(None, "empty.yaml")
+    assert str(info.value) == "empty.yaml: config: expected a mapping, got NoneType"
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(small_config_dict(model=5), "bad.yaml")
+    assert str(info.value) == "bad.yaml: model: expected a mapping, got int"
+
+
+def test_every_section_has_a_validated_replace_and_to_dict():
+    cfg = load_preset("smoke")
+    scoring = cfg.scoring.replace(device="cuda:1", batch_size=4)
+    assert (scoring.device, scoring.batch_size, scoring.settings) == ("cuda:1", 4, cfg.scoring.settings)
+    assert cfg.scoring.device == "cpu"  # the original is untouched
+    assert cfg.replace(seeds=[5]).seeds == (5,) and cfg.replace(batch_size=1).grid_hash() == cfg.grid_hash()
+    assert cfg.methods[1].replace(label="F2D").display_name == "F2D"
+    assert cfg.methods[1].to_dict() == {"name": "f2d", "params": {"weights": "random"}, "label": None}
+    for section, changes, message in [
+        (cfg.scoring, {"batch_size": 0}, "scoring.batch_size and scoring.chunk_size must be >= 1, got 0 and 256"),
+        (cfg.model, {"device": "tpu"}, "model.device: 'tpu' is not one of auto, cpu, cuda, cuda:N"),
+        (cfg.sampling, {"width": "64"}, "width: expected an integer, got '64'"),
+        (cfg, {"seeds": [0, 0]}, "seeds: duplicates in [0, 0]"),
+        (cfg, {"colour": 1}, "unknown key colour; allowed keys here: batch_size, faces, methods, model, name, "
+         "prompts, sampling, scoring, seeds"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            section.replace(**changes)
+        assert str(info.value) == message
+
+
+def test_params_settings_and_lists_stay_immutable():
+    cfg = load_preset("smoke")
+    assert isinstance(cfg.seeds, tuple) and isinstance(cfg.methods, tuple) and isinstance(cfg.scoring.scorers, tuple)
+    with pytest.raises(TypeError):
+        cfg.scoring.settings["clip"] = {}  # type: ignore[index]
+    with pytest.raises(TypeError):
+        cfg.scoring.replace(settings={"clip": {}}).settings["siglip"] = {}  # type: ignore[index]
+    with pytest.raises(Exception):
+        cfg.sampling.height = 128  # type: ignore[misc]

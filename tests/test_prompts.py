@@ -282,6 +282,31 @@ def test_errors_are_user_facing():
     assert issubclass(PromptSetError, F2DBenchError)
 
 
+@pytest.mark.parametrize("old, new, line, fragment", [
+    # a key that is not text, and a top-level key given twice (PyYAML would keep the last silently)
+    ("    category: job\n", "    category: job\n    1: x\n", 11, "has a key that is a number, not a field name"),
+    ("name: tiny\n", "name: tiny\nname: other\n", 2, "the field 'name' twice (first on line 1)"),
+    # several missing fields in one message, on the line of the mapping that lacks them
+    ("    category: activity\n    template: \"{} playing the guitar\"\n", "", 12,
+     "prompt #2 (id 'activity-guitar') is missing the fields category, template; add them"),
+    # a misspelt key is reported before the field it leaves missing
+    ("    category: activity\n", "    categry: activity\n", 13, "unknown field 'categry'"),
+    # wrong YAML types, named by their tag; an empty value names the key's line
+    ("category: job", "category: 1", 10, "prompt 'job-chef': category must be text, found a number"),
+    ("version: \"1\"", "version: yes", 2, "found a yes/no value 'yes'"),
+    ("    template: \"{} as a chef\"\n", "    template:\n", 11, "prompt 'job-chef': template has no value"),
+    ("prompts:\n  - id: job-chef", "prompts:\n  - 3\n  - id: job-chef", 9, "prompt #1 must be a mapping"),
+])
+def test_schema_errors_name_the_line(tmp_path, old, new, line, fragment):
+    text = VALID.replace(old, new, 1)
+    assert text != VALID
+    expect_error(tmp_path, text, line, fragment)
+
+
+def test_whole_number_version_keeps_leading_zeros(tmp_path):
+    assert load_prompt_set(write(tmp_path, VALID.replace('version: "1"', "version: 01"))).version == "01"
+
+
 # --- the dataclasses ---------------------------------------------------------------------------------
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 from PIL import Image
@@ -80,10 +80,10 @@ class Method:
         ident: dict[str, Any] = {"method": self.name, "params": dict(self.params)}
         if self.uses_pipeline:
             cfg = self.context.config
-            model = asdict(cfg.model)
+            model = cfg.model.to_dict()
             model.pop("device")  # the device changes float rounding, not what the images are
             ident["model"] = model
-            ident["sampling"] = asdict(cfg.sampling)
+            ident["sampling"] = cfg.sampling.to_dict()
         return ident
 
     @property
