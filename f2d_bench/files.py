@@ -1,0 +1,135 @@
+"""Atomic file writes, file hashes and JSON-lines: the one implementation every module uses.
+
+A reader of a path written here sees the old file or the whole new one, never a part: each write goes
+to a temporary sibling ``.<name>.<token>.tmp`` that is flushed to disk and renamed into place. A process
+killed at any moment leaves at most such a temporary file, which ``is_temporary`` recognises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO, Any, Callable
+
+TMP_SUFFIX = ".tmp"
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh temporary name in ``path``'s folder: ``.<name>.<8 hex>.tmp``."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
+
+
+def final_name(tmp_name: str) -> str | None:
+    """The file name a temporary file of :func:`temporary_sibling` was to become (None: not one)."""
+    if not (tmp_name.startswith(".") and tmp_name.endswith(TMP_SUFFIX)):
+        return None
+    parts = tmp_name[1:].rsplit(".", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call ``write(fh)`` on a temporary binary file, flush it to disk, rename it to ``path``.
+
+    The fsync before the rename means a crash of the machine cannot leave a renamed-but-empty file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(path)
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, data: Any) -> Path:
+    """Indented JSON with sorted keys (values JSON cannot hold are written with ``str``)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_write_parquet(path: str | Path, frame) -> Path:
+    """A pandas DataFrame as Parquet, without its index."""
+    return atomic_write(path, lambda fh: frame.to_parquet(fh, index=False))
+
+
+def atomic_link_or_copy(src: str | Path, dst: str | Path) -> Path:
+    """Hard-link ``src`` to ``dst`` (a copy where links are not possible), atomically.
+
+    Files written here are replaced, never rewritten in place, so a link shares nothing that can change.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:  # another file system, or links not allowed
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def append_jsonl(path: str | Path, record: dict) -> None:
+    """Append one JSON line with a single ``write`` on an O_APPEND descriptor.
+
+    One write call keeps lines from different processes whole; a kill mid-call can at worst leave a
+    partial last line, which :func:`read_jsonl` skips.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        # A killed writer's partial last line would swallow this record: start on a new line.
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSON-lines file, skipping lines that are not whole objects (a killed
+    writer's tail); [] when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            records.append(obj)
+    return records
