@@ -20,17 +20,17 @@ from f2d_bench.config import PRESET_DIR, config_from_dict
 from f2d_bench.engine import build_methods, generate_run
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.faceset import Face
-from f2d_bench.faceset_source import builtin_test_faces_dir
+from f2d_bench.faces.source import builtin_test_faces_dir
 from f2d_bench.grid import ItemKey
 from f2d_bench.methods import METHODS
 from f2d_bench.methods.base import GenerationRequest
-from f2d_bench.methods.f2d.checkpoints import CheckpointError, expected_layout, load_strict
+from f2d_bench.methods.f2d.checkpoints import CheckpointError, load_strict
 from f2d_bench.methods.f2d.injection import injected_tokens, placeholder_positions
 from f2d_bench.methods.f2d.mapping import MappingNetwork
 from f2d_bench.methods.f2d.method import F2DFace, F2DMethod, mapping_parameter_count
 from f2d_bench.methods.f2d.msid import MSIDEncoder
 from f2d_bench.prompts import load_prompt_set
-from f2d_bench.store import read_jsonl
+from f2d_bench.files import read_jsonl
 
 from conftest import small_config_dict
 
@@ -123,6 +123,11 @@ def _pixels(images) -> list[np.ndarray]:
     return [np.asarray(i, dtype=np.int16) for i in images]
 
 
+def expected_layout(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every entry ``module.state_dict()`` has (parameters and buffers)."""
+    return {key: tuple(value.shape) for key, value in module.state_dict().items()}
+
+
 # --- structure ----------------------------------------------------------------------------------------
 def test_official_key_and_shape_contract():
     assert expected_layout(MSIDEncoder()) == MSID_PT
@@ -211,12 +216,13 @@ def test_official_files_load_strictly(official_files, faces, prepared, method, t
 def test_key_differences_are_clear_errors():
     good = MappingNetwork(32).state_dict()
     missing = {k: v for k, v in good.items() if k != "i2t_last.fc_out.bias"}
-    with pytest.raises(CheckpointError, match=r"missing keys: i2t_last\.fc_out\.bias"):
+    with pytest.raises(CheckpointError, match=r"mapping\.pt .*missing keys 1: 'i2t_last\.fc_out\.bias'"):
         load_strict(MappingNetwork(32), missing, "mapping network", "mapping.pt")
-    with pytest.raises(CheckpointError, match=r"unexpected keys: head\.weight"):
+    with pytest.raises(CheckpointError, match=r"mapping\.pt .*unexpected keys 1: 'head\.weight'"):
         load_strict(MappingNetwork(32), {**good, "head.weight": torch.zeros(1)}, "mapping network", "mapping.pt")
     shifted = {**good, "null_exp": torch.zeros(65)}
-    with pytest.raises(CheckpointError, match=r"wrong shapes: null_exp \(65,\) \(expected \(64,\)\)"):
+    wrong = r"mapping\.pt .*wrong shapes 1: 'null_exp \[65\] \(expected \[64\]\)'"
+    with pytest.raises(CheckpointError, match=wrong):
         load_strict(MappingNetwork(32), shifted, "mapping network", "mapping.pt")
     load_strict(MappingNetwork(32), good, "mapping network", "mapping.pt")  # the control: no error
 
@@ -229,7 +235,7 @@ def test_bad_files_fail_at_load_naming_the_file(official_files, faces, tmp_path)
     torch.save({"model": MappingNetwork(32).state_dict()}, tmp_path / "wrapped.pt")
     good = {"msid": str(official_files / "msid.pt"), "mapping": str(official_files / "mapping.pt")}
     cases = [
-        ({"msid": str(tmp_path / "msid.pt")}, r"msid\.pt .*missing keys: norms\.layer_5\.1\.weight"),
+        ({"msid": str(tmp_path / "msid.pt")}, r"msid\.pt .*missing keys 1: 'norms\.layer_5\.1\.weight'"),
         ({"mapping": str(tmp_path / "mapping768.pt")}, r"768-d tokens.* 32-d"),
         ({"mapping": str(tmp_path / "wrapped.pt")}, r"wrapped\.pt holds a dict, not a state dict of tensors"),
     ]

@@ -15,9 +15,11 @@ import torch
 
 from f2d_bench import paths
 from f2d_bench.errors import ConfigError, ModelUnavailableError
+from f2d_bench.devices import hub_offline, resolve_device, resolve_dtype
 from f2d_bench.pipelines import loading, tiny
-from f2d_bench.pipelines.loading import TINY_SD14_ID, load_sd_pipeline, resolve_device, resolve_dtype
-from f2d_bench.pipelines.random_sd14 import build_random_sd14, build_sd14_components, sd14_component_configs
+from f2d_bench.pipelines.loading import TINY_SD14_ID, load_sd_pipeline
+from f2d_bench.pipelines.random_sd14 import build_random_sd14, build_sd14_components
+from f2d_bench.pipelines.sd14 import sd14_component_configs
 from f2d_bench.pipelines.tokenizer import write_clip_tokenizer
 
 SENTENCES = [
@@ -321,7 +323,7 @@ def test_missing_hub_model_when_hub_unreachable(monkeypatch):
         raise OSError("Cannot reach https://huggingface.co: Name or service not known")
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(loading, "_hub_offline", lambda: False)
+    monkeypatch.setattr(loading, "hub_offline", lambda: False)
     monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", no_network)
     with pytest.raises(ModelUnavailableError) as info:
         load_sd_pipeline("CompVis/stable-diffusion-v1-4", revision="main", dtype="float16", device="cpu")
@@ -364,8 +366,22 @@ def test_resolve_device(monkeypatch):
         resolve_device("cuda")
     with pytest.raises(ConfigError, match="not a valid torch device"):
         resolve_device("gpu-please")
+    assert resolve_device(torch.device("meta")) == torch.device("meta")  # torch objects are checked too
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="has 1 CUDA device"):
+        resolve_device("cuda:3")
+
+
+def test_hub_offline_is_read_at_call_time(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "yes")
+    assert hub_offline()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert not hub_offline()
 
 
 def test_resolve_dtype():
@@ -374,6 +390,7 @@ def test_resolve_dtype():
     assert resolve_dtype("float16", "cpu") == torch.float16
     assert resolve_dtype("bf16", "cuda") == torch.bfloat16
     assert resolve_dtype("FP32", "cuda") == torch.float32
+    assert resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
     with pytest.raises(ConfigError, match="float64"):
         resolve_dtype("float64", "cpu")
 

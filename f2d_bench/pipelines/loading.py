@@ -8,69 +8,18 @@ Hugging Face cache). All three go through `StableDiffusionPipeline.from_pretrain
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import torch
-
+from f2d_bench.devices import hub_offline, resolve_device, resolve_dtype
 from f2d_bench.errors import ConfigError, ModelUnavailableError
+from f2d_bench.pipelines import tiny
 
 TINY_SD14_ID = "f2d-bench/tiny-sd14"
 SD14_ID = "CompVis/stable-diffusion-v1-4"
 
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
 # diffusers 0.42 renamed from_pretrained's `torch_dtype` to `dtype` (the old name warns); older versions
 # silently ignore `dtype`, so the new name is used only from the version where it was checked to work.
 _DTYPE_KWARG_SINCE = (0, 42)
-
-
-def resolve_device(name: str) -> torch.device:
-    """Device for a name: "auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:N", "mps", "meta".
-
-    Raises ConfigError for a malformed name or a CUDA device that this machine does not have.
-    """
-    key = str(name).strip().lower()
-    if key == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(key)
-    except (RuntimeError, ValueError) as exc:
-        raise ConfigError(
-            f"device {name!r} is not a valid torch device (try 'auto', 'cpu', 'cuda', 'cuda:0')"
-        ) from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} was requested but CUDA is not available here; use 'cpu' or 'auto'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """Weight dtype for a name: "auto", "float32"/"fp32", "float16"/"fp16"/"half", "bfloat16"/"bf16".
-
-    "auto" is float16 on CUDA (as the official F2D inference loads SD) and float32 elsewhere.
-    float16 and bfloat16 are also accepted on the CPU: with torch >= 2.x every op SD 1.4 uses runs there
-    in half precision (checked on the tiny pipeline), but it is no faster than float32 on CPUs and gives
-    slightly different pixels, so use it only to test half-precision behaviour off the GPU.
-    """
-    key = str(name).strip().lower()
-    device = torch.device(device)
-    if key == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if key not in _DTYPE_NAMES:
-        raise ConfigError(f"dtype {name!r} is not one of: auto, {', '.join(sorted(_DTYPE_NAMES))}")
-    return _DTYPE_NAMES[key]
 
 
 def scheduler_names() -> list[str]:
@@ -91,14 +40,6 @@ def _scheduler_class(name: str):
     if name not in valid:
         raise ConfigError(f"unknown scheduler {name!r}; valid names: {', '.join(valid)}")
     return getattr(diffusers, name)
-
-
-def _hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE is set now (huggingface_hub reads it only once, at import)."""
-    import huggingface_hub.constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return env in {"1", "ON", "YES", "TRUE"} or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def _unavailable_message(model_id: str, revision: str | None, reason: str) -> str:
@@ -172,8 +113,9 @@ def load_sd_pipeline(
     `model_id`: `TINY_SD14_ID` (the tiny model, built into the cache on first use), an existing local
     directory in diffusers layout, or a Hugging Face id such as "CompVis/stable-diffusion-v1-4".
     `revision` (branch, tag or commit) applies to Hugging Face ids only. `dtype`/`device`: see
-    `resolve_dtype` / `resolve_device`. `scheduler`: a diffusers scheduler class name from
-    `scheduler_names()`, built from the model's own scheduler config (same betas and timestep spacing).
+    `resolve_dtype` / `resolve_device` in `f2d_bench.devices`. `scheduler`: a diffusers scheduler class
+    name from `scheduler_names()`, built from the model's own scheduler config (same betas and timestep
+    spacing).
     The safety checker is not loaded (as in the official F2D inference).
 
     Raises ConfigError for bad names or a malformed local directory, ModelUnavailableError when a
@@ -185,10 +127,8 @@ def load_sd_pipeline(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
 
-    if model_id == TINY_SD14_ID:
-        from f2d_bench.pipelines.tiny import tiny_sd14_dir
-
-        source, is_local = tiny_sd14_dir(), True
+    if model_id == TINY_SD14_ID:  # the one id this loader builds itself; the builder knows no ids
+        source, is_local = tiny.tiny_sd14_dir(), True
     elif Path(model_id).expanduser().is_dir():
         source, is_local = Path(model_id).expanduser(), True
     else:
@@ -204,7 +144,7 @@ def load_sd_pipeline(
         pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
     else:
         cached = _is_hub_cached(model_id, revision)
-        offline = _hub_offline()
+        offline = hub_offline()
         if offline and not cached:
             raise ModelUnavailableError(
                 _unavailable_message(

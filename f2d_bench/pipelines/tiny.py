@@ -17,27 +17,30 @@ from pathlib import Path
 import torch
 
 from f2d_bench import paths
-from f2d_bench.pipelines.random_sd14 import SD14_SCHEDULER_CONFIG
+from f2d_bench.pipelines.sd14 import SD14_UNET_CONFIG, SD14_VAE_CONFIG, sd14_pipeline
 from f2d_bench.pipelines.tokenizer import write_clip_tokenizer
 
 # Bump the suffix whenever the recipe below changes, so caches never serve an older build.
 TINY_SD14_NAME = "tiny-sd14-v1"
 BUILD_INFO_FILE = "f2d_bench_build.json"
 
+# SD 1.4's configs with widths of 32-64 instead of 320-1280 and fewer layers, the rest as SD 1.4's.
+# diffusers saves every constructor argument, defaults included, so the saved UNet and VAE configs are
+# the same as when these dicts listed only the non-default keys (the cached build stays valid).
 TINY_UNET_CONFIG = {
+    **SD14_UNET_CONFIG,
     "sample_size": 8,  # 8x8 latents -> 64x64 images by default
-    "in_channels": 4,
-    "out_channels": 4,
     "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "block_out_channels": [32, 64],
-    "layers_per_block": 2,
     "norm_num_groups": 8,
     "cross_attention_dim": 32,  # = text encoder hidden size
     "attention_head_dim": 4,
 }
 
 TINY_TEXT_ENCODER_CONFIG = {
+    # Not SD 1.4's dict with overrides: transformers also saves the keys passed at their default values,
+    # which would change the cached build's config.json.
     "vocab_size": 49408,  # the real CLIP vocabulary, so the real tokenizer fits
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -52,17 +55,12 @@ TINY_TEXT_ENCODER_CONFIG = {
     "pad_token_id": 1,
 }
 
-TINY_VAE_CONFIG = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 16, 16, 16],  # four blocks -> vae_scale_factor 2**3 = 8, as in SD 1.4
+TINY_VAE_CONFIG = {  # four blocks, as in SD 1.4 -> vae_scale_factor 2**3 = 8
+    **SD14_VAE_CONFIG,
+    "block_out_channels": [8, 16, 16, 16],
     "layers_per_block": 1,
     "norm_num_groups": 8,
-    "latent_channels": 4,
     "sample_size": 64,
-    "scaling_factor": 0.18215,
 }
 
 
@@ -72,13 +70,8 @@ def build_tiny_sd14(directory: Path, seed: int = 0) -> Path:
     Weights depend only on `seed` (each component is initialised from its own seeded RNG stream; the
     caller's global RNG state is left untouched). `directory` may exist; its files are overwritten.
     """
-    from diffusers import (
-        AutoencoderKL,
-        EulerAncestralDiscreteScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -94,16 +87,7 @@ def build_tiny_sd14(directory: Path, seed: int = 0) -> Path:
         torch.manual_seed(seed + 2)
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=CLIPTokenizer.from_pretrained(tokenizer_dir, model_max_length=77),
-        unet=unet,
-        scheduler=EulerAncestralDiscreteScheduler.from_config(SD14_SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = sd14_pipeline(unet, text_encoder, vae, tokenizer_dir)
     with _progress_bars_disabled():  # a sub-second save needs no progress bars
         pipe.save_pretrained(directory, safe_serialization=True)
     # transformers 5 saves its own tokenizer.json layout; SD 1.4's repo has vocab.json + merges.txt only,

@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from f2d_bench.devices import resolve_device
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.align import arcface_align
 from f2d_bench.faces.detect import FaceDetector
 from f2d_bench.faces.imageio import read_image
+from f2d_bench.files import file_sha256
 from f2d_bench.methods.base import GenerationRequest, MethodContext
 from f2d_bench.methods.f2d.checkpoints import (
     CheckpointError,
@@ -36,12 +38,10 @@ from f2d_bench.methods.f2d.checkpoints import (
     read_state_dict,
 )
 from f2d_bench.methods.f2d.expression import load_expression
-from f2d_bench.store import file_sha256
 from f2d_bench.methods.f2d.injection import SUBJECT, injected_tokens, placeholder_ids
 from f2d_bench.methods.f2d.mapping import MappingNetwork
 from f2d_bench.methods.f2d.msid import IMAGE_SIZE, MSIDEncoder
 from f2d_bench.methods.stable_diffusion import StableDiffusionMethod
-from f2d_bench.pipelines.loading import resolve_device
 
 WEIGHTS = ("official", "random")
 #: Seed of the random weights (``weights: random``); part of the method's identity.
@@ -125,7 +125,7 @@ class F2DMethod(StableDiffusionMethod):
             self.expression = load_expression(self.params["expression"])
             self._expression_sha256 = file_sha256(Path(self.params["expression"]).expanduser())
         device = self.params["device"] if self.params["device"] is not None else context.config.model.device
-        self.device = resolve_device(str(device))
+        self.device = resolve_device(device)
         # On the CPU whatever the device: same landmarks on every machine, and MTCNN is fast enough.
         self.detector = FaceDetector()
         self._encoders: _Encoders | None = None

@@ -21,6 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from f2d_bench.devices import resolve_device
 from f2d_bench.errors import ConfigError, ModelUnavailableError
 
 INCEPTION_DIM = 2048
@@ -48,21 +49,17 @@ WEIGHTS_SETTING = "--weights PATH (Python: weights=PATH)"
 
 
 def _file_digests(path: Path) -> dict[str, str]:
-    """SHA-1 and SHA-256 (hex) of a file, read once in 1 MiB chunks."""
+    """SHA-1 and SHA-256 (hex) of a file, read once in 1 MiB chunks.
+
+    Not `f2d_bench.files.file_sha256`: the shipped file's published checksum is a SHA-1, and the
+    SHA-256 recorded with results comes from the same single read.
+    """
     sha1, sha256 = hashlib.sha1(), hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             sha1.update(chunk)
             sha256.update(chunk)
     return {"sha1": sha1.hexdigest(), "sha256": sha256.hexdigest()}
-
-
-def _resolve_device(device: str | None) -> str:
-    import torch
-
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device)
 
 
 def _rgb(image: Image.Image) -> Image.Image:
@@ -76,7 +73,7 @@ class FeatureBackend(abc.ABC):
     """An Inception feature extractor for FID.
 
     weights: local weights file, or None for the backend's default source.
-    device: torch device string; None or "auto" picks CUDA when available.
+    device: a name `f2d_bench.devices.resolve_device` accepts; None or "auto" picks CUDA when available.
     batch_size: images per network call (memory, not results: features do not depend on it beyond
     float error of about 1e-6).
     """
@@ -93,7 +90,7 @@ class FeatureBackend(abc.ABC):
         self.device_request = device
         self.batch_size = int(batch_size)
         self._model = None
-        self._device: str | None = None
+        self._device = None  # a torch.device once the model is loaded
         self._weights_path: Path | None = None  # the file actually loaded, once known
         self._digests: dict[str, str] | None = None
         self._lock = threading.Lock()
@@ -103,7 +100,7 @@ class FeatureBackend(abc.ABC):
         """The loaded network (loaded on first use; raises ModelUnavailableError / ConfigError)."""
         with self._lock:
             if self._model is None:
-                self._device = _resolve_device(self.device_request)
+                self._device = resolve_device(self.device_request or "auto")
                 self._model = self._load().to(self._device).eval()
             return self._model
 

@@ -1,14 +1,16 @@
 """Gaussian statistics of Inception features, the Fréchet distance between them, and their `.npz` files.
 
-Everything here is numpy/scipy only (no torch), so reports and tests can use it without a model.
-Shapes: `d` is the feature dimension (2048 for Inception pool3), `n` the number of images.
+Statistics and their files are numpy only. The Fréchet distance is pytorch-fid's own function, so it
+imports pytorch-fid (and with it torch) on first use. Shapes: `d` is the feature dimension (2048 for
+Inception pool3), `n` the number of images.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-import os
-import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from f2d_bench.errors import ConfigError
+from f2d_bench.files import atomic_write
 
 #: Keys of a statistics file. `mu` and `sigma` alone are also what pytorch-fid's `--save-stats` writes,
 #: so pytorch-fid can read our files; `count` and `backend` are what make a number reportable.
@@ -25,8 +28,6 @@ METADATA_KEY = "metadata"
 #: pytorch-fid's `calculate_frechet_distance` adds this to both covariance diagonals when the matrix
 #: square root of their product is not finite.
 SQRTM_EPS = 1e-6
-#: pytorch-fid's tolerance on the imaginary part of the square root's diagonal (numerical noise).
-IMAG_ATOL = 1e-3
 
 
 @dataclass(frozen=True)
@@ -136,30 +137,22 @@ def frechet_distance(
     ||mu1 - mu2||^2 + tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)).
 
     mu: (d,), sigma: (d, d) symmetric positive semi-definite, float64. Returns a float in squared feature
-    units, >= 0 up to float error (tiny negative values are returned as computed, as pytorch-fid does).
-    The square root is `scipy.linalg.sqrtm`. As in pytorch-fid, when it is not finite (a singular
-    product, usual when n < d) it is recomputed with `eps` added to both diagonals; an imaginary part on
-    its diagonal larger than 1e-3 raises ValueError, smaller ones are numerical noise and dropped.
+    units, >= 0 up to float error (tiny negative values are returned as computed). Computed by
+    pytorch-fid's `calculate_frechet_distance` after checking the inputs (ValueError for mismatched or
+    non-finite ones): the square root is `scipy.linalg.sqrtm`, recomputed with `eps` added to both
+    diagonals when it is not finite (a singular product, usual when n < d); an imaginary part on its
+    diagonal larger than 1e-3 raises ValueError, smaller ones are numerical noise and dropped.
     """
-    from scipy import linalg
+    from pytorch_fid.fid_score import calculate_frechet_distance
 
     mu1, sigma1 = _check_gaussian(mu1, sigma1, "first set")
     mu2, sigma2 = _check_gaussian(mu2, sigma2, "second set")
     if mu1.shape != mu2.shape:
         raise ValueError(f"feature dimensions differ: {mu1.shape[0]} and {mu2.shape[0]}")
-
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(mu1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=IMAG_ATOL):
-            worst = float(np.max(np.abs(covmean.imag)))
-            raise ValueError(f"sqrtm(sigma1 sigma2) has an imaginary component of {worst:.3g}")
-        covmean = covmean.real
-
-    diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+    # pytorch-fid prints a notice to stdout when it adds eps, and passes scipy's deprecated `disp`.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.filterwarnings("ignore", message="The `disp` argument", category=DeprecationWarning)
+        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps))
 
 
 def fid_from_features(generated: np.ndarray, reference: FeatureStats, backend: str) -> FIDResult:
@@ -204,25 +197,10 @@ def save_stats(
         metadata = json.dumps(extra or {}, sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"extra metadata must be JSON-serialisable: {exc}") from exc
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temporary file in the same directory, then os.replace: a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:  # a file object, so numpy does not append ".npz"
-            np.savez(
-                handle,
-                mu=mu,
-                sigma=sigma,
-                count=np.int64(count),
-                backend=np.str_(backend),
-                **{METADATA_KEY: np.str_(metadata)},
-            )
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    arrays = {"mu": mu, "sigma": sigma, "count": np.int64(count), "backend": np.str_(backend),
+              METADATA_KEY: np.str_(metadata)}
+    # Into the file object atomic_write passes, so numpy appends no ".npz" to the temporary name.
+    return atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 def load_stats(path: str | Path) -> FeatureStats:

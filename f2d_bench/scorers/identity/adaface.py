@@ -34,14 +34,9 @@ import torch
 from torch import nn
 
 from f2d_bench.faces.align import arcface_align
-from f2d_bench.scorers.identity import (
-    WeightsLayoutError,
-    load_checked,
-    model_device,
-    read_torch_file,
-    require_file,
-)
+from f2d_bench.scorers.identity import model_device
 from f2d_bench.scorers.identity.crops import l2_normalise, landmarks_of, stack_crops
+from f2d_bench.weights import WeightsLayoutError, load_checked, read_torch_file, require_file
 
 #: Units per stage, keyed by the name ``build_model`` takes in the official code.
 ARCHS: dict[str, tuple[int, int, int, int]] = {

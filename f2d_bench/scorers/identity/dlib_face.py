@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from f2d_bench.errors import ModelUnavailableError
-from f2d_bench.scorers.identity import require_file
 from f2d_bench.scorers.identity.crops import box_of, l2_normalise, rgb_array
+from f2d_bench.weights import require_file
 
 RECOGNITION_FILE = "dlib_face_recognition_resnet_model_v1.dat"
 SHAPE_PREDICTOR_FILE = "shape_predictor_5_face_landmarks.dat"

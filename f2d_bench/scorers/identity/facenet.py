@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from f2d_bench.errors import ModelUnavailableError
-from f2d_bench.scorers.identity import load_checked, model_device, read_torch_file, require_file
+from f2d_bench.scorers.identity import model_device
 from f2d_bench.scorers.identity.crops import box_crop, box_of, l2_normalise, stack_crops
+from f2d_bench.weights import load_checked, read_torch_file, require_file
 
 INPUT_SIZE = 160  # pixels, square
 EMBEDDING_DIM = 512

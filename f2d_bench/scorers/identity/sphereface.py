@@ -37,21 +37,16 @@ without its classifier (28,084,544 with ``fc6``).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from f2d_bench.faces.align import ARCFACE_TEMPLATE_112
-from f2d_bench.scorers.identity import (
-    WeightsLayoutError,
-    load_checked,
-    model_device,
-    read_torch_file,
-    require_file,
-)
+from f2d_bench.scorers.identity import model_device
 from f2d_bench.scorers.identity.crops import l2_normalise, landmarks_of, stack_crops, warp_to_template
+from f2d_bench.weights import WeightsLayoutError, load_checked, read_torch_file, require_file
 
 EMBEDDING_DIM = 512
 
@@ -219,32 +214,28 @@ _CELEBBASIS_PUBLISHED = (
     "(weights/third_party/cosface/)."
 )
 
+_CELEBBASIS = SphereVariant(
+    name="cosface-sphere20-112",
+    description="CosFace-trained sphere20, 112x112, CelebBasis's crop and weights (VGGFace2)",
+    network="cosface-sphere20-112x112",
+    width=112,
+    height=112,
+    template=CELEBBASIS_TEMPLATE_112,
+    color="rgb",
+    mean=127.5,
+    std=127.5,
+    weights_file="net_sphere20_data_vggface2_acc_9955.pth",
+    published=_CELEBBASIS_PUBLISHED,
+)
+
 VARIANTS: dict[str, SphereVariant] = {
-    "cosface-sphere20-112": SphereVariant(
-        name="cosface-sphere20-112",
-        description="CosFace-trained sphere20, 112x112, CelebBasis's crop and weights (VGGFace2)",
-        network="cosface-sphere20-112x112",
-        width=112,
-        height=112,
-        template=CELEBBASIS_TEMPLATE_112,
-        color="rgb",
-        mean=127.5,
-        std=127.5,
-        weights_file="net_sphere20_data_vggface2_acc_9955.pth",
-        published=_CELEBBASIS_PUBLISHED,
-    ),
-    "cosface-sphere20-112-arcface": SphereVariant(
+    _CELEBBASIS.name: _CELEBBASIS,
+    # The same network and weights on the ArcFace template crop instead of CelebBasis's.
+    "cosface-sphere20-112-arcface": replace(
+        _CELEBBASIS,
         name="cosface-sphere20-112-arcface",
         description="CosFace-trained sphere20, 112x112, CelebBasis's weights on the ArcFace template crop",
-        network="cosface-sphere20-112x112",
-        width=112,
-        height=112,
         template=ARCFACE_TEMPLATE_112,
-        color="rgb",
-        mean=127.5,
-        std=127.5,
-        weights_file="net_sphere20_data_vggface2_acc_9955.pth",
-        published=_CELEBBASIS_PUBLISHED,
     ),
     "sphere20a-112x96": SphereVariant(
         name="sphere20a-112x96",

@@ -27,7 +27,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from f2d_bench.devices import hub_offline, resolve_device
 from f2d_bench.errors import ConfigError, ModelUnavailableError
+from f2d_bench.scorers.text import tiny
 
 CLIP_MODEL_NAME = "ViT-L-14-quickgelu"
 CLIP_PRETRAINED = "openai"
@@ -40,8 +42,9 @@ _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 _HF_TOKENIZER_FILES = "tokenizer.json tokenizer_config.json special_tokens_map.json"  # timm's SigLIP repos
 
-# Preprocessing for models that have no pretrained tag to take it from (registered custom configs).
-_REGISTERED_PREPROCESS: dict[str, dict[str, Any]] = {}
+# Preprocessing for models that have no pretrained tag to take it from (registered custom configs),
+# the tiny models' to start with: read from the builder, which imports nothing from here.
+_REGISTERED_PREPROCESS: dict[str, dict[str, Any]] = dict(tiny.PREPROCESS)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,8 @@ class ClipBundle:
 def register_preprocess(model_name: str, **preprocess: Any) -> None:
     """Declare the image preprocessing of a custom registered config (mean, std, interpolation, resize_mode).
 
-    Used for local checkpoints of models that have no pretrained tag to take it from (the tiny models).
+    Used for local checkpoints of models that have no pretrained tag to take it from (the tiny models'
+    is declared in `tiny.PREPROCESS`).
     """
     unknown = sorted(set(preprocess) - set(_PREPROCESS_KEYS))
     if unknown:
@@ -133,10 +137,7 @@ def load_clip(
     """
     import open_clip
 
-    from f2d_bench.pipelines.loading import resolve_device
-    from f2d_bench.scorers.text import tiny
-
-    device = resolve_device(str(device))
+    device = resolve_device(device)
     tiny.ensure_registered(model_name)
     model_cfg = open_clip.get_model_config(model_name)
     if model_cfg is None:
@@ -248,14 +249,6 @@ def _check_quick_gelu(model_name: str, tag: str, model_cfg: dict, tag_cfg: dict)
         )
 
 
-def _hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE is set now (huggingface_hub reads it only once, at import)."""
-    import huggingface_hub.constants
-
-    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return env in {"1", "ON", "YES", "TRUE"} or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
-
-
 def _fetch_tag_weights(model_name: str, tag: str, tag_cfg: dict, cache_dir) -> str:
     """Local path of a tag's weights: from the Hugging Face cache, downloaded unless offline."""
     if tag_cfg.get("file"):
@@ -280,7 +273,7 @@ def _fetch_tag_weights(model_name: str, tag: str, tag_cfg: dict, cache_dir) -> s
     candidates = [filename] if filename else list(_HF_WEIGHT_FILES)
     if filename.endswith((".bin", ".pth")):
         candidates.insert(0, filename[: -len(Path(filename).suffix)] + ".safetensors")
-    offline = _hub_offline()
+    offline = hub_offline()
     errors = []
     for name in candidates:
         try:
@@ -377,7 +370,7 @@ def _load_tokenizer(model_name: str, model_cfg: dict, cache_dir):
     if not hf_name:
         return open_clip.get_tokenizer(model_name)  # CLIP's BPE vocabulary ships with open_clip
     try:
-        return open_clip.get_tokenizer(model_name, cache_dir=cache_dir, local_files_only=_hub_offline())
+        return open_clip.get_tokenizer(model_name, cache_dir=cache_dir, local_files_only=hub_offline())
     except (OSError, ValueError) as exc:
         cache = str(cache_dir) if cache_dir else "the Hugging Face cache"
         raise ModelUnavailableError(

@@ -22,13 +22,12 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from f2d_bench import paths
+from f2d_bench.files import atomic_write_text
 
 # Bump the suffix whenever a recipe below changes, so caches never serve an older build.
 TINY_CLIP_NAME = "f2d-tiny-clip-v1"
@@ -70,6 +69,9 @@ TINY_SIGLIP_CONFIG = {
 
 SIGLIP_PREPROCESS = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "interpolation": "bicubic",
                      "resize_mode": "squash"}
+#: Preprocessing of the tiny models that is not open_clip's default (OpenAI CLIP's); `clip_models` reads
+#: it, as they have no pretrained tag to take it from.
+PREPROCESS = {TINY_SIGLIP_NAME: SIGLIP_PREPROCESS}
 
 _CONFIGS = {TINY_CLIP_NAME: TINY_CLIP_CONFIG, TINY_SIGLIP_NAME: TINY_SIGLIP_CONFIG}
 _KINDS = {"clip": TINY_CLIP_NAME, "siglip": TINY_SIGLIP_NAME}
@@ -176,7 +178,7 @@ def _built_dir(kind: str, cache_dir: Path | None) -> Path:
 
 
 def register_tiny_config(kind: str, directory: Path) -> str:
-    """Register the tiny `kind` config with open_clip (and its preprocessing); return its model name.
+    """Register the tiny `kind` config with open_clip; return its model name.
 
     The config file is (re)written into `directory`, a built model folder, at registration rather than at
     build time, because the SigLIP config names its tokenizer folder by absolute path. A name registered
@@ -184,19 +186,13 @@ def register_tiny_config(kind: str, directory: Path) -> str:
     """
     import open_clip
 
-    from f2d_bench.scorers.text.clip_models import register_preprocess
-
     name = _model_name(kind)
     directory = Path(directory).resolve()
     cfg = json.loads(json.dumps(_CONFIGS[name]))
     if kind == "siglip":
         cfg["text_cfg"]["hf_tokenizer_name"] = str(directory / TOKENIZER_DIR)
-        register_preprocess(name, **SIGLIP_PREPROCESS)
     config_file = directory / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(tmp, config_file)  # atomic: a concurrent reader never sees half a config
+    atomic_write_text(config_file, json.dumps(cfg, indent=2))  # a concurrent reader never sees half of it
     open_clip.add_model_config(config_file)
     return name
 
