@@ -24,7 +24,7 @@ import torch
 
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import generate_run
-from f2d_bench.faceset_source import resolve_face_set
+from f2d_bench.faces.source import resolve_face_set
 from f2d_bench.pipelines.loading import TINY_SD14_ID, load_sd_pipeline
 from f2d_bench.prompts import load_prompt_set
 

@@ -35,12 +35,14 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from f2d_bench.config import ScoringConfig  # noqa: E402
-from f2d_bench.faceset_source import resolve_face_set  # noqa: E402
+from f2d_bench.devices import resolve_device  # noqa: E402
+from f2d_bench.errors import ConfigError, ModelUnavailableError  # noqa: E402
+from f2d_bench.faces.source import resolve_face_set  # noqa: E402
 from f2d_bench.grid import ItemKey  # noqa: E402
 from f2d_bench.prompts import load_prompt_set  # noqa: E402
 from f2d_bench.scorers import DEFAULT_SCORERS, SCORERS  # noqa: E402
 from f2d_bench.scorers.base import ScoreItem, ScoringContext  # noqa: E402
-from f2d_bench.scoring import choose_face  # noqa: E402
+from f2d_bench.scoring.faces import choose_face  # noqa: E402
 
 #: The smoke preset's scoring settings (f2d_bench/presets/smoke.yaml).
 SMOKE_SETTINGS = {
@@ -122,7 +124,6 @@ def allow_standin_siglip_tokenizer() -> None:
     """
     from open_clip.tokenizer import HFTokenizer
 
-    from f2d_bench.errors import ModelUnavailableError
     from f2d_bench.scorers.text import clip_models, tiny
 
     original = clip_models._load_tokenizer
@@ -248,10 +249,10 @@ def main() -> int:
     if args.n < 1 or args.batch_size < 1 or args.size < 32:
         ap.error("--n and --batch-size must be >= 1, --size >= 32")
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device")
+    try:
+        device = resolve_device(args.device)
+    except ConfigError as exc:
+        ap.error(str(exc))
     timer = Timer(device)
     settings_table = {k: dict(v) for k, v in (FULL_SETTINGS if args.full_size else SMOKE_SETTINGS).items()}
     for name, model in (("clip", args.clip_model), ("siglip", args.siglip_model)):

@@ -25,22 +25,13 @@ f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protoc
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from f2d_bench.config import config_from_dict, load_config, load_preset
-    from f2d_bench.engine import generate_run
-    from f2d_bench.grid import UNSHARDED, Shard
+    from f2d_bench import api
+    from f2d_bench.grid import UNSHARDED
 
-    config = load_config(args.config) if args.config else load_preset(args.preset)
-    data = config.to_dict()
-    if args.faces is not None:
-        data["faces"] = args.faces
-    if args.batch_size is not None:
-        data["batch_size"] = args.batch_size
-    if args.device is not None:
-        data["model"]["device"] = args.device
-    config = config_from_dict(data, "command line")
-    shard = Shard.parse(args.shard) if args.shard else UNSHARDED
+    config = api.resolve_config(args.config or args.preset, faces=args.faces, batch_size=args.batch_size,
+                                device=args.device)
     out = Path(args.out) if args.out else Path("runs") / config.name
-    summary = generate_run(config, out, shard=shard, progress=not args.no_progress)
+    summary = api.generate(config, out=out, shard=args.shard or UNSHARDED, progress=not args.no_progress)
     print(summary.text())
     print(f"outputs: {out.resolve()}")
     if not summary.complete:
@@ -76,26 +67,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    import dataclasses
+    from f2d_bench import api
 
-    from f2d_bench.run_dir import RunDir
-    from f2d_bench.scoring import run_config, score_run
-
-    scoring = run_config(RunDir(args.run_dir)).scoring
-    if args.config:
-        from f2d_bench.config import load_config
-
-        scoring = load_config(args.config).scoring
-    if args.device:
-        scoring = dataclasses.replace(scoring, device=args.device)
-    if args.batch_size is not None:
-        scoring = dataclasses.replace(scoring, batch_size=args.batch_size)
-    if args.fid_ref:
-        scoring = dataclasses.replace(scoring, fid_reference=args.fid_ref)
-    if args.fid_backend:
-        scoring = dataclasses.replace(scoring, fid_backend=args.fid_backend)
     names = [n.strip() for n in args.scorers.split(",") if n.strip()] if args.scorers else None
-    summary = score_run(args.run_dir, scorers=names, scoring=scoring, progress=not args.no_progress)
+    summary = api.score(args.run_dir, scorers=names, config=args.config, device=args.device,
+                        batch_size=args.batch_size, fid_reference=args.fid_ref, fid_backend=args.fid_backend,
+                        progress=not args.no_progress)
     print(summary.text())
     print(f"outputs: {Path(args.run_dir).resolve()} (records.parquet, table1.csv, scores/)")
     return 0

@@ -18,14 +18,13 @@ from PIL import Image
 from f2d_bench.config import RunConfig
 from f2d_bench.errors import ConfigError
 from f2d_bench.faces.faceset import Face
-from f2d_bench.faceset_source import resolve_face_set
+from f2d_bench.faces.source import resolve_face_set
 from f2d_bench.grid import UNSHARDED, ItemKey, Shard, fixed_batches, grid_keys
 from f2d_bench.methods import METHODS
 from f2d_bench.methods.base import GenerationRequest, Method, MethodContext, Skipped, check_method_name
 from f2d_bench.prompts import PromptSet, load_prompt_set
 from f2d_bench.run_dir import RunDir
 from f2d_bench.runinfo import environment, utc_now
-from f2d_bench.store import append_jsonl
 
 
 @dataclass
@@ -125,7 +124,7 @@ def generate_run(
     faces = resolve_face_set(config.faces)
     methods = build_methods(config, prompt_set, pipeline)
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
-    append_jsonl(run.root / "environment.jsonl", {"writer": shard.tag, **environment()})
+    run.record_environment({"writer": shard.tag, **environment()})
 
     face_ids = [f.face_id for f in faces]
     prompt_ids = [p.id for p in prompt_set.all_prompts()]
@@ -165,8 +164,8 @@ def _run_method(
             for fid in sorted(needed - set(prepared)):
                 t0 = time.perf_counter()
                 prepared[fid] = method.prepare(face_by_id[fid])
-                append_jsonl(
-                    store.method_dir(method.method_id) / "prepare_times.jsonl",
+                run.record_prepare_time(
+                    method.method_id,
                     {"face_id": fid, "seconds": time.perf_counter() - t0, "writer": shard.tag, "time": utc_now()},
                 )
             requests = [

@@ -1,21 +1,40 @@
-"""A run directory's own description: the resolved config and the grid, written once, checked on resume."""
+"""A run directory: every file name of a run is spelled here, and nowhere else.
+
+Layout of ``RUN/``::
+
+    run.json                   resolved config, grid hash, creation date, face folder (written once)
+    grid.json                  face ids (with file hashes), prompts, seeds, method ids; written last
+    config.yaml, prompts.yaml  the resolved config and a copy of the prompt set
+    environment.jsonl          one line per generate invocation: versions, hardware, shard
+    methods/<method_id>/       method.json (settings, parameters), prepare_times.jsonl,
+                               faces/<face_id>/ (a method's per-face artifacts)
+    images/<method>/<face>/<prompt>/<seed>.png
+    manifests/<writer>.jsonl   one line per image written by that writer (``all`` or ``shard-i-of-N``)
+    scores/<stage>-<hash>/     one chunk cache per scoring stage and settings (faces, each scorer, FID)
+    scores/scoring.json        what the last `score` ran; scores/fid.json: FID per method
+    records.parquet, table1.csv  one row per image with every metric; per-method means
+    upper_bound/n<N>/          the child run topped up to N seeds; upper_bound/best_of_n.{csv,json,svg}
+
+Reading a run needs no torch: report code opens runs through this class too.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
-
-import yaml
+from typing import TYPE_CHECKING, Any, Sequence
 
 from f2d_bench import __version__
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.files import append_jsonl, atomic_write_json, atomic_write_text, file_sha256, read_jsonl
 from f2d_bench.grid import ItemKey, grid_keys
-from f2d_bench.runinfo import utc_now
-from f2d_bench.store import RunStore, atomic_write_json, atomic_write_text, file_sha256
+from f2d_bench.store import RunStore
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from f2d_bench.config import RunConfig
     from f2d_bench.faces.faceset import Face
     from f2d_bench.methods.base import Method
@@ -31,13 +50,155 @@ class MethodStatus:
 
 
 class RunDir:
-    """``run.json`` (config, dates, version) and ``grid.json`` (faces, prompts, seeds, methods)."""
+    """Paths and readers of one run directory, and its creation (``create_or_open``)."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.store = RunStore(self.root)
 
-    # -- creation ---------------------------------------------------------------------------------
+    @cached_property
+    def store(self) -> RunStore:
+        """The run's images and manifests."""
+        return RunStore(self)
+
+    # -- the run's description ----------------------------------------------------------------------
+    run_json = property(lambda self: self.root / "run.json")
+    grid_json = property(lambda self: self.root / "grid.json")
+    config_yaml = property(lambda self: self.root / "config.yaml")
+    prompts_yaml = property(lambda self: self.root / "prompts.yaml")
+    environment_jsonl = property(lambda self: self.root / "environment.jsonl")
+    # -- images -------------------------------------------------------------------------------------
+    images_dir = property(lambda self: self.root / "images")
+    manifests_dir = property(lambda self: self.root / "manifests")
+    # -- scores -------------------------------------------------------------------------------------
+    scores_dir = property(lambda self: self.root / "scores")
+    scoring_json = property(lambda self: self.root / "scores" / "scoring.json")
+    fid_json = property(lambda self: self.root / "scores" / "fid.json")
+    records_parquet = property(lambda self: self.root / "records.parquet")
+    table1_csv = property(lambda self: self.root / "table1.csv")
+    # -- upper bound --------------------------------------------------------------------------------
+    upper_bound_dir = property(lambda self: self.root / "upper_bound")
+
+    def image_path(self, key: ItemKey) -> Path:
+        return self.root / key.relpath
+
+    def manifest_path(self, writer: str) -> Path:
+        return self.manifests_dir / f"{writer}.jsonl"
+
+    def manifest_paths(self) -> list[Path]:
+        """Every writer's manifest, sorted by name."""
+        return sorted(self.manifests_dir.glob("*.jsonl")) if self.manifests_dir.is_dir() else []
+
+    def method_dir(self, method_id: str) -> Path:
+        return self.root / "methods" / method_id
+
+    def method_json(self, method_id: str) -> Path:
+        return self.method_dir(method_id) / "method.json"
+
+    def prepare_times_jsonl(self, method_id: str) -> Path:
+        return self.method_dir(method_id) / "prepare_times.jsonl"
+
+    def face_artifacts_dir(self, method_id: str, face_id: str) -> Path:
+        """Where a method keeps what it made for one face (tuned weights, encodings)."""
+        return self.method_dir(method_id) / "faces" / face_id
+
+    def cache_dir(self, stage_id: str) -> Path:
+        """The chunk cache of one scoring stage, ``scores/<stage_id>/``."""
+        return self.scores_dir / stage_id
+
+    def cache_dirs(self) -> list[Path]:
+        """Every stage's cache folder, sorted by name."""
+        return sorted(p for p in self.scores_dir.iterdir() if p.is_dir()) if self.scores_dir.is_dir() else []
+
+    def upper_bound_child(self, n: int) -> "RunDir":
+        """The child run that tops this run up to seeds ``0..n-1``."""
+        return RunDir(self.upper_bound_dir / f"n{n}")
+
+    def best_of_n_paths(self) -> dict[str, Path]:
+        """``csv``, ``json`` and ``svg`` of the best-of-N curve."""
+        return {ext: self.upper_bound_dir / f"best_of_n.{ext}" for ext in ("csv", "json", "svg")}
+
+    # -- readers ------------------------------------------------------------------------------------
+    def read_grid(self) -> dict:
+        """``grid.json``; a clear error when this is not a run directory."""
+        try:
+            return json.loads(self.grid_json.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise F2DBenchError(
+                f"{self.root} is not an f2d-bench run directory (no grid.json); create one with f2d-bench generate"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise F2DBenchError(f"{self.grid_json} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+
+    def read_run_json(self) -> dict:
+        try:
+            return json.loads(self.run_json.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise F2DBenchError(f"{self.run_json} is missing or damaged ({exc}); the run cannot be read") from None
+
+    def config(self) -> "RunConfig":
+        """The config the run was generated with."""
+        from f2d_bench.config import config_from_dict
+
+        self.read_grid()  # a clear error when this is not a run directory
+        try:
+            data = self.read_run_json()["config"]
+        except (KeyError, TypeError) as exc:
+            raise F2DBenchError(f"{self.run_json} has no config ({exc}); the run's config cannot be read") from None
+        return config_from_dict(data, str(self.run_json))
+
+    def faces_dirs(self) -> list[str]:
+        """The face folder(s) resolved when the run was generated (absolute paths)."""
+        return list(self.read_run_json().get("faces_dir") or [])
+
+    def keys(self, method_id: str | None = None) -> list[ItemKey]:
+        grid = self.read_grid()
+        mids = [m["method_id"] for m in grid["methods"] if method_id in (None, m["method_id"])]
+        return grid_keys(mids, [f["face_id"] for f in grid["faces"]], [p["id"] for p in grid["prompts"]],
+                         grid["seeds"])
+
+    def status(self) -> list[MethodStatus]:
+        """Images done and expected per method (all shards together)."""
+        grid = self.read_grid()
+        out = []
+        for m in grid["methods"]:
+            keys = self.keys(m["method_id"])
+            out.append(MethodStatus(m["method_id"], m.get("label") or m["name"], len(keys),
+                                    sum(self.store.has_image(k) for k in keys)))
+        return out
+
+    def method_info(self, method_id: str) -> dict | None:
+        """``methods/<id>/method.json`` (None when absent)."""
+        return read_json(self.method_json(method_id))
+
+    def prepare_seconds(self, method_id: str) -> list[float]:
+        """The recorded per-face ``prepare`` wall times of a method, in seconds."""
+        return [float(r["seconds"]) for r in read_jsonl(self.prepare_times_jsonl(method_id)) if "seconds" in r]
+
+    def environment(self) -> list[dict]:
+        return read_jsonl(self.environment_jsonl)
+
+    def scoring_info(self) -> dict:
+        """``scores/scoring.json`` of the last `score` ({} before the first)."""
+        return read_json(self.scoring_json) or {}
+
+    def fid_results(self) -> dict:
+        return read_json(self.fid_json) or {}
+
+    def records(self) -> "pd.DataFrame":
+        """``records.parquet``; an error that says to score the run when it is missing."""
+        import pandas as pd
+
+        if not self.records_parquet.is_file():
+            raise F2DBenchError(f"{self.root} has no records.parquet; score it first: f2d-bench score {self.root}")
+        return pd.read_parquet(self.records_parquet)
+
+    # -- writers ------------------------------------------------------------------------------------
+    def record_environment(self, record: dict) -> None:
+        append_jsonl(self.environment_jsonl, record)
+
+    def record_prepare_time(self, method_id: str, record: dict) -> None:
+        append_jsonl(self.prepare_times_jsonl(method_id), record)
+
     @classmethod
     def create_or_open(
         cls, root: str | Path, config: "RunConfig", faces: Sequence["Face"], prompt_set: "PromptSet",
@@ -48,6 +209,10 @@ class RunDir:
         Resuming with another batch size or shard is fine; another model, sampling setting, face,
         prompt, seed or method is an error, because the run's images would then mix two experiments.
         """
+        import yaml
+
+        from f2d_bench.runinfo import utc_now
+
         run = cls(root)
         grid = {
             "faces": [{"face_id": f.face_id, "sha256": file_sha256(f.path)} for f in faces],
@@ -71,7 +236,7 @@ class RunDir:
             return run
         run.root.mkdir(parents=True, exist_ok=True)
         face_dir = {str(Path(f.path).parent.resolve()) for f in faces}
-        atomic_write_json(run.root / "run.json", {
+        atomic_write_json(run.run_json, {
             "f2d_bench_version": __version__,
             "created": utc_now(),
             "config": config.to_dict(),
@@ -79,10 +244,10 @@ class RunDir:
             "faces_dir": sorted(face_dir),
             "prompt_source": str(prompt_set.source),
         })
-        atomic_write_text(run.root / "prompts.yaml", Path(prompt_set.source).read_text(encoding="utf-8"))
-        atomic_write_text(run.root / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(run.prompts_yaml, Path(prompt_set.source).read_text(encoding="utf-8"))
+        atomic_write_text(run.config_yaml, yaml.safe_dump(config.to_dict(), sort_keys=False))
         for m in methods:
-            atomic_write_json(run.store.method_dir(m.method_id) / "method.json", {
+            atomic_write_json(run.method_json(m.method_id), {
                 "method_id": m.method_id, "name": m.name, "label": m.label, "identity": m.identity(),
                 **m.info(),
             })
@@ -90,36 +255,15 @@ class RunDir:
         atomic_write_json(run.grid_json, grid)
         return run
 
-    # -- reading ----------------------------------------------------------------------------------
-    @property
-    def grid_json(self) -> Path:
-        return self.root / "grid.json"
 
-    def read_grid(self) -> dict:
-        try:
-            return json.loads(self.grid_json.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise F2DBenchError(
-                f"{self.root} is not an f2d-bench run directory (no grid.json); create one with f2d-bench generate"
-            ) from None
-        except json.JSONDecodeError as exc:
-            raise F2DBenchError(f"{self.grid_json} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
-
-    def keys(self, method_id: str | None = None) -> list[ItemKey]:
-        grid = self.read_grid()
-        mids = [m["method_id"] for m in grid["methods"] if method_id in (None, m["method_id"])]
-        return grid_keys(mids, [f["face_id"] for f in grid["faces"]], [p["id"] for p in grid["prompts"]],
-                         grid["seeds"])
-
-    def status(self) -> list[MethodStatus]:
-        """Images done and expected per method (all shards together)."""
-        grid = self.read_grid()
-        out = []
-        for m in grid["methods"]:
-            keys = self.keys(m["method_id"])
-            out.append(MethodStatus(m["method_id"], m.get("label") or m["name"], len(keys),
-                                    sum(self.store.has_image(k) for k in keys)))
-        return out
+def read_json(path: Path, default: Any = None) -> Any:
+    """The JSON in ``path``, ``default`` when the file does not exist; invalid JSON is an error naming it."""
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise F2DBenchError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
 
 
 def _without_labels(grid: dict) -> dict:

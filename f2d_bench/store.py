@@ -1,18 +1,9 @@
-"""The run directory: atomic image writes, per-writer manifests, resume bookkeeping.
-
-Layout of ``RUN/``::
-
-    run.json                 resolved config, grid hash, creation date (written once)
-    grid.json                the grid's face ids (with file hashes), prompt ids, seeds, method ids
-    prompts.yaml             copy of the prompt set used
-    environment.jsonl        one line per generate invocation: versions, hardware, shard
-    methods/<method_id>/     method.json (settings, parameters), prepare_times.jsonl
-    images/<method>/<face>/<prompt>/<seed>.png
-    manifests/<writer>.jsonl one line per image written by that writer (``all`` or ``shard-i-of-N``)
+"""The images of a run: atomic PNG writes with the key in their metadata, per-writer manifests, and the
+resume bookkeeping that repairs what a killed writer left.
 
 An image is complete exactly when its final path exists: it is written to a temporary file in the same
 directory and renamed. A process killed at any moment leaves at most a temporary file, which the next
-writer owning that key removes.
+writer owning that key removes. Every path comes from :class:`f2d_bench.run_dir.RunDir`.
 """
 
 from __future__ import annotations
@@ -20,90 +11,23 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.files import (
+    TMP_SUFFIX, append_jsonl, atomic_write_bytes, atomic_write_text, file_sha256, final_name, read_jsonl,
+)
 from f2d_bench.grid import ItemKey
+
+if TYPE_CHECKING:
+    from f2d_bench.run_dir import RunDir
 
 PNG_KEY_FIELD = "f2d_bench.key"
 PNG_CONFIG_FIELD = "f2d_bench.config_hash"
-_TMP_SUFFIX = ".tmp"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part.
-
-    The file is flushed to disk before the rename so that a crash of the machine cannot leave a
-    renamed-but-empty file either.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def append_jsonl(path: Path, record: dict) -> None:
-    """Append one JSON line with a single ``write`` on an O_APPEND descriptor.
-
-    One write call keeps lines from different processes whole; a kill mid-call can at worst leave a
-    partial last line, which readers skip and ``RunStore.reconcile`` repairs.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        # A killed writer's partial last line would swallow this record: start on a new line.
-        if size and os.pread(fd, 1, size - 1) != b"\n":
-            line = b"\n" + line
-        os.write(fd, line)
-    finally:
-        os.close(fd)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Read a JSON-lines file, skipping lines that are not whole JSON objects (a killed writer's tail)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            records.append(obj)
-    return records
 
 
 def png_bytes(image: Image.Image, text: dict[str, str]) -> bytes:
@@ -162,28 +86,13 @@ class ImageRecord:
 
 
 class RunStore:
-    """Files of one run directory. Paths follow from keys; writes are atomic."""
+    """The images and manifests of one run directory. Paths follow from keys; writes are atomic."""
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    # -- paths ------------------------------------------------------------------------------------
-    @property
-    def run_json(self) -> Path:
-        return self.root / "run.json"
-
-    @property
-    def grid_json(self) -> Path:
-        return self.root / "grid.json"
+    def __init__(self, run: "RunDir"):
+        self.run = run
 
     def image_path(self, key: ItemKey) -> Path:
-        return self.root / key.relpath
-
-    def manifest_path(self, writer: str) -> Path:
-        return self.root / "manifests" / f"{writer}.jsonl"
-
-    def method_dir(self, method_id: str) -> Path:
-        return self.root / "methods" / method_id
+        return self.run.image_path(key)
 
     # -- images -----------------------------------------------------------------------------------
     def has_image(self, key: ItemKey) -> bool:
@@ -203,14 +112,13 @@ class RunStore:
             key=key, path=key.relpath.as_posix(), sha256=hashlib.sha256(data).hexdigest(),
             config_hash=config_hash, batch_size=batch_size, writer=writer, written_at=written_at,
         )
-        append_jsonl(self.manifest_path(writer), record.to_dict())
+        append_jsonl(self.run.manifest_path(writer), record.to_dict())
         return record
 
     def manifest_records(self) -> dict[ItemKey, ImageRecord]:
         """Union of every writer's manifest; a later line for the same key wins."""
         records: dict[ItemKey, ImageRecord] = {}
-        mdir = self.root / "manifests"
-        for path in sorted(mdir.glob("*.jsonl")) if mdir.is_dir() else []:
+        for path in self.run.manifest_paths():
             for d in read_jsonl(path):
                 try:
                     rec = ImageRecord.from_dict(d)
@@ -234,14 +142,12 @@ class RunStore:
         for directory, names in by_dir.items():
             if not directory.is_dir():
                 continue
-            for tmp in directory.glob(f".*{_TMP_SUFFIX}"):
-                # ".<final name>.<token>.tmp" -> final name
-                final = tmp.name[1:].rsplit(".", 2)[0]
-                if final in names:
+            for tmp in directory.glob(f".*{TMP_SUFFIX}"):
+                if final_name(tmp.name) in names:
                     tmp.unlink(missing_ok=True)
                     removed_tmp += 1
 
-        path = self.manifest_path(writer)
+        path = self.run.manifest_path(writer)
         raw_lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
         mine: dict[ItemKey, ImageRecord] = {}
         for d in read_jsonl(path):
@@ -268,7 +174,7 @@ class RunStore:
                 raise F2DBenchError(f"{img_path}: PNG metadata names {stored_key}, not {key}")
             mine[key] = ImageRecord(
                 key=key, path=key.relpath.as_posix(),
-                sha256=hashlib.sha256(img_path.read_bytes()).hexdigest(),
+                sha256=file_sha256(img_path),
                 config_hash=stored_hash or config_hash, batch_size=0, writer=writer, written_at="",
             )
             added += 1
@@ -280,5 +186,5 @@ class RunStore:
 
     def temporary_files(self) -> list[Path]:
         """Temporary files left anywhere under images/ (by a killed writer of any shard)."""
-        images = self.root / "images"
-        return sorted(images.rglob(f".*{_TMP_SUFFIX}")) if images.is_dir() else []
+        images = self.run.images_dir
+        return sorted(images.rglob(f".*{TMP_SUFFIX}")) if images.is_dir() else []

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +27,7 @@ from pathlib import Path
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.grid import ItemKey, fixed_batches, grid_keys
 from f2d_bench.run_dir import RunDir
-from f2d_bench.store import atomic_write_bytes, atomic_write_json
-
-_COPIED_LIST = "copied_from_parent.json"
+from f2d_bench.files import atomic_link_or_copy, atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -88,10 +84,6 @@ def default_ns(n: int) -> list[int]:
     return ns
 
 
-def child_dir(run_dir: str | Path, n: int) -> Path:
-    return Path(run_dir) / "upper_bound" / f"n{n}"
-
-
 def upper_bound(
     run_dir: str | Path, n: int = 16, *, generate: bool = True, progress: bool = True,
     ns: Sequence[int] | None = None, column: str = "hmean",
@@ -101,10 +93,8 @@ def upper_bound(
     With ``generate=False`` nothing is generated: if any (face, prompt) pair lacks images, an
     F2DBenchError says how many and what to run.
     """
-    import pandas as pd
-
     from f2d_bench.aggregate.best_of_n import best_of_n_curve
-    from f2d_bench.scoring import run_config, score_run
+    from f2d_bench.scoring import score_run
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise F2DBenchError(f"--n must be a positive integer, got {n!r}")
@@ -113,7 +103,7 @@ def upper_bound(
         raise F2DBenchError(f"every N of the curve must be in 1..{n}, got {ns}")
     parent = RunDir(run_dir)
     pgrid = parent.read_grid()
-    config = run_config(parent)
+    config = parent.config()
     pseeds = [int(s) for s in pgrid["seeds"]]
     wanted = list(range(n))
     summary_kw: dict = {}
@@ -125,7 +115,7 @@ def upper_bound(
         missing = [k for k in keys if not parent.store.has_image(k)]
         if missing and not generate:
             raise _missing_error(parent.root, keys, missing, n,
-                                 f"f2d-bench generate --config {parent.root / 'config.yaml'} --out {parent.root}")
+                                 f"f2d-bench generate --config {parent.config_yaml} --out {parent.root}")
         if missing:
             from f2d_bench.engine import generate_run
 
@@ -141,7 +131,7 @@ def upper_bound(
                 f"{max(pseeds) + 1} or more, or a run whose seeds are 0..k-1."
             )
         child_config = config.replace(seeds=tuple(wanted))
-        cdir = child_dir(parent.root, n)
+        cdir = parent.upper_bound_child(n).root
         if generate:
             target, linked = _prepare_child(parent, pgrid, child_config, cdir)
             keys = target.keys()
@@ -165,18 +155,18 @@ def upper_bound(
             # Every image exists: linking what the child still lacks generates nothing.
             target, linked = _prepare_child(parent, pgrid, child_config, cdir)
             summary_kw.update(linked=linked)
-        summary_kw.update(score_chunks_copied=copy_score_caches(parent.root, target.root))
+        summary_kw.update(score_chunks_copied=copy_score_caches(parent, target))
 
     # Score with the parent's scorers (as recorded by its last `score`) and the config's settings.
-    names = _parent_scorers(parent.root)
+    names = [str(n) for n in parent.scoring_info().get("scoring", {}).get("scorers", [])] or None
     scored = score_run(target.root, scorers=names, scoring=config.scoring, progress=progress)
     summary_kw.update(score_computed=dict(scored.computed))
-    records = pd.read_parquet(target.root / "records.parquet")
+    records = target.records()
     records = records[records["seed"] < n]
     if column not in records.columns:
         raise F2DBenchError(
-            f"the records of {target.root} have no column {column!r}: hMean and gMean need all six Table 1 "
-            "metrics (adaface, sphereface, facenet, clip, dclip, siglip); score with those scorers"
+            f"the records of {target.root} have no column {column!r}: hMean and gMean need every metric that "
+            "enters the mean (Table 1's adaface, sphereface, facenet, clip, dclip, siglip); score with those scorers"
         )
     curve = best_of_n_curve(records, ns=ns, column=column, k=n)
     summary = UpperBoundSummary(run_dir=parent.root, scored_dir=target.root, n=n, ns=ns, column=column,
@@ -189,9 +179,9 @@ def write_outputs(summary: UpperBoundSummary) -> dict[str, Path]:
     """``RUN/upper_bound/best_of_n.csv``, ``.json`` (settings, counts, curve) and ``.svg`` (Fig. 7)."""
     from f2d_bench.report.fig7 import plot_best_of_n
 
-    out = summary.run_dir / "upper_bound"
     curve = summary.curve
-    csv_path, json_path, svg_path = out / "best_of_n.csv", out / "best_of_n.json", out / "best_of_n.svg"
+    paths = RunDir(summary.run_dir).best_of_n_paths()
+    csv_path, json_path, svg_path = paths["csv"], paths["json"], paths["svg"]
     atomic_write_bytes(csv_path, curve.to_csv(index=False).encode("utf-8"))
     per_method = {
         r["method"]: {"label": r["method_label"], "pairs": int(r["n_pairs"]), "too_few_images": int(r["n_too_few"]),
@@ -221,7 +211,7 @@ def write_outputs(summary: UpperBoundSummary) -> dict[str, Path]:
 def _prepare_child(parent: RunDir, pgrid: dict, child_config, cdir: Path) -> tuple[RunDir, int]:
     """Create (or reopen) the child, check it against the parent, link the parent's images into it."""
     from f2d_bench.engine import build_methods
-    from f2d_bench.faceset_source import resolve_face_set
+    from f2d_bench.faces.source import resolve_face_set
     from f2d_bench.prompts import load_prompt_set
 
     prompt_set = load_prompt_set(child_config.prompts)
@@ -244,60 +234,30 @@ def _prepare_child(parent: RunDir, pgrid: dict, child_config, cdir: Path) -> tup
 def link_parent_images(parent: RunDir, child: RunDir) -> int:
     """Hard-link (else copy) every parent image the child lacks into the child; returns how many.
 
-    Each file is linked under a temporary name and renamed, so the child never holds a partial image.
-    Images are replaced, never rewritten in place, so a link shares nothing that can change later.
+    Each file is placed atomically, so the child never holds a partial image.
     """
     count = 0
     for key in child.keys():
-        src, dst = parent.store.image_path(key), child.store.image_path(key)
+        src, dst = parent.image_path(key), child.image_path(key)
         if dst.is_file() or not src.is_file():
             continue
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            try:
-                os.link(src, tmp)
-            except OSError:  # another file system, or links not allowed: copy
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_link_or_copy(src, dst)
         count += 1
     return count
 
 
-def copy_score_caches(parent_root: Path, child_root: Path) -> int:
+def copy_score_caches(parent: RunDir, child: RunDir) -> int:
     """Copy the parent's score cache chunks into the child's, each once; returns how many were copied.
 
     Cache rows are keyed by image key and the hashes of the image, its reference and the input face,
-    so rows of linked images are reused and nothing else is affected. ``copied_from_parent.json`` in
-    each cache folder lists the parent chunks already copied (chunk files are never rewritten).
+    so rows of linked images are reused and nothing else is affected.
     """
-    from f2d_bench.scoring import _next_chunk_path
+    from f2d_bench.scoring.cache import ChunkCache
 
-    src_root = parent_root / "scores"
-    if not src_root.is_dir() or src_root.resolve() == (child_root / "scores").resolve():
+    if parent.scores_dir.resolve() == child.scores_dir.resolve():
         return 0
-    copied = 0
-    for folder in sorted(p for p in src_root.iterdir() if p.is_dir()):
-        chunks = sorted(folder.glob("chunk-*.parquet"))
-        if not chunks:
-            continue
-        dest = child_root / "scores" / folder.name
-        listing = dest / _COPIED_LIST
-        try:
-            done = set(json.loads(listing.read_text(encoding="utf-8")))
-        except (FileNotFoundError, ValueError):
-            done = set()
-        for chunk in chunks:
-            if chunk.name in done:
-                continue
-            atomic_write_bytes(_next_chunk_path(dest), chunk.read_bytes())
-            done.add(chunk.name)
-            atomic_write_json(listing, sorted(done))
-            copied += 1
-    return copied
+    return sum(ChunkCache(child.cache_dir(folder.name)).copy_from(ChunkCache(folder))
+               for folder in parent.cache_dirs())
 
 
 def choose_batch_size(keys: Sequence[ItemKey], present: set[ItemKey], batch_size: int) -> int:
@@ -314,15 +274,6 @@ def choose_batch_size(keys: Sequence[ItemKey], present: set[ItemKey], batch_size
     if batch_size % 2 == 0 and cost(batch_size // 2) < cost(batch_size):
         best = batch_size // 2
     return best
-
-
-def _parent_scorers(parent_root: Path) -> list[str] | None:
-    path = parent_root / "scores" / "scoring.json"
-    try:
-        names = json.loads(path.read_text(encoding="utf-8"))["scoring"]["scorers"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        return None
-    return [str(n) for n in names] or None
 
 
 def _missing_error(root: Path, keys, missing, n: int, command: str, child: Path | None = None) -> F2DBenchError:

@@ -15,6 +15,8 @@ from math import comb
 import numpy as np
 import pandas as pd
 
+from f2d_bench.aggregate.tables import prompt_rows
+
 #: Ns of Fig. 7.
 DEFAULT_NS = (1, 2, 4, 8, 16)
 VARIANTS = ("expected", "first")
@@ -70,12 +72,8 @@ def best_of_n_curve(
     missing = [c for c in ("method", "face", "prompt", "seed", column) if c not in records.columns]
     if missing:
         raise KeyError(f"records lack the column(s) {', '.join(missing)}"
-                       + (" (hmean needs all six Table 1 metrics to be scored)" if column in missing else ""))
-    rows = records
-    if "is_reference" in rows.columns:
-        rows = rows[~rows["is_reference"].astype(bool)]
-    if "error" in rows.columns:
-        rows = rows[rows["error"].isna()]
+                       + (" (hmean needs every metric that enters the mean to be scored)" if column in missing else ""))
+    rows = prompt_rows(records)
     labels = (records.groupby("method")["method_label"].first() if "method_label" in records.columns
               else pd.Series(dtype=object))
     weights = {n: best_of_n_weights(k, n) for n in ns}

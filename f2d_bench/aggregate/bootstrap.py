@@ -24,17 +24,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["face_bootstrap_ci", "face_sums", "paired_differences", "prompt_rows"]
+from f2d_bench.aggregate.tables import prompt_rows
 
-
-def prompt_rows(records: pd.DataFrame) -> pd.DataFrame:
-    """The rows that enter the means: prompt images (not references) without an error."""
-    rows = records
-    if "is_reference" in rows.columns:
-        rows = rows[~rows["is_reference"].astype(bool)]
-    if "error" in rows.columns:
-        rows = rows[rows["error"].isna()]
-    return rows
+__all__ = ["face_bootstrap_ci", "face_sums", "paired_differences"]
 
 
 def _as_columns(records: pd.DataFrame, columns: str | Iterable[str]) -> list[str]:

@@ -6,7 +6,8 @@ from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
-from f2d_bench.aggregate.bootstrap import _as_columns, prompt_rows
+from f2d_bench.aggregate.bootstrap import _as_columns
+from f2d_bench.aggregate.tables import prompt_rows
 
 #: The four prompt categories of the protocol (the reference prompt is not one of them), in report order.
 PROMPT_CATEGORIES = ("job", "activity", "expression", "location")

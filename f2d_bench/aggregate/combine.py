@@ -1,4 +1,4 @@
-"""Identity x Text: hMean and gMean of the six Table 1 metrics, per image.
+"""Identity x Text: hMean and gMean of the mean metrics (Table 1's six), per image.
 
 The paper's Table 1 values follow only from per-image means averaged afterwards (for F2D the means of
 the column averages would be 0.316 and 0.333, the paper reports 0.1749 and 0.2252). A negative metric
@@ -9,9 +9,6 @@ has identity metrics 0.0 (the paper's rule) and therefore hMean = gMean = 0.
 from __future__ import annotations
 
 import numpy as np
-
-#: The six metrics of Table 1 combined into hMean and gMean, in the paper's column order.
-MEAN_METRICS = ("adaface", "sphereface", "facenet", "clip", "dclip", "siglip")
 
 
 def clamped(values: np.ndarray) -> np.ndarray:

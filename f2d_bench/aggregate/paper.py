@@ -1,6 +1,6 @@
 """The published numbers of Face2Diffusion (Shiohara & Yamasaki, CVPR 2024), Tables 1 and 2, as data.
 
-Values are copied exactly from the paper (see /work/shared/PROTOCOL.md section 3). Methods are indexed by
+Values are copied exactly from the paper (PROTOCOL.md section 3). Methods are indexed by
 the paper's names; ``PAPER_METHOD_KEYS`` maps this harness's method names to them where one exists.
 
 Table 1's hMean and gMean are means of per-image harmonic / geometric means of the six metrics (after
@@ -14,13 +14,17 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from f2d_bench.aggregate.tables import TABLE1_COLUMNS
 
-__all__ = ["PAPER_METHOD_KEYS", "PAPER_SOURCE", "PAPER_TABLE1", "PAPER_TABLE2"]
+__all__ = ["PAPER_COLUMNS", "PAPER_METHOD_KEYS", "PAPER_SOURCE", "PAPER_TABLE1", "PAPER_TABLE2"]
 
 PAPER_SOURCE = "Shiohara & Yamasaki, CVPR 2024, Tables 1 and 2"
 
-# method: AdaFace, SphereFace, FaceNet, CLIP, dCLIP, SigLIP, hMean, gMean (the order of TABLE1_COLUMNS)
+#: Table 1's columns as the paper prints them, under the names of this harness's metrics.
+PAPER_COLUMNS = ("adaface", "sphereface", "facenet", "clip", "dclip", "siglip", "hmean", "gmean")
+PAPER_IDENTITY = PAPER_COLUMNS[:3]
+PAPER_TEXT = PAPER_COLUMNS[3:6]
+
+# method: AdaFace, SphereFace, FaceNet, CLIP, dCLIP, SigLIP, hMean, gMean (the order of PAPER_COLUMNS)
 _TABLE1 = {
     "TextualInversion": (0.1654, 0.2518, 0.3197, 0.1877, 0.1075, 0.1283, 0.0320, 0.0575),
     "DreamBooth": (0.3482, 0.4084, 0.4774, 0.2351, 0.1480, 0.3452, 0.0689, 0.1116),
@@ -34,8 +38,8 @@ _TABLE1 = {
     "Face2Diffusion": (0.3143, 0.4215, 0.5313, 0.2486, 0.2020, 0.3856, 0.1749, 0.2252),
 }
 
-#: Table 1 of the paper: 10 methods (paper order) x TABLE1_COLUMNS.
-PAPER_TABLE1 = pd.DataFrame.from_dict(_TABLE1, orient="index", columns=list(TABLE1_COLUMNS))
+#: Table 1 of the paper: 10 methods (paper order) x PAPER_COLUMNS.
+PAPER_TABLE1 = pd.DataFrame.from_dict(_TABLE1, orient="index", columns=list(PAPER_COLUMNS))
 PAPER_TABLE1.index.name = "method"
 
 _NAN = np.nan

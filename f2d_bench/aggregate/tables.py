@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import pandas as pd
 
-from f2d_bench.aggregate.combine import MEAN_METRICS
-
-#: Columns of Table 1, then the combined means.
-TABLE1_COLUMNS = (*MEAN_METRICS, "hmean", "gmean")
+from f2d_bench.aggregate.metrics import MetricCatalog
 
 
-def method_means(records: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: the mean of every Table 1 column over the method's prompt images.
+def prompt_rows(records: pd.DataFrame) -> pd.DataFrame:
+    """The rows that enter the means: prompt images (not references) without an error."""
+    rows = records
+    if "is_reference" in rows.columns:
+        rows = rows[~rows["is_reference"].astype(bool)]
+    if "error" in rows.columns:
+        rows = rows[rows["error"].isna()]
+    return rows
+
+
+def method_means(records: pd.DataFrame, catalog: MetricCatalog) -> pd.DataFrame:
+    """One row per method: the mean of every Table 1 column (the catalog's mean metrics, hMean and gMean)
+    and of its other metrics over the method's prompt images.
 
     The reference images ("a photo of S*") are left out: they exist for dCLIP. ``face_detection_rate``
     (0..1) stands beside the identity columns, because an image with no face scores 0.0 there.
     Unreadable images (a non-empty ``error``) are left out of the means and counted in ``n_errors``.
     """
     rows = records[~records["is_reference"]]
-    ok = rows[rows["error"].isna()]
-    cols = [c for c in TABLE1_COLUMNS if c in rows.columns]
-    extra = [c for c in ("dlib", "siglip_prob") if c in rows.columns]
+    ok = prompt_rows(records)
+    cols = [c for c in catalog.table1_columns if c in rows.columns]
+    extra = [s["name"] for s in catalog.specs if not s.get("in_mean") and s["name"] in rows.columns]
     table = ok.groupby("method", sort=True)[cols + extra].mean()
     table.insert(0, "label", ok.groupby("method")["method_label"].first())
     table["face_detection_rate"] = ok.groupby("method")["face_detected"].mean()

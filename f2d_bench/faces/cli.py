@@ -48,49 +48,22 @@ def _prepare(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     """Add the ``faces`` command (with its ``prepare`` subcommand) to an argparse subparsers object."""
-    faces = subparsers.add_parser(
-        "faces",
-        help="prepare input face sets (detect and FFHQ-align faces)",
-        description="Work with input face sets: the aligned photos of the identities to personalize.",
-    )
+    faces = subparsers.add_parser("faces", help="prepare input face sets (detect and FFHQ-align faces)",
+                                  description="Work with input face sets: the aligned photos of the identities "
+                                              "to personalize.")
     commands = faces.add_subparsers(dest="faces_command", metavar="SUBCOMMAND", required=True)
-    prepare = commands.add_parser(
-        "prepare",
-        help="detect and FFHQ-align one face per photo or video",
-        description=_PREPARE_DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    prepare.add_argument(
-        "src", type=Path, metavar="SRC", help="directory of photos and/or videos (not recursive)"
-    )
-    prepare.add_argument(
-        "dst", type=Path, metavar="DST", help="output directory for the aligned PNGs and manifest.json"
-    )
-    prepare.add_argument(
-        "--frame",
-        type=_int_at_least(0),
-        default=0,
-        metavar="N",
-        help="0-based frame index read from each video",
-    )
-    prepare.add_argument(
-        "--several",
-        choices=("skip", "largest"),
-        default="skip",
-        help="when several faces reach --min-prob: skip the source, or keep the largest face",
-    )
-    prepare.add_argument(
-        "--min-prob",
-        type=_probability,
-        default=0.9,
-        metavar="P",
-        help="ignore detections whose MTCNN face probability is below P (0..1)",
-    )
-    prepare.add_argument(
-        "--size",
-        type=_int_at_least(16),
-        default=512,
-        metavar="PX",
-        help="side of the aligned square output, pixels",
-    )
+    prepare = commands.add_parser("prepare", help="detect and FFHQ-align one face per photo or video",
+                                  description=_PREPARE_DESCRIPTION,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prepare.add_argument("src", type=Path, metavar="SRC", help="directory of photos and/or videos (not recursive)")
+    prepare.add_argument("dst", type=Path, metavar="DST",
+                         help="output directory for the aligned PNGs and manifest.json")
+    prepare.add_argument("--frame", type=_int_at_least(0), default=0, metavar="N",
+                         help="0-based frame index read from each video")
+    prepare.add_argument("--several", choices=("skip", "largest"), default="skip",
+                         help="when several faces reach --min-prob: skip the source, or keep the largest face")
+    prepare.add_argument("--min-prob", type=_probability, default=0.9, metavar="P",
+                         help="ignore detections whose MTCNN face probability is below P (0..1)")
+    prepare.add_argument("--size", type=_int_at_least(16), default=512, metavar="PX",
+                         help="side of the aligned square output, pixels")
     prepare.set_defaults(func=_prepare)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from f2d_bench.store import atomic_write_bytes, atomic_write_text, png_bytes
+from f2d_bench.files import atomic_write_bytes, atomic_write_text
+from f2d_bench.store import png_bytes
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.align import ffhq_align
 from f2d_bench.faces.detect import DETECTOR_NAME, Detection, FaceDetector

@@ -6,10 +6,10 @@ import argparse
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from f2d_bench.report.render import build_report
+    from f2d_bench import api
 
-    index = build_report(args.runs, args.out, grid_faces=args.grid_faces, grid_seeds=args.grid_seeds,
-                         n_resamples=args.resamples, confidence=args.confidence)
+    index = api.report(args.runs, args.out, grid_faces=args.grid_faces, grid_seeds=args.grid_seeds,
+                       n_resamples=args.resamples, confidence=args.confidence)
     print(f"report: {index.resolve()}")
     return 0
 

@@ -8,19 +8,17 @@ taken from the first run given and counted in ``ReportData.duplicates``.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
+from f2d_bench.aggregate.metrics import MetricCatalog
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.files import file_sha256
+from f2d_bench.run_dir import RunDir, read_json
 
-#: Table 1 columns whose values come from identity models (the detection rate stands beside them).
-IDENTITY_METRICS = ("adaface", "sphereface", "facenet")
-TEXT_METRICS = ("clip", "dclip", "siglip")
 KEY_COLUMNS = ("method", "face", "prompt", "seed")
 FACE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -48,12 +46,10 @@ class RunData:
     def name(self) -> str:
         return self.root.name
 
-    def metric_notes(self) -> dict[str, str]:
-        """metric -> note (e.g. "random weights: not meaningful"); metrics without a note are absent."""
-        return {m["name"]: m["note"] for m in self.scoring.get("metrics", []) if m.get("note")}
-
-    def higher_is_better(self) -> dict[str, bool]:
-        return {m["name"]: bool(m.get("higher_is_better", True)) for m in self.scoring.get("metrics", [])}
+    @property
+    def catalog(self) -> MetricCatalog:
+        """The metrics this run's scorers declared (``scores/scoring.json``)."""
+        return MetricCatalog(tuple(self.scoring.get("metrics", [])))
 
 
 @dataclass
@@ -65,19 +61,18 @@ class ReportData:
     duplicates: int = 0
     prompts: dict[str, dict] = field(default_factory=dict)  # prompt id -> {category, template}
 
+    @property
+    def catalog(self) -> MetricCatalog:
+        """The metrics of every run together, as their scorers declared them (the first run's wins)."""
+        return MetricCatalog.merged(run.catalog.specs for run in self.runs)
+
     def metric_notes(self) -> dict[str, str]:
         """Notes of every run together; a metric is marked if any run computed it with a note."""
         notes: dict[str, str] = {}
         for run in self.runs:
-            for name, note in run.metric_notes().items():
+            for name, note in run.catalog.notes().items():
                 notes.setdefault(name, note)
         return notes
-
-    def higher_is_better(self) -> dict[str, bool]:
-        out: dict[str, bool] = {"hmean": True, "gmean": True}
-        for run in self.runs:
-            out.update(run.higher_is_better())
-        return out
 
     def method_info(self) -> dict[str, dict]:
         info: dict[str, dict] = {}
@@ -102,34 +97,8 @@ class ReportData:
         return out
 
 
-def _read_json(path: Path, default: Any = None) -> Any:
-    if not path.is_file():
-        return default
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise F2DBenchError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a killed writer: the others still hold
-    return out
-
-
 def _find_input_faces(run_json: dict, grid: dict) -> dict[str, Path]:
     """face id -> the input photo, found by id in the run's face folder(s) and checked by hash."""
-    import hashlib
-
     wanted = {f["face_id"]: f.get("sha256") for f in grid.get("faces", [])}
     found: dict[str, Path] = {}
     for folder in run_json.get("faces_dir", []):
@@ -141,7 +110,7 @@ def _find_input_faces(run_json: dict, grid: dict) -> dict[str, Path]:
                 continue
             for ext in FACE_EXTENSIONS:
                 for candidate in (folder / f"{fid}{ext}", folder / f"{fid}{ext.upper()}"):
-                    if candidate.is_file() and (sha is None or hashlib.sha256(candidate.read_bytes()).hexdigest() == sha):
+                    if candidate.is_file() and (sha is None or file_sha256(candidate) == sha):
                         found[fid] = candidate
                         break
                 if fid in found:
@@ -151,41 +120,32 @@ def _find_input_faces(run_json: dict, grid: dict) -> dict[str, Path]:
 
 def load_run(root: str | Path, index: int = 0) -> RunData:
     """Read one scored run; a run without ``records.parquet`` is an error that says to score it."""
-    root = Path(root)
-    grid = _read_json(root / "grid.json")
-    if grid is None:
-        raise F2DBenchError(f"{root} is not an f2d-bench run directory (no grid.json)")
-    records_path = root / "records.parquet"
-    if not records_path.is_file():
-        raise F2DBenchError(f"{root} has no records.parquet; score it first: f2d-bench score {root}")
-    records = pd.read_parquet(records_path)
-    run_json = _read_json(root / "run.json", {})
+    run = RunDir(root)
+    grid = run.read_grid()
+    records = run.records()
+    run_json = read_json(run.run_json, {})
     methods: dict[str, dict] = {}
     prepare: dict[str, list[float]] = {}
     for m in grid.get("methods", []):
         mid = m["method_id"]
-        mdir = root / "methods" / mid
-        methods[mid] = _read_json(mdir / "method.json", {}) or {"method_id": mid, "label": m.get("label")}
-        times = [float(r["seconds"]) for r in _read_jsonl(mdir / "prepare_times.jsonl") if "seconds" in r]
+        methods[mid] = run.method_info(mid) or {"method_id": mid, "label": m.get("label")}
+        times = run.prepare_seconds(mid)
         if times:
             prepare[mid] = times
-    upper = root / "upper_bound"
     scored_at = None
     try:
         import datetime as _dt
 
-        scored_at = _dt.datetime.fromtimestamp(records_path.stat().st_mtime, _dt.timezone.utc).isoformat(
+        scored_at = _dt.datetime.fromtimestamp(run.records_parquet.stat().st_mtime, _dt.timezone.utc).isoformat(
             timespec="seconds")
     except OSError:
         pass
+    best = {ext: path for ext, path in run.best_of_n_paths().items() if path.is_file()}
     return RunData(
-        index=index, root=root, run_json=run_json, grid=grid, records=records,
-        scoring=_read_json(root / "scores" / "scoring.json", {}) or {},
-        fid=_read_json(root / "scores" / "fid.json", {}) or {},
-        environment=_read_jsonl(root / "environment.jsonl"),
+        index=index, root=run.root, run_json=run_json, grid=grid, records=records,
+        scoring=run.scoring_info(), fid=run.fid_results(), environment=run.environment(),
         methods=methods, prepare_seconds=prepare, scored_at=scored_at,
-        best_of_n_csv=(upper / "best_of_n.csv") if (upper / "best_of_n.csv").is_file() else None,
-        best_of_n_svg=(upper / "best_of_n.svg") if (upper / "best_of_n.svg").is_file() else None,
+        best_of_n_csv=best.get("csv"), best_of_n_svg=best.get("svg"),
         input_faces=_find_input_faces(run_json, grid),
     )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from f2d_bench.store import atomic_write_bytes
+from f2d_bench.files import atomic_write_bytes
 
 
 def plot_best_of_n(curve: pd.DataFrame, path: str | Path, *, title: str | None = None) -> Path:

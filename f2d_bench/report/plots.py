@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from f2d_bench.report.data import IDENTITY_METRICS, TEXT_METRICS
-from f2d_bench.store import atomic_write_bytes
+from f2d_bench.aggregate.metrics import MetricCatalog
+from f2d_bench.aggregate.paper import PAPER_IDENTITY, PAPER_TEXT
+from f2d_bench.files import atomic_write_bytes
 
 COLUMN_NAMES = {"adaface": "AdaFace", "sphereface": "SphereFace", "facenet": "FaceNet", "clip": "CLIP",
                 "dclip": "dCLIP", "siglip": "SigLIP", "hmean": "hMean", "gmean": "gMean",
@@ -79,19 +80,21 @@ def plot_means(table1: pd.DataFrame, path: Path, confidence: float) -> Path | No
     return _save(fig, path)
 
 
-def plot_tradeoff(table1: pd.DataFrame, paper: pd.DataFrame | None, path: Path) -> Path | None:
-    """Identity (mean of AdaFace, SphereFace, FaceNet) against text (mean of CLIP, dCLIP, SigLIP).
+def plot_tradeoff(table1: pd.DataFrame, paper: pd.DataFrame | None, path: Path,
+                  catalog: MetricCatalog) -> Path | None:
+    """Identity (mean of the identity mean metrics: AdaFace, SphereFace, FaceNet) against text (mean of
+    the text ones: CLIP, dCLIP, SigLIP).
 
     The paper's Table 1 methods are drawn in grey as a reference, on the same axes.
     """
-    ident = [c for c in IDENTITY_METRICS if c in table1.columns]
-    text = [c for c in TEXT_METRICS if c in table1.columns]
+    ident = [c for c in catalog.identity_metrics if c in table1.columns]
+    text = [c for c in catalog.text_metrics if c in table1.columns]
     if not ident or not text or not len(table1):
         return None
     fig = _figure(6.0, 4.4)
     ax = fig.add_subplot(1, 1, 1)
     if paper is not None and len(paper):
-        px, py = paper[list(TEXT_METRICS)].mean(axis=1), paper[list(IDENTITY_METRICS)].mean(axis=1)
+        px, py = paper[list(PAPER_TEXT)].mean(axis=1), paper[list(PAPER_IDENTITY)].mean(axis=1)
         ax.scatter(px, py, color="0.6", marker="s", s=22, label="paper, Table 1 (published)")
         for name, xv, yv in zip(paper.index, px, py):
             ax.annotate(plain(name), (xv, yv), fontsize=6, color="0.45", xytext=(3, 2), textcoords="offset points")

@@ -23,15 +23,14 @@ import pandas as pd
 
 from f2d_bench import __version__
 from f2d_bench.aggregate.breakdown import PROMPT_CATEGORIES
-from f2d_bench.aggregate.combine import MEAN_METRICS
-from f2d_bench.aggregate.tables import TABLE1_COLUMNS
 from f2d_bench.errors import F2DBenchError
-from f2d_bench.report.aggregates import (
+from f2d_bench.report.numbers import (
     Aggregates,
     compute_aggregates,
     write_aggregate_files,
 )
-from f2d_bench.report.data import IDENTITY_METRICS, ReportData, load_runs
+from f2d_bench.aggregate.metrics import COMBINED, MetricCatalog
+from f2d_bench.report.data import ReportData, load_runs
 from f2d_bench.report.plots import (
     COLUMN_NAMES,
     plot_categories,
@@ -40,13 +39,10 @@ from f2d_bench.report.plots import (
 )
 from f2d_bench.report.thumbnails import export_image, inside
 from f2d_bench.runinfo import utc_now
-from f2d_bench.store import atomic_write_text
+from f2d_bench.files import atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
-#: Table 1 as the page shows it: the detection rate right after the identity columns.
-DISPLAY_COLUMNS = (*IDENTITY_METRICS, "face_detection_rate", "clip", "dclip", "siglip", "hmean", "gmean")
 MARK_TAGS = {1: "strong", 2: "u", 3: "em"}
-SCORE_COLUMNS = (*TABLE1_COLUMNS, "dlib", "siglip_prob", "face_prob")
 LINK_ATTRIBUTES = ("href", "src", "srcset", "poster", "data", "action", "formaction", "xlink:href", "background")
 
 
@@ -87,15 +83,20 @@ def _cell(table: pd.DataFrame, method, col: str, marks: dict, with_ci: bool = Tr
     return cell
 
 
-def _table1_view(agg: Aggregates, notes: dict[str, str]) -> dict:
+def display_columns(catalog: MetricCatalog) -> tuple[str, ...]:
+    """Table 1 as the page shows it: identity metrics, the detection rate, text metrics, hMean, gMean."""
+    return (*catalog.identity_metrics, "face_detection_rate", *catalog.text_metrics, *COMBINED)
+
+
+def _table1_view(agg: Aggregates, notes: dict[str, str], catalog: MetricCatalog) -> dict:
     t = agg.table1
-    cols = [c for c in DISPLAY_COLUMNS if c in t.columns]
-    mean_note = next((notes[m] for m in MEAN_METRICS if m in notes), None)
+    cols = [c for c in display_columns(catalog) if c in t.columns]
+    mean_note = next((notes[m] for m in catalog.mean_metrics if m in notes), None)
     headers = []
     for c in cols:
         note = notes.get(c) or (mean_note if c in ("hmean", "gmean") else None)
         headers.append({"col": c, "name": COLUMN_NAMES.get(c, c), "note": note or None,
-                        "identity": c in IDENTITY_METRICS or c == "face_detection_rate"})
+                        "identity": c in catalog.identity_metrics or c == "face_detection_rate"})
     rows = []
     for m in t.index:
         cells = []
@@ -126,9 +127,9 @@ def _table2_view(agg: Aggregates) -> dict:
     return {"rows": rows, "has_fid": bool(t["fid"].notna().any()) if len(t) else False}
 
 
-def _categories_view(agg: Aggregates, labels: dict) -> dict:
+def _categories_view(agg: Aggregates, labels: dict, catalog: MetricCatalog) -> dict:
     cats = agg.categories
-    cols = [c for c in TABLE1_COLUMNS if c in cats.columns]
+    cols = [c for c in catalog.table1_columns if c in cats.columns]
     groups = []
     for cat in PROMPT_CATEGORIES:
         if not len(cats) or cat not in cats.index.get_level_values("category"):
@@ -154,9 +155,9 @@ def _pairs_view(agg: Aggregates, labels: dict) -> list[dict]:
 
 def _paper_view() -> dict:
     from f2d_bench.aggregate.breakdown import top_k_marks
-    from f2d_bench.aggregate.paper import PAPER_SOURCE, PAPER_TABLE1, PAPER_TABLE2
+    from f2d_bench.aggregate.paper import PAPER_COLUMNS, PAPER_SOURCE, PAPER_TABLE1, PAPER_TABLE2
 
-    cols = list(TABLE1_COLUMNS)
+    cols = list(PAPER_COLUMNS)
     marks = top_k_marks(PAPER_TABLE1, cols, k=3)
     t1 = [{"method": m, "cells": [_cell(PAPER_TABLE1, m, c, marks, with_ci=False) for c in cols]}
           for m in PAPER_TABLE1.index]
@@ -189,10 +190,12 @@ def _best_of_n_view(agg: Aggregates, data: ReportData, out_dir: Path) -> list[di
     return views
 
 
-def _score_dict(row) -> dict:
+def _score_dict(row, catalog: MetricCatalog) -> dict:
+    """What the viewer shows for one image: Table 1's columns, then the other metrics."""
     out = {}
-    for c in SCORE_COLUMNS:
-        if c in row and c != "face_prob":
+    others = [s["name"] for s in catalog.specs if s["name"] not in catalog.table1_columns]
+    for c in (*catalog.table1_columns, *others):
+        if c in row:
             out[COLUMN_NAMES.get(c, c)] = round(float(row[c]), 4) if _finite(row[c]) else None
     out["face detected"] = "yes" if bool(row.get("face_detected")) else "no"
     if _finite(row.get("face_prob")):
@@ -226,7 +229,7 @@ def _grid_view(data: ReportData, out_dir: Path, labels: dict, grid_faces: int, g
             "thumb": exported[0] if exported else None, "full": exported[1] if exported else None,
             "key": f"{r['method']} / {r['face']} / {r['prompt']} / seed {int(r['seed'])}",
             "prompt": template.replace("{}", phrase),
-            "scores": json.dumps(_score_dict(r), ensure_ascii=False),
+            "scores": json.dumps(_score_dict(r, data.catalog), ensure_ascii=False),
             "seed": int(r["seed"]), "no_face": not bool(r["face_detected"]), "error": isinstance(r["error"], str),
         })
     methods = []
@@ -365,11 +368,12 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
 
     from f2d_bench.aggregate.paper import PAPER_TABLE1
 
+    catalog = data.catalog
     plots_dir = out_dir / "plots"
     plots = []
     for path, title in (
         (plot_means(agg.table1, plots_dir / "means.svg", confidence), "hMean and gMean per method"),
-        (plot_tradeoff(agg.table1, PAPER_TABLE1, plots_dir / "tradeoff.svg"), "Identity vs text trade-off"),
+        (plot_tradeoff(agg.table1, PAPER_TABLE1, plots_dir / "tradeoff.svg", catalog), "Identity vs text trade-off"),
         (plot_categories(agg.categories, labels, plots_dir / "categories.svg"), "hMean by prompt category"),
     ):
         if path is not None:
@@ -382,8 +386,8 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
         "title": "f2d-bench report: " + ", ".join(r.name for r in data.runs),
         "generated": utc_now(), "version": __version__,
         "runs": _metadata_view(data), "duplicates": data.duplicates,
-        "table1": _table1_view(agg, notes), "table2": _table2_view(agg),
-        "categories": _categories_view(agg, labels), "pairs": _pairs_view(agg, labels),
+        "table1": _table1_view(agg, notes, catalog), "table2": _table2_view(agg),
+        "categories": _categories_view(agg, labels, catalog), "pairs": _pairs_view(agg, labels),
         "paper": _paper_view(), "best_of_n": _best_of_n_view(agg, data, out_dir),
         "plots": plots, "files": files,
         "grid": _grid_view(data, out_dir, labels, grid_faces, grid_seeds),

@@ -7,12 +7,11 @@ shown twice (or by a second report into the same folder) is written once.
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 from PIL import Image
 
-from f2d_bench.store import file_sha256
+from f2d_bench.files import atomic_write, atomic_write_bytes, file_sha256
 
 THUMB_SIZE = 160
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -48,15 +47,9 @@ def export_image(source: Path, out_dir: Path, sha256: str | None = None, *, full
             with Image.open(source) as im:
                 im = im.convert("RGB")
                 im.thumbnail((THUMB_SIZE, THUMB_SIZE))
-                thumb.parent.mkdir(parents=True, exist_ok=True)
-                tmp = thumb.with_suffix(".tmp")
-                im.save(tmp, format="JPEG", quality=85)
-                tmp.replace(thumb)
+                atomic_write(thumb, lambda fh: im.save(fh, format="JPEG", quality=85))
         if not full.is_file():
-            full.parent.mkdir(parents=True, exist_ok=True)
-            tmp = full.with_suffix(full.suffix + ".tmp")
-            shutil.copyfile(source, tmp)
-            tmp.replace(full)
+            atomic_write_bytes(full, source.read_bytes())
     except (OSError, Image.DecompressionBombError, ValueError):
         return None
     return thumb_rel, full_rel

@@ -16,7 +16,7 @@ import pandas as pd
 
 from f2d_bench.aggregate.bootstrap import face_bootstrap_ci, paired_differences
 from f2d_bench.aggregate.breakdown import PROMPT_CATEGORIES, category_means, top_k_marks
-from f2d_bench.aggregate.tables import TABLE1_COLUMNS, method_means
+from f2d_bench.aggregate.tables import method_means
 from f2d_bench.report.data import ReportData, time_summary
 
 
@@ -38,8 +38,9 @@ class Aggregates:
 def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence: float = 0.95,
                        seed: int = 0) -> Aggregates:
     records = data.records
-    columns = [c for c in TABLE1_COLUMNS if c in records.columns]
-    means = method_means(records)
+    catalog = data.catalog
+    columns = [c for c in catalog.table1_columns if c in records.columns]
+    means = method_means(records, catalog)
     ci = face_bootstrap_ci(records, columns, n_resamples=n_resamples, confidence=confidence, seed=seed)
     table1 = pd.DataFrame(index=means.index)
     table1["label"] = means["label"]
@@ -50,7 +51,7 @@ def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence:
     for c in ("face_detection_rate", "n_images", "n_errors"):
         table1[c] = means[c]
     table1["n_faces"] = ci["n_faces"].reindex(means.index)
-    hib = data.higher_is_better()
+    hib = catalog.higher_is_better()
     marks1 = top_k_marks(table1, columns + ["face_detection_rate"], k=3, higher_is_better=hib)
 
     table2 = _table2(data, means)
@@ -135,7 +136,7 @@ def write_aggregate_files(agg: Aggregates, out_dir: Path, extra: dict | None = N
 
     Returns name -> CSV file name (relative to ``out_dir``) for the page's links.
     """
-    from f2d_bench.store import atomic_write_bytes, atomic_write_text
+    from f2d_bench.files import atomic_write_bytes, atomic_write_text
 
     files = {}
     frames = {"table1": agg.table1, "table2": agg.table2, "categories": agg.categories, "paired": agg.pairs}

@@ -8,7 +8,7 @@ Text embeddings are computed once per prompt; reference-image embeddings once pe
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -26,8 +26,6 @@ class _OpenClipScorer(Scorer):
     ``model: tiny`` selects the project's tiny model, for offline smoke runs whose tokenizer cannot
     be fetched).
     """
-
-    kind: ClassVar[str] = "clip"
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
@@ -49,7 +47,7 @@ class _OpenClipScorer(Scorer):
             if model == TINY_MODEL:
                 from f2d_bench.scorers.text.tiny import tiny_clip_checkpoint
 
-                model, path = tiny_clip_checkpoint(kind=self.kind)
+                model, path = tiny_clip_checkpoint(kind=self.name)  # "clip" or "siglip"
                 pretrained = str(path)
             elif self.settings["weights"] == "random":
                 pretrained = self._random_checkpoint(model)
@@ -60,21 +58,17 @@ class _OpenClipScorer(Scorer):
         """A seeded random-weight checkpoint of ``model_name``'s architecture, cached, loaded like any file."""
         import open_clip
         import torch
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
+        from f2d_bench.files import atomic_write_bytes
         from f2d_bench.paths import cache_root
-        from f2d_bench.store import atomic_write_bytes
 
         path = cache_root() / "models" / f"random-{model_name}-seed0.safetensors"
         if not path.is_file():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 model = open_clip.create_model(model_name, pretrained=None)
-            tmp = path.with_suffix(".partial")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-            atomic_write_bytes(path, tmp.read_bytes())
-            tmp.unlink()
+            atomic_write_bytes(path, save({k: v.contiguous() for k, v in model.state_dict().items()}))
         return str(path)
 
     def describe(self) -> dict:
@@ -104,7 +98,6 @@ class ClipScorer(_OpenClipScorer):
 
     name = "clip"
     version = "1"
-    kind = "clip"
     metrics = (
         MetricSpec("clip", True, -1.0, 1.0, "cosine of CLIP image and prompt embeddings (S* -> 'a person')",
                    in_mean=True),
@@ -158,7 +151,6 @@ class SiglipScorer(_OpenClipScorer):
 
     name = "siglip"
     version = "1"
-    kind = "siglip"
     metrics = (
         MetricSpec("siglip", True, -1.0, 1.0, "cosine of SigLIP image and prompt embeddings (S* -> 'a person')",
                    in_mean=True),

@@ -13,7 +13,7 @@ from f2d_bench.errors import ConfigError
 from f2d_bench.faces.faceset import Face, load_face_set
 from f2d_bench.paths import cache_root, cached_build
 
-TEST_FACE_PHOTOS = Path(__file__).resolve().parent / "assets" / "faces"
+TEST_FACE_PHOTOS = Path(__file__).resolve().parent.parent / "assets" / "faces"
 _BUILTIN_VERSION = "v1"  # bump when preparation changes so caches are rebuilt
 
 

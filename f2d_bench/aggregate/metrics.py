@@ -1,0 +1,57 @@
+"""The metrics of a scored run as its scorers declared them: the one source for which metrics enter
+hMean/gMean, which way is better, and which measure identity.
+
+`score` writes each scorer's ``MetricSpec`` (plus the scorer's name, note and whether it reads faces)
+into ``scores/scoring.json``; the records, Table 1, the report and its plots read them back from there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+#: The per-image combinations of the mean metrics (PROTOCOL.md: Identity x Text), higher is better.
+COMBINED = ("hmean", "gmean")
+
+
+@dataclass(frozen=True)
+class MetricCatalog:
+    """Metric declarations, in the order the scorers ran (Table 1's column order for the defaults)."""
+
+    specs: tuple[Mapping, ...] = ()
+
+    @classmethod
+    def merged(cls, spec_lists: Iterable[Iterable[Mapping]]) -> "MetricCatalog":
+        """The union of several runs' declarations; the first declaration of a name wins."""
+        seen: dict[str, Mapping] = {}
+        for specs in spec_lists:
+            for spec in specs:
+                seen.setdefault(spec["name"], spec)
+        return cls(tuple(seen.values()))
+
+    @property
+    def mean_metrics(self) -> tuple[str, ...]:
+        """The metrics combined into hMean and gMean (``in_mean``)."""
+        return tuple(s["name"] for s in self.specs if s.get("in_mean"))
+
+    @property
+    def table1_columns(self) -> tuple[str, ...]:
+        return (*self.mean_metrics, *COMBINED) if self.mean_metrics else ()
+
+    @property
+    def identity_metrics(self) -> tuple[str, ...]:
+        """Mean metrics computed on the face found in the image (the detection rate stands beside them)."""
+        return tuple(s["name"] for s in self.specs if s.get("in_mean") and s.get("identity"))
+
+    @property
+    def text_metrics(self) -> tuple[str, ...]:
+        return tuple(s["name"] for s in self.specs if s.get("in_mean") and not s.get("identity"))
+
+    def higher_is_better(self) -> dict[str, bool]:
+        out = {c: True for c in COMBINED}
+        out.update({s["name"]: bool(s.get("higher_is_better", True)) for s in self.specs})
+        return out
+
+    def notes(self) -> dict[str, str]:
+        """metric -> note (e.g. "random weights: not meaningful"); metrics without a note are absent."""
+        return {s["name"]: s["note"] for s in self.specs if s.get("note")}

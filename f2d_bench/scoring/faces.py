@@ -1,0 +1,77 @@
+"""Stage 1 of scoring: the face in each generated image (MTCNN), one chosen by the recorded policy.
+
+Cached per image hash in ``scores/faces-<hash>/``; an unreadable image gets its error here and no metric
+later. The stage's settings are part of identity scorers' cache keys, because their values depend on
+which face was chosen.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from f2d_bench.config import ScoringConfig, canonical_hash
+from f2d_bench.errors import F2DBenchError
+from f2d_bench.run_dir import RunDir
+from f2d_bench.scoring.cache import ChunkCache
+from f2d_bench.scoring.inputs import ImageEntry
+
+FACE_STAGE_VERSION = "1"
+
+
+def choose_face(detections, policy: str, min_prob: float):
+    """The detection that counts under ``policy`` among those at or above ``min_prob`` (None if none),
+    and how many there were."""
+    found = [d for d in detections if d.prob >= min_prob]
+    if not found:
+        return None, 0
+    pick = max(found, key=(lambda d: d.area) if policy == "largest" else (lambda d: d.prob))
+    return pick, len(found)
+
+
+def _stage_identity(scoring: ScoringConfig) -> dict:
+    return {"stage": "faces", "version": FACE_STAGE_VERSION, "policy": scoring.face_policy,
+            "min_prob": scoring.min_face_prob, "detector": "facenet-pytorch MTCNN"}
+
+
+def face_stage_id(scoring: ScoringConfig) -> str:
+    """``faces-<hash>``: the folder of the face stage, and part of face-dependent scorers' cache keys."""
+    return f"faces-{canonical_hash(_stage_identity(scoring), 10)}"
+
+
+def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig, detector,
+                 progress: Callable) -> Any:
+    """Per image sha (the index): the chosen face (or none) and any read error, as a DataFrame."""
+    from f2d_bench.faces.imageio import read_image
+
+    cache = ChunkCache(run.cache_dir(face_stage_id(scoring)))
+    cache.describe("stage.json", _stage_identity(scoring))
+    have = cache.keys()
+    writer = cache.writer(scoring.chunk_size)
+    for e in progress([e for e in entries if e.sha256 not in have], "faces"):
+        row: dict[str, Any] = {"cache_key": e.sha256, "error": None, "face_detected": False,
+                               "face_prob": np.nan, "n_faces": 0, "face_box": None, "face_landmarks": None}
+        try:
+            image = read_image(e.path)
+        except F2DBenchError as exc:
+            row["error"] = str(exc)
+        else:
+            pick, n = choose_face(detector.detect(image), scoring.face_policy, scoring.min_face_prob)
+            row["n_faces"] = n
+            if pick is not None:
+                row.update(face_detected=True, face_prob=pick.prob, face_box=list(pick.box),
+                           face_landmarks=pick.landmarks.reshape(-1).tolist())
+        writer.add(row)
+    writer.close()
+    return cache.read().set_index("cache_key")
+
+
+def detection_from_row(row):
+    """The Detection a face-stage row holds (None when no face was found)."""
+    from f2d_bench.faces.detect import Detection
+
+    if not row["face_detected"]:
+        return None
+    return Detection(box=tuple(row["face_box"]), landmarks=np.asarray(row["face_landmarks"]).reshape(5, 2),
+                     prob=float(row["face_prob"]))
