@@ -8,27 +8,19 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import default_catalog, record_row
 
 from f2d_bench.aggregate.bootstrap import face_bootstrap_ci, paired_differences
 from f2d_bench.aggregate.breakdown import PROMPT_CATEGORIES, category_means, top_k_marks
 from f2d_bench.aggregate.combine import (
-    MEAN_METRICS,
     geometric_mean_rows,
     harmonic_mean_rows,
 )
-from f2d_bench.aggregate.paper import PAPER_SOURCE, PAPER_TABLE1, PAPER_TABLE2
-from f2d_bench.aggregate.tables import TABLE1_COLUMNS, method_means
+from f2d_bench.aggregate.paper import PAPER_COLUMNS, PAPER_SOURCE, PAPER_TABLE1, PAPER_TABLE2
+from f2d_bench.aggregate.tables import method_means
 
 
-def _row(method, face, value, *, category="job", prompt="p", seed=0, is_reference=False, error=None, **more):
-    row = {
-        "method": method, "method_label": method.upper(), "face": face, "prompt": prompt,
-        "category": category, "seed": seed, "path": f"{method}/{face}/{prompt}/{seed}.png", "sha256": "0",
-        "face_detected": True, "face_prob": 0.99, "n_faces": 1, "error": error,
-        "is_reference": is_reference, "hmean": value,
-    }
-    row.update(more)
-    return row
+_row = record_row  # a records.parquet row with the value in "hmean"
 
 
 def _records(rows) -> pd.DataFrame:
@@ -65,7 +57,7 @@ def test_means_equal_hand_computation_and_exclude_reference_and_error_rows():
     assert ci.loc["b", "hmean"] == pytest.approx(0.6, abs=1e-15)
     assert ci.loc["b", "gmean"] == pytest.approx(0.2, abs=1e-15)
     # the same point estimates as Table 1's method_means
-    mm = method_means(rec)
+    mm = method_means(rec, default_catalog())
     assert np.allclose(ci[["hmean", "gmean"]].to_numpy(), mm[["hmean", "gmean"]].to_numpy())
     # reference / error values (100, -50) never reach an interval
     assert ci["hmean_hi"].max() <= 0.8 and ci["hmean_lo"].min() >= 0.1
@@ -136,20 +128,31 @@ def test_unequal_images_per_face_use_the_ratio_estimator():
     assert ci["hmean"] == 0.25 and ci["hmean_lo"] == 0.0 and ci["hmean_hi"] == 1.0
 
 
-def test_bootstrap_is_vectorised():
-    import time
+def test_paper_sized_records_give_intervals_around_the_means_and_are_deterministic():
+    """3 methods x 100 faces x 160 images (the paper's grid per method), every Table 1 column.
 
+    How fast this runs is measured in benchmarks/, not asserted here."""
     rng = np.random.default_rng(0)
     rows = []
     for m in ("a", "b", "c"):
         rows += _synthetic(m, rng.uniform(0, 1, 100), 160, noise=0.1, rng=rng)
     rec = _records(rows)
-    for c in TABLE1_COLUMNS:
+    for c in PAPER_COLUMNS:
         rec[c] = rec["hmean"]
-    t = time.perf_counter()
-    face_bootstrap_ci(rec, TABLE1_COLUMNS)
-    paired_differences(rec)
-    assert time.perf_counter() - t < 10.0
+    ci = face_bootstrap_ci(rec, PAPER_COLUMNS, seed=5)
+    means = rec.groupby("method")["hmean"].mean()
+    per_face = rec.groupby(["method", "face"])["hmean"].mean()
+    for m in ("a", "b", "c"):
+        for c in PAPER_COLUMNS:
+            assert ci.loc[m, c] == pytest.approx(means[m], abs=1e-12), (m, c)
+            assert per_face[m].min() <= ci.loc[m, f"{c}_lo"] < ci.loc[m, c] < ci.loc[m, f"{c}_hi"] <= per_face[m].max()
+    assert list(ci["n_faces"]) == [100, 100, 100]
+    pd.testing.assert_frame_equal(face_bootstrap_ci(rec, PAPER_COLUMNS, seed=5), ci)
+    diffs = paired_differences(rec, ["hmean"], seed=5)
+    pd.testing.assert_frame_equal(paired_differences(rec, ["hmean"], seed=5), diffs)
+    for _, r in diffs.iterrows():
+        assert r["diff"] == pytest.approx(means[r["method_a"]] - means[r["method_b"]], abs=1e-12)
+        assert r["lo"] < r["diff"] < r["hi"]
 
 
 # --- paired differences --------------------------------------------------------------------------------
@@ -250,7 +253,7 @@ def test_top_k_marks_with_ties_and_lower_is_better():
 
 
 def test_top_k_marks_on_paper_table1():
-    marks = top_k_marks(PAPER_TABLE1, TABLE1_COLUMNS)
+    marks = top_k_marks(PAPER_TABLE1, PAPER_COLUMNS)
     assert marks[("Face2Diffusion", "hmean")] == 1 and marks[("FastComposer", "hmean")] == 2
     assert marks[("CelebBasis", "hmean")] == 3
     assert marks[("CustomDiffusion", "adaface")] == 1
@@ -263,7 +266,7 @@ def test_top_k_marks_on_paper_table1():
 
 def test_paper_table1_values():
     assert PAPER_TABLE1.shape == (10, 8)
-    assert list(PAPER_TABLE1.columns) == list(TABLE1_COLUMNS)
+    assert list(PAPER_TABLE1.columns) == list(PAPER_COLUMNS) == list(default_catalog().table1_columns)
     assert PAPER_TABLE1.loc["Face2Diffusion", "hmean"] == 0.1749
     assert PAPER_TABLE1.loc["Face2Diffusion", "gmean"] == 0.2252
     assert PAPER_TABLE1.loc["FastComposer", "clip"] == 0.2495
@@ -275,7 +278,7 @@ def test_paper_table1_values():
 
 def test_paper_hmean_is_not_a_mean_of_the_column_means():
     """Table 1's hMean / gMean are averages of per-image means: the means of the columns are far larger."""
-    cols = PAPER_TABLE1[list(MEAN_METRICS)].to_numpy()
+    cols = PAPER_TABLE1[list(PAPER_COLUMNS[:6])].to_numpy()
     h_of_cols = harmonic_mean_rows(cols)
     g_of_cols = geometric_mean_rows(cols)
     for i, method in enumerate(PAPER_TABLE1.index):

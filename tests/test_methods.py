@@ -13,7 +13,7 @@ from f2d_bench.cli import main
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import build_methods, generate_run
 from f2d_bench.errors import ConfigError
-from f2d_bench.faceset_source import resolve_face_set
+from f2d_bench.faces.source import resolve_face_set
 from f2d_bench.methods import METHODS
 from f2d_bench.methods.sd_class import SDClassMethod
 from f2d_bench.prompts import load_prompt_set

@@ -1,10 +1,10 @@
 """`f2d-bench report`: a small scored run (two imported methods, every scorer on tiny / random-weight
-models) rendered to HTML, checked against the aggregates, for links that stay inside, for escaping of
-hostile prompts and labels, and opened in headless Chromium when it is installed."""
+models) rendered to HTML, its numbers checked against means computed here from records.parquet with plain
+pandas, for links that stay inside, for escaping of hostile prompts and labels, and opened in headless
+Chromium when it is installed."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
@@ -16,13 +16,26 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, small_config_dict
+from conftest import (
+    OTHER,
+    REPO,
+    SAME,
+    cli_parser,
+    default_catalog,
+    external_source,
+    face_dir,
+    offline_scoring,
+    sha256_file,
+    small_config_dict,
+)
 from PIL import Image
 
-from f2d_bench.aggregate.bootstrap import face_bootstrap_ci
-from f2d_bench.aggregate.tables import TABLE1_COLUMNS, method_means
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.report.render import build_report, check_links_inside, fmt, page_links
+
+# Every test here uses the scored run (about 40 s to build and score on two cores): the module is left
+# out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
@@ -30,9 +43,8 @@ needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not in
 # A prompt and labels that would run script if any of them reached the page unescaped.
 XSS_PROMPT = "{} as a chef <script>alert(1)</script><script>document.body.setAttribute('data-pwned','prompt')</script>"
 XSS_LABEL = "Method {} <img src=x onerror=\"document.body.setAttribute('data-pwned','label')\">"
-SAME = {"obama": "obama2", "obama2": "obama3", "biden": "biden", "grace_hopper": "grace_hopper"}
-OTHER = {"obama": "biden", "obama2": "grace_hopper", "biden": "obama", "grace_hopper": "obama2"}
 RESAMPLES = 300
+TABLE1_COLUMNS = default_catalog().table1_columns
 
 
 def _prompts_yaml(path: Path) -> Path:
@@ -64,14 +76,9 @@ def _build_scored_run(tmp: Path) -> Path:
     person and a noise image without a face), scored by every scorer with tiny / random weights."""
     from f2d_bench.config import config_from_dict
     from f2d_bench.engine import generate_run
-    from f2d_bench.faceset_source import resolve_face_set
     from f2d_bench.scoring import score_run
 
-    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
-    faces = tmp / "faces"
-    faces.mkdir()
-    for fid in SAME:
-        shutil.copy(crops[fid], faces / f"{fid}.png")
+    faces = face_dir(tmp / "faces", SAME)
     rng = np.random.default_rng(0)
     plans = {
         "A": lambda f: {"job-chef": SAME[f], "activity-guitar": OTHER[f], "location-eiffel-tower": SAME[f],
@@ -81,22 +88,12 @@ def _build_scored_run(tmp: Path) -> Path:
     }
     methods = []
     for name, plan in plans.items():
-        src = tmp / f"src-{name}"
-        for fid in SAME:
-            for pid, photo in plan(fid).items():
-                d = src / fid / pid
-                d.mkdir(parents=True)
-                if photo is None:
-                    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(d / "0.png")
-                else:
-                    shutil.copy(crops[photo], d / "0.png")
+        src = external_source(tmp / f"src-{name}", SAME, plan, rng=rng, noise_size=96)
         methods.append({"name": "external", "label": XSS_LABEL.replace("{}", name),
                         "params": {"source": str(src), "trained_params": 1.2e7 if name == "A" else None}})
     data = small_config_dict(
         faces=str(faces), prompts=str(_prompts_yaml(tmp / "prompts.yaml")), seeds=[0], methods=methods,
-        scoring={"device": "cpu", "settings": {
-            "adaface": {"weights": "random"}, "sphereface": {"weights": "random"},
-            "facenet": {"weights": "random"}, "clip": {"model": "tiny"}, "siglip": {"model": "tiny"}}})
+        scoring=offline_scoring())
     out = tmp / "run"
     assert generate_run(config_from_dict(data), out, progress=False).complete
     score_run(out, progress=False)
@@ -133,6 +130,20 @@ def report(scored_run, tmp_path_factory) -> Path:
 
 def _html(report: Path) -> str:
     return report.read_text(encoding="utf-8")
+
+
+def _prompt_rows(rec: pd.DataFrame) -> pd.DataFrame:
+    """What the tables average, selected here by hand: prompt images (no reference) without an error."""
+    return rec[~rec["is_reference"].astype(bool) & rec["error"].isna()]
+
+
+def _expected_means(rec: pd.DataFrame, by="method") -> pd.DataFrame:
+    """Plain pandas means over the prompt rows, with the detection rate and the image count."""
+    rows = _prompt_rows(rec)
+    out = rows.groupby(by)[list(TABLE1_COLUMNS)].mean()
+    out["face_detection_rate"] = rows.groupby(by)["face_detected"].mean()
+    out["n_images"] = rows.groupby(by).size()
+    return out
 
 
 class _Table1Cells(HTMLParser):
@@ -184,19 +195,32 @@ def test_report_has_every_section_and_file(report):
         assert meta in html, meta
 
 
-def test_table1_numbers_equal_the_aggregates(report, scored_run):
+def test_table1_numbers_equal_means_computed_from_the_records(report, scored_run):
     rec = pd.read_parquet(scored_run / "records.parquet")
-    means = method_means(rec)
-    ci = face_bootstrap_ci(rec, TABLE1_COLUMNS, n_resamples=RESAMPLES)
+    means = _expected_means(rec)
+    assert len(means) == 2 and (means["n_images"] == 16).all()  # 4 faces x 4 prompts, reference left out
     csv = pd.read_csv(report.parent / "table1.csv", index_col=0)
-    assert list(csv.index) == list(means.index) and len(csv) == 2
+    assert list(csv.index) == list(means.index)
     for c in (*TABLE1_COLUMNS, "face_detection_rate", "n_images"):
         np.testing.assert_allclose(csv[c].to_numpy(float), means[c].to_numpy(float), rtol=1e-12, err_msg=c)
-    for c in TABLE1_COLUMNS:
-        for side in ("lo", "hi"):
-            np.testing.assert_allclose(csv[f"{c}_{side}"].to_numpy(float), ci[f"{c}_{side}"].to_numpy(float),
-                                       rtol=1e-12, err_msg=f"{c}_{side}")
-    assert (csv["hmean_lo"] <= csv["hmean"]).all() and (csv["hmean"] <= csv["hmean_hi"]).all()
+    # table1.json holds the same rows
+    rows = json.loads((report.parent / "table1.json").read_text())
+    assert [r["method"] for r in rows] == list(means.index)
+    for r in rows:
+        for c in (*TABLE1_COLUMNS, "face_detection_rate", "n_images"):
+            assert r[c] == pytest.approx(means.loc[r["method"], c], rel=1e-12), (r["method"], c)
+    # a face-level interval: it holds the mean, and each resample is a weighted mean of per-face means,
+    # so it stays within their range
+    per_face = _prompt_rows(rec).groupby(["method", "face"])[list(TABLE1_COLUMNS)].mean()
+    for m in means.index:
+        for c in TABLE1_COLUMNS:
+            lo, mean, hi = csv.loc[m, f"{c}_lo"], csv.loc[m, c], csv.loc[m, f"{c}_hi"]
+            faces = per_face.loc[m, c]
+            eps = 1e-12
+            assert faces.min() - eps <= lo <= mean + eps and mean - eps <= hi <= faces.max() + eps, (m, c)
+            if faces.max() - faces.min() > 1e-9:  # faces differ: the interval is not a single point
+                assert hi - lo > 0, (m, c)
+    assert (csv["n_faces"] == 4).all()
     # what the page shows is the same numbers, rounded
     parser = _Table1Cells()
     parser.feed(_html(report))
@@ -205,7 +229,6 @@ def test_table1_numbers_equal_the_aggregates(report, scored_run):
             assert parser.cells[(m, c)] == fmt(means.loc[m, c]), (m, c)
     # method B has 4 noise images of 16: detection rate 12/16
     assert sorted(csv["face_detection_rate"]) == [pytest.approx(0.75), pytest.approx(1.0)]
-    assert json.loads((report.parent / "table1.json").read_text())[0]["method"] == means.index[0]
 
 
 def test_top_three_marks_and_random_weight_notes(report):
@@ -241,13 +264,16 @@ def test_table2_fid_parameters_and_encoding_time(report, scored_run):
 
 
 def test_categories_pairs_and_best_of_n_tables(report, scored_run):
-    from f2d_bench.aggregate.breakdown import category_means
-
     rec = pd.read_parquet(scored_run / "records.parquet")
     cats = pd.read_csv(report.parent / "categories.csv", index_col=[0, 1])
-    want = category_means(rec, TABLE1_COLUMNS)
-    np.testing.assert_allclose(cats[list(TABLE1_COLUMNS)].to_numpy(float), want.to_numpy(float), rtol=1e-12)
+    want = _prompt_rows(rec).groupby(["method", "category"])[list(TABLE1_COLUMNS)].mean()
+    assert sorted(cats.index) == sorted(want.index) and len(cats) == 2 * 4
+    got = cats.loc[list(want.index), list(TABLE1_COLUMNS)]
+    np.testing.assert_allclose(got.to_numpy(float), want.to_numpy(float), rtol=1e-12)
     assert set(cats.index.get_level_values("category")) == {"job", "activity", "expression", "location"}
+    # categories in the report's order within each method
+    for m in want.index.get_level_values("method").unique():
+        assert list(cats.loc[m].index) == ["job", "activity", "expression", "location"]
     pairs = pd.read_csv(report.parent / "paired.csv")
     assert list(pairs["column"]) == ["hmean", "gmean"]
     means = pd.read_csv(report.parent / "table1.csv", index_col=0)
@@ -275,7 +301,7 @@ def test_thumbnails_and_full_images_exist_inside_the_report(report, scored_run):
             assert max(im.size) <= 160 and im.format == "JPEG"
     for v in fulls:  # the copies are byte-identical to the run's images
         sha = Path(v).stem
-        assert __import__("hashlib").sha256((out / v).read_bytes()).hexdigest() == sha
+        assert sha256_file(out / v) == sha
     for tag, attr, v in links:
         if v.startswith("#"):
             continue
@@ -324,8 +350,7 @@ def test_report_imports_no_torch(scored_run, tmp_path):
 def test_cli_register_writes_the_report(scored_run, tmp_path, capsys):
     from f2d_bench.report.cli import register
 
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
+    parser = cli_parser(register)
     args = parser.parse_args(["report", str(scored_run), "-o", str(tmp_path / "r"), "--resamples", "50",
                               "--grid-faces", "2", "--grid-seeds", "1"])
     assert args.func(args) == 0
@@ -345,7 +370,8 @@ def test_two_runs_are_merged(scored_run, tmp_path):
         runs.append(copy)
     index = build_report(runs, tmp_path / "merged", n_resamples=RESAMPLES)
     merged = pd.read_csv(index.parent / "table1.csv", index_col=0)
-    want = method_means(rec)
+    want = _expected_means(rec)
+    assert list(merged.index) == list(want.index)
     np.testing.assert_allclose(merged["hmean"].to_numpy(float), want["hmean"].to_numpy(float), rtol=1e-12)
     assert "Run 2: run-" in index.read_text()
 

@@ -22,35 +22,29 @@ from PIL import Image
 from f2d_bench.cli import main
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import generate_run
-from f2d_bench.faceset_source import resolve_face_set
 from f2d_bench.run_dir import RunDir
-from f2d_bench.scoring import choose_face, score_run
+from f2d_bench.scoring import score_run
+from f2d_bench.scoring.faces import choose_face
 
-from conftest import REPO, small_config_dict
-
-# input face -> the photo shown as its "generated" image for each smoke prompt
-SAME = {"obama": "obama2", "obama2": "obama3", "biden": "biden", "grace_hopper": "grace_hopper"}
-OTHER = {"obama": "biden", "obama2": "grace_hopper", "biden": "obama", "grace_hopper": "obama2"}
+from conftest import (
+    OTHER,
+    REPO,
+    SAME,
+    external_source,
+    face_dir,
+    offline_scoring,
+    prepared_crops,
+    small_config_dict,
+)
 
 
 def _build(tmp: Path, chunk_size: int = 256) -> tuple[Path, dict]:
-    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
-    faces = tmp / "faces"
-    faces.mkdir()
-    for fid in SAME:
-        shutil.copy(crops[fid], faces / f"{fid}.png")
-    src = tmp / "elsewhere"
-    rng = np.random.default_rng(0)
-    for fid in SAME:
-        plan = {"job-chef": crops[SAME[fid]], "activity-guitar": crops[OTHER[fid]],
-                "location-eiffel-tower": crops[SAME[fid]], "ref": crops[fid], "expression-laughing": None}
-        for pid, photo in plan.items():
-            d = src / fid / pid
-            d.mkdir(parents=True)
-            if photo is None:  # noise: no face in it
-                Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(d / "0.png")
-            else:
-                shutil.copy(photo, d / "0.png")
+    """The smoke prompts for 4 faces, imported: the same person (job-chef, location), another person
+    (activity-guitar), the input photo (ref) and a noise image without a face (expression-laughing)."""
+    faces = face_dir(tmp / "faces", SAME)
+    plan = lambda fid: {"job-chef": SAME[fid], "activity-guitar": OTHER[fid],  # noqa: E731
+                        "location-eiffel-tower": SAME[fid], "ref": fid, "expression-laughing": None}
+    src = external_source(tmp / "elsewhere", SAME, plan, rng=np.random.default_rng(0), noise_size=256)
     data = small_config_dict(faces=str(faces), seeds=[0],
                              methods=[{"name": "external", "params": {"source": str(src)}}],
                              scoring={"scorers": ["dlib"], "chunk_size": chunk_size, "batch_size": 4,
@@ -63,11 +57,13 @@ def _build(tmp: Path, chunk_size: int = 256) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def scored(tmp_path_factory):
+    """The run of `_build`, scored (about 8 s on two cores: every test using it is marked slow)."""
     out, data = _build(tmp_path_factory.mktemp("scoring"))
     summary = score_run(out, progress=False)
     return out, data, summary, pd.read_parquet(out / "records.parquet")
 
 
+@pytest.mark.slow
 def test_records_have_one_row_per_image_and_every_column(scored):
     out, _, summary, rec = scored
     assert len(rec) == len(RunDir(out).keys()) == 4 * 5 == summary.n_images
@@ -78,6 +74,7 @@ def test_records_have_one_row_per_image_and_every_column(scored):
     assert rec["error"].isna().all()
 
 
+@pytest.mark.slow
 def test_dlib_same_person_beats_different_person(scored):
     rec = scored[3].set_index(["face", "prompt"])["dlib"]
     for fid in SAME:
@@ -87,6 +84,7 @@ def test_dlib_same_person_beats_different_person(scored):
     assert rec[("obama", "job-chef")] > 0.85 and rec[("obama", "activity-guitar")] < 0.85
 
 
+@pytest.mark.slow
 def test_no_face_gives_zero_and_face_detected_false(scored):
     rec = scored[3]
     noise = rec[rec["prompt"] == "expression-laughing"]
@@ -95,6 +93,7 @@ def test_no_face_gives_zero_and_face_detected_false(scored):
     assert scored[2].no_face == 4
 
 
+@pytest.mark.slow
 def test_rescoring_uses_the_cache_and_a_changed_image_is_rescored(scored, tmp_path):
     out, _, _, before = scored
     again = score_run(out, progress=False)
@@ -102,6 +101,7 @@ def test_rescoring_uses_the_cache_and_a_changed_image_is_rescored(scored, tmp_pa
     pd.testing.assert_frame_equal(pd.read_parquet(out / "records.parquet"), before)
 
 
+@pytest.mark.slow
 def test_changed_image_is_rescored(tmp_path):
     out, _ = _build(tmp_path)
     score_run(out, progress=False)
@@ -111,14 +111,14 @@ def test_changed_image_is_rescored(tmp_path):
     run.store.image_path(key).unlink()
     src = tmp_path / "elsewhere" / "obama" / "job-chef" / "0.png"
     shutil.copy(tmp_path / "elsewhere" / "biden" / "ref" / "0.png", src)
-    from f2d_bench.scoring import run_config
-    generate_run(run_config(run), out, progress=False)
+    generate_run(run.config(), out, progress=False)
     summary = score_run(out, progress=False)
     assert summary.computed == {"dlib": 1}
     rec = pd.read_parquet(out / "records.parquet").set_index(["face", "prompt"])
     assert rec.loc[("obama", "job-chef"), "dlib"] < 0.85  # now Biden's photo
 
 
+@pytest.mark.slow
 def test_unreadable_grayscale_rgba_16bit_images(tmp_path):
     out, _ = _build(tmp_path)
     run = RunDir(out)
@@ -140,6 +140,7 @@ def test_unreadable_grayscale_rgba_16bit_images(tmp_path):
         assert rec.loc[(fid, "job-chef"), "dlib"] > 0.85, fid
 
 
+@pytest.mark.slow
 def test_score_killed_midway_ends_with_the_same_table(scored, tmp_path):
     out, _ = _build(tmp_path, chunk_size=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -180,6 +181,7 @@ def test_scorers_command_lists_metrics(capsys):
         assert name in out
 
 
+@pytest.mark.slow
 def test_table1_means_match_a_hand_computation(scored):
     out, _, summary, rec = scored
     table = pd.read_csv(out / "table1.csv", index_col=0)
@@ -189,9 +191,10 @@ def test_table1_means_match_a_hand_computation(scored):
     assert table.iloc[0]["n_images"] == 16
 
 
+@pytest.mark.slow
 def test_fid_per_method_against_a_reference(tmp_path):
     out, data = _build(tmp_path)
-    crops = [f.path for f in resolve_face_set("builtin:test-faces")]
+    crops = list(prepared_crops().values())
     ref_dir = tmp_path / "reference"
     ref_dir.mkdir()
     for p in crops:
@@ -211,16 +214,10 @@ def test_fid_per_method_against_a_reference(tmp_path):
 
 def test_f2d_grid_generates_and_scores_end_to_end(tmp_path):
     """F2D (official structure, random weights) on the tiny pipeline with real photos, then every scorer."""
-    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
-    faces = tmp_path / "faces"
-    faces.mkdir()
-    for fid in ("obama", "biden"):
-        shutil.copy(crops[fid], faces / f"{fid}.png")
+    faces = face_dir(tmp_path / "faces", ("obama", "biden"))
     data = small_config_dict(
         faces=str(faces), seeds=[0], methods=[{"name": "f2d", "params": {"weights": "random"}}],
-        scoring={"device": "cpu", "settings": {
-            "adaface": {"weights": "random"}, "sphereface": {"weights": "random"},
-            "facenet": {"weights": "random"}, "clip": {"model": "tiny"}, "siglip": {"model": "tiny"}}})
+        scoring=offline_scoring())
     out = tmp_path / "run"
     assert generate_run(config_from_dict(data), out, progress=False).complete
     summary = score_run(out, progress=False)
@@ -239,13 +236,10 @@ def test_f2d_grid_generates_and_scores_end_to_end(tmp_path):
     assert notes["clip"] == "random weights: not meaningful" and notes["dlib"] is None
 
 
+@pytest.mark.slow
 def test_changed_face_settings_rescore_identity_but_not_text(scored, tmp_path):
-    import dataclasses
-
-    from f2d_bench.scoring import run_config
-
     out, _, _, before = scored
-    strict = dataclasses.replace(run_config(RunDir(out)).scoring, min_face_prob=1.0)  # no face passes
+    strict = RunDir(out).config().scoring.replace(min_face_prob=1.0)  # no face passes
     summary = score_run(out, scoring=strict, progress=False)
     assert summary.computed == {"dlib": len(before)}  # identity depends on the chosen face: recomputed
     rec = pd.read_parquet(out / "records.parquet")
@@ -254,6 +248,7 @@ def test_changed_face_settings_rescore_identity_but_not_text(scored, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "records.parquet"), before)
 
 
+@pytest.mark.slow
 def test_unreadable_reference_image_leaves_dclip_empty_and_the_run_goes_on(tmp_path):
     out, _ = _build(tmp_path)
     run = RunDir(out)
@@ -271,6 +266,7 @@ def test_score_of_a_non_run_is_a_clear_error(tmp_path, capsys):
     assert "not an f2d-bench run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_scoring_a_subset_keeps_the_other_scorers_columns(tmp_path):
     out, _ = _build(tmp_path)
     score_run(out, progress=False)  # the run's own scorers: dlib

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import itertools
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,12 +14,11 @@ from f2d_bench.aggregate.best_of_n import best_of_n_curve, best_of_n_weights, ex
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import generate_run
 from f2d_bench.errors import F2DBenchError
-from f2d_bench.faceset_source import resolve_face_set
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring import score_run
 from f2d_bench.upper_bound import choose_batch_size, register, upper_bound
 
-from conftest import small_config_dict
+from conftest import cli_parser, face_dir, offline_scoring, record_row, sha256_file, small_config_dict
 
 # -- the closed form ---------------------------------------------------------------------------------
 
@@ -59,8 +55,7 @@ def _records(values_by_pair: dict, method="m1", label="Method 1") -> pd.DataFram
     rows = []
     for (face, prompt), values in values_by_pair.items():
         for seed, v in enumerate(values):
-            rows.append({"method": method, "method_label": label, "face": face, "prompt": prompt,
-                         "seed": seed, "hmean": v, "is_reference": False, "error": None})
+            rows.append(record_row(method, face, v, prompt=prompt, seed=seed, method_label=label))
     return pd.DataFrame(rows)
 
 
@@ -102,25 +97,19 @@ def test_batch_size_is_halved_when_that_avoids_regenerating_parent_images():
 
 
 # -- end to end on the tiny pipeline -------------------------------------------------------------------
+# (generate, score and top up take about 8 s on two cores: these tests are marked slow)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+_sha = sha256_file
 
 
 @pytest.fixture(scope="module")
 def topped_up(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("upper-bound")
-    crops = {f.face_id: f.path for f in resolve_face_set("builtin:test-faces")}
-    faces = tmp / "faces"
-    faces.mkdir()
-    for fid in ("obama", "biden"):
-        shutil.copy(crops[fid], faces / f"{fid}.png")
+    faces = face_dir(tmp / "faces", ("obama", "biden"))
     data = small_config_dict(
         faces=str(faces), seeds=[0, 1], batch_size=4,
-        scoring={"device": "cpu", "scorers": ["adaface", "sphereface", "facenet", "clip", "siglip"], "settings": {
-            "adaface": {"weights": "random"}, "sphereface": {"weights": "random"},
-            "facenet": {"weights": "random"}, "clip": {"model": "tiny"}, "siglip": {"model": "tiny"}}})
+        scoring=offline_scoring(scorers=["adaface", "sphereface", "facenet", "clip", "siglip"]))
     parent = tmp / "run"
     assert generate_run(config_from_dict(data), parent, progress=False).complete
     score_run(parent, progress=False)
@@ -137,6 +126,7 @@ def topped_up(tmp_path_factory):
     return parent, parent_sha, no_generate_message, first, second
 
 
+@pytest.mark.slow
 def test_no_generate_names_what_is_missing_and_what_to_run(topped_up):
     _, _, message, _, _ = topped_up
     # 1 method x 2 faces x (4 prompts + reference): every pair lacks 2 seeds
@@ -144,6 +134,7 @@ def test_no_generate_names_what_is_missing_and_what_to_run(topped_up):
     assert "20 images missing" in message and "upper-bound" in message and "--n 4" in message
 
 
+@pytest.mark.slow
 def test_top_up_reuses_parent_images_and_generates_only_the_missing_seeds(topped_up):
     parent, parent_sha, _, first, _ = topped_up
     child = RunDir(parent / "upper_bound" / "n4")
@@ -169,6 +160,7 @@ def test_top_up_reuses_parent_images_and_generates_only_the_missing_seeds(topped
     assert RunDir(parent).read_grid()["seeds"] == [0, 1]
 
 
+@pytest.mark.slow
 def test_outputs_and_curve(topped_up):
     parent, _, _, first, _ = topped_up
     out = parent / "upper_bound"
@@ -198,6 +190,7 @@ def test_outputs_and_curve(topped_up):
     assert (out / "again.svg").read_bytes() == (out / "best_of_n.svg").read_bytes()  # deterministic
 
 
+@pytest.mark.slow
 def test_second_call_resumes_without_work(topped_up):
     _, _, _, first, second = topped_up
     assert (second.linked, second.generated, second.score_chunks_copied) == (0, 0, 0)
@@ -205,6 +198,7 @@ def test_second_call_resumes_without_work(topped_up):
     pd.testing.assert_frame_equal(first.curve, second.curve)
 
 
+@pytest.mark.slow
 def test_no_generate_after_top_up_and_direct_use_of_a_parent_with_all_seeds(topped_up):
     parent, _, _, first, _ = topped_up
     again = upper_bound(parent, 4, generate=False, progress=False)
@@ -216,6 +210,7 @@ def test_no_generate_after_top_up_and_direct_use_of_a_parent_with_all_seeds(topp
     assert sorted(set(direct.curve["n"])) == [1, 2]
 
 
+@pytest.mark.slow
 def test_seeds_outside_range_are_an_error(topped_up, tmp_path):
     parent = topped_up[0]
     fake = tmp_path / "fake"
@@ -228,10 +223,10 @@ def test_seeds_outside_range_are_an_error(topped_up, tmp_path):
         upper_bound(fake, 4, progress=False)
 
 
+@pytest.mark.slow
 def test_command_line(topped_up, capsys):
     parent = topped_up[0]
-    parser = argparse.ArgumentParser(prog="f2d-bench")
-    register(parser.add_subparsers(dest="command"))
+    parser = cli_parser(register)
     with pytest.raises(SystemExit):
         parser.parse_args(["upper-bound", "--help"])
     help_text = capsys.readouterr().out
