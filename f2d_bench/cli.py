@@ -46,15 +46,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     rows = run.status()
     tmp = run.store.temporary_files()
+    damaged = {k.as_string(): why for k, why in run.store.damaged(run.keys()).items()} if args.verify else {}
     if args.json:
         print(json.dumps({
             "run_dir": str(run.root),
             "expected": sum(r.expected for r in rows),
-            "done": sum(r.done for r in rows),
+            "done": sum(r.done for r in rows) - len(damaged),
             "methods": {r.method_id: {"label": r.label, "expected": r.expected, "done": r.done} for r in rows},
             "temporary_files": len(tmp),
+            **({"damaged": damaged} if args.verify else {}),
         }, indent=2))
-        return 0
+        return 1 if damaged else 0
     width = max((len(r.label) + len(r.method_id) + 3 for r in rows), default=10)
     for r in rows:
         name = f"{r.label} [{r.method_id}]"
@@ -63,7 +65,13 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"{'total':<{width}}  {sum(r.done for r in rows):>7}/{sum(r.expected for r in rows):<7}")
     if tmp:
         print(f"{len(tmp)} temporary file(s) from an interrupted writer; the next generate of that shard removes them")
-    return 0
+    if args.verify:
+        print(f"verified every image against its manifest hash: {len(damaged)} damaged")
+        for key, why in list(damaged.items())[:20]:
+            print(f"  {key}: {why}")
+        if damaged:
+            print("run the same generate command again: it removes damaged images and generates them anew")
+    return 1 if damaged else 0
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -134,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Show how many images of a run's grid exist, per method (all shards).")
     st.add_argument("run_dir", metavar="RUN_DIR")
     st.add_argument("--json", action="store_true", help="print JSON with the keys `expected` and `done`")
+    st.add_argument("--verify", action="store_true",
+                    help="also read every image and compare it with its manifest hash (damaged images; exit 1)")
     st.set_defaults(func=_cmd_status)
 
     me = sub.add_parser("methods", help="list installed generation methods",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Mapping
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
+#: Run names: the default run folder is ``runs/<name>``, so a name is one safe path component.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 #: The face-set value that names the photos shipped in ``f2d_bench/assets/faces`` (prepared on first use).
 BUILTIN_TEST_FACES = "builtin:test-faces"
 
@@ -169,6 +172,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        if not _NAME.fullmatch(self.name) or ".." in self.name:
+            raise ValueError(f"name: {self.name!r} must be a plain name of letters, digits, '.', '_' and '-' "
+                             "starting with a letter or digit (it names the folder runs/<name>)")
         if not self.methods:
             raise ValueError("methods: at least one method is needed")
         if not self.seeds:
@@ -297,6 +303,10 @@ def load_config(path: str | Path) -> RunConfig:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start}); save the file as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:

@@ -119,10 +119,18 @@ def generate_run(
     ``pipeline`` replaces the loading of ``config.model`` by a callable returning a ready pipeline
     (benchmarks pass full-size random-weight components this way).
     """
+    from f2d_bench.scorers import DEFAULT_SCORERS, check_scoring
+
     start = time.perf_counter()
+    # Everything is resolved before the run directory is created: a start that fails on a missing
+    # model, face set or a misspelled name leaves nothing behind that would block the corrected config.
     prompt_set = load_prompt_set(config.prompts)
     faces = resolve_face_set(config.faces)
+    check_scoring(config.scoring.scorers or DEFAULT_SCORERS, config.scoring.settings)
+    pipeline = pipeline or PipelineProvider(config)
     methods = build_methods(config, prompt_set, pipeline)
+    if any(m.uses_pipeline for m in methods):
+        pipeline()  # loads (once) the base model every such method shares
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
     run.record_environment({"writer": shard.tag, **environment()})
 
@@ -130,15 +138,18 @@ def generate_run(
     prompt_ids = [p.id for p in prompt_set.all_prompts()]
     config_hash = config.grid_hash()
     results: list[MethodProgress] = []
-    for method in methods:
-        mid = method.method_id
-        keys = [k for k in grid_keys([mid], face_ids, prompt_ids, config.seeds) if shard.owns(k)]
-        run.store.reconcile(keys, writer=shard.tag, config_hash=config_hash)
-        prog = MethodProgress(mid, method.label, expected=len(keys))
-        prog.problems = method.preflight(face_ids, prompt_ids, config.seeds)
-        _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress)
-        prog.done = sum(run.store.has_image(k) for k in keys)
-        results.append(prog)
+    with run.store.writer_lock(shard.tag):
+        for method in methods:
+            mid = method.method_id
+            keys = [k for k in grid_keys([mid], face_ids, prompt_ids, config.seeds) if shard.owns(k)]
+            repaired = run.store.reconcile(keys, writer=shard.tag, config_hash=config_hash)
+            prog = MethodProgress(mid, method.label, expected=len(keys))
+            prog.problems = method.preflight(face_ids, prompt_ids, config.seeds)
+            if repaired["damaged_removed"]:
+                prog.problems.append(f"{repaired['damaged_removed']} damaged image(s) removed and generated again")
+            _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress)
+            prog.done = sum(run.store.has_image(k) for k in keys)
+            results.append(prog)
     return GenerationSummary(Path(run_dir), shard, results, time.perf_counter() - start)
 
 

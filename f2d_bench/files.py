@@ -133,3 +133,52 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if isinstance(obj, dict):
             records.append(obj)
     return records
+
+
+def replace_dir(new: str | Path, target: str | Path) -> None:
+    """Put the folder ``new`` at ``target``, so that ``target`` is always either the old or the new folder.
+
+    On Linux the two are exchanged in one ``renameat2(RENAME_EXCHANGE)`` call and the old one is then
+    removed; elsewhere the old folder is renamed aside first, and :func:`recover_dir` puts it back if a
+    kill falls between the two renames. ``new`` and ``target`` must be on one file system.
+    """
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.rename(new, target)
+        return
+    if _exchange(new, target):
+        shutil.rmtree(new, ignore_errors=True)  # it now holds the old folder
+        return
+    aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, aside)
+    os.rename(new, target)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_dir(target: str | Path) -> None:
+    """Undo a :func:`replace_dir` that was killed between its two renames (the old folder comes back)."""
+    target = Path(target)
+    if target.exists():
+        return
+    for aside in sorted(target.parent.glob(f".{target.name}.old-*")):
+        os.rename(aside, target)
+        return
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux's renameat2; False where the call is not available."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))

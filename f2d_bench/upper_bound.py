@@ -226,8 +226,9 @@ def _prepare_child(parent: RunDir, pgrid: dict, child_config, cdir: Path) -> tup
             f"the top-up run {cdir} would differ from {parent.root} in {', '.join(differ)} (input faces, prompt "
             "set or methods changed since the run was generated); its images could not be compared"
         )
-    linked = link_parent_images(parent, child)
-    child.store.reconcile(child.keys(), writer="all", config_hash=child_config.grid_hash())
+    with child.store.writer_lock("all"):
+        linked = link_parent_images(parent, child)
+        child.store.reconcile(child.keys(), writer="all", config_hash=child_config.grid_hash())
     return child, linked
 
 

@@ -8,6 +8,7 @@ Each caller raises its own error type (`error=`): the identity models a `Weights
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -42,27 +43,63 @@ def require_file(path, *, what: str, published: str) -> Path:
     return file
 
 
-def read_torch_file(file: Path, *, trusted_pickle: bool = False, error: type[Exception] = WeightsLayoutError):
-    """``torch.load`` on CPU, tensors-only first; `error` for a file it cannot read.
+#: Metadata types that PyTorch Lightning checkpoints pickle beside their tensors (hyper-parameters,
+#: checkpoint-callback paths). ``read_torch_file(..., metadata=LIGHTNING_METADATA)`` reads each of them
+#: as an inert :class:`PickledMetadata` record, never as the class itself.
+LIGHTNING_METADATA = (
+    "argparse.Namespace",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "pathlib.PosixPath",
+    "pathlib.WindowsPath",
+)
 
-    trusted_pickle: when the tensors-only loader refuses the file (Lightning checkpoints pickle their
-    hyper-parameters), load it again with ``weights_only=False``, which runs the pickle's code. Callers
-    pass True only for files the user named themselves, never for files found or downloaded.
+
+class PickledMetadata:
+    """What a metadata object of a weight file is read as: its arguments and state, kept as data.
+
+    Constructing it runs no code of the file's: whatever class the file names is never imported.
     """
+
+    # Defaults: the unpickler may create an instance with ``__new__`` only and then set its state.
+    args: tuple = ()
+    kwargs: dict = {}
+    state = None
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs, self.state = args, kwargs, None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"PickledMetadata(args={self.args!r}, state={self.state!r})"
+
+
+def read_torch_file(file: Path, *, metadata: Iterable[str] = (), error: type[Exception] = WeightsLayoutError):
+    """The contents of a ``torch.save`` file, read onto the CPU by torch's tensors-only unpickler.
+
+    No file is ever unpickled with arbitrary globals: tensors, containers and numbers load as usual,
+    the classes named in ``metadata`` (full dotted names, e.g. ``LIGHTNING_METADATA``) load as inert
+    :class:`PickledMetadata` records, and anything else a file asks for (a function to call, another
+    class) makes it an ``error`` naming that global, before anything of the file has run.
+    """
+    stand_ins = [(PickledMetadata, name) for name in metadata]
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(stand_ins):
+            return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trusted_pickle:
-            raise error(
-                f"{str(file)!r} holds pickled objects besides tensors (torch's tensors-only loader refused "
-                "it); this model's official file is a plain state dict, so no pickled code is run for it"
-            ) from exc
+        asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"the global {asked.group(1)}" if asked else "objects besides tensors"
+        raise error(
+            f"{str(file)!r} asks the unpickler for {what}, which a weight file does not need; it was refused "
+            "and nothing in the file was run. Use the official file (a plain state dict"
+            + (", or a Lightning checkpoint of tensors and hyper-parameters" if stand_ins else "")
+            + "); if you made this file yourself, save model.state_dict() instead"
+        ) from exc
     except Exception as exc:  # a truncated download, an HTML error page saved as .pt, ...
         raise error(f"{str(file)!r} is not a readable PyTorch file: {exc}") from exc
-    try:
-        return torch.load(file, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise error(f"{str(file)!r} is not a readable PyTorch checkpoint: {exc}") from exc
 
 
 def _listing(keys: Iterable[str]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,24 +19,15 @@ from f2d_bench.cli import main
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import generate_run
 from f2d_bench.errors import F2DBenchError
-from f2d_bench.faceset_source import resolve_face_set
 from f2d_bench.grid import Shard
 from f2d_bench.run_dir import RunDir
-from f2d_bench.store import read_jsonl
+from f2d_bench.files import read_jsonl
 
-from conftest import REPO, small_config_dict
+from conftest import REPO, face_dir, prepared_crops, run_hashes, run_pixels, small_config_dict
 
 N_FACES, N_PROMPTS, N_SEEDS = 8, 5, 2  # 8 test photos; smoke set: 4 prompts + the reference
 
-
-def _hashes(run_dir: Path) -> dict[str, str]:
-    return {r.key.as_string().split("/", 1)[1]: r.sha256 for r in RunDir(run_dir).store.manifest_records().values()}
-
-
-def _pixels(run_dir: Path) -> dict[str, np.ndarray]:
-    run = RunDir(run_dir)
-    return {k.as_string().split("/", 1)[1]: np.asarray(Image.open(run.store.image_path(k)), dtype=np.int16)
-            for k in run.keys()}
+_hashes, _pixels = run_hashes, run_pixels  # face/prompt/seed -> sha256 / pixels of a run's images
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +58,7 @@ def test_full_grid_is_written_with_metadata(reference_run):
     assert env["packages"]["torch"] and "cpu_count" in env["hardware"]
 
 
+@pytest.mark.slow
 def test_same_config_gives_identical_images(reference_run, tmp_path):
     out, _ = reference_run
     generate_run(config_from_dict(small_config_dict()), tmp_path / "again", progress=False)
@@ -81,6 +72,7 @@ def test_different_seeds_and_prompts_give_different_images(reference_run):
     assert np.abs(pixels[f"{face}/job-chef/0"] - pixels[f"{face}/ref/0"]).mean() > 0.1
 
 
+@pytest.mark.slow
 def test_batch_equals_one_at_a_time(reference_run, tmp_path):
     generate_run(config_from_dict(small_config_dict(batch_size=1)), tmp_path / "b1", progress=False)
     a, b = _pixels(reference_run[0]), _pixels(tmp_path / "b1")
@@ -110,6 +102,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     assert generate_run(config_from_dict(relabelled), out, progress=False).complete
 
 
+@pytest.mark.slow
 def test_shards_union_to_the_unsharded_set(reference_run, tmp_path):
     out = tmp_path / "sharded"
     cfg = config_from_dict(small_config_dict())
@@ -123,7 +116,7 @@ def test_shards_union_to_the_unsharded_set(reference_run, tmp_path):
     a, b = _pixels(reference_run[0]), _pixels(out)
     assert a.keys() == b.keys()
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 3  # other batches: rounding only
-    assert sorted(p.name for p in (out / "manifests").iterdir()) == [
+    assert sorted(p.name for p in (out / "manifests").glob("*.jsonl")) == [
         "shard-1-of-3.jsonl", "shard-2-of-3.jsonl", "shard-3-of-3.jsonl"]
 
 
@@ -132,12 +125,10 @@ def _write_config(path: Path, **overrides) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_kill_9_and_restart_completes_exactly_once(tmp_path):
     """A real generate process killed with SIGKILL mid-run, then started again."""
-    faces = tmp_path / "faces"
-    faces.mkdir()
-    for face in resolve_face_set("builtin:test-faces")[:3]:
-        shutil.copy(face.path, faces / face.path.name)
+    faces = face_dir(tmp_path / "faces", sorted(prepared_crops())[:3])
     cfg = _write_config(tmp_path / "run.yaml", faces=str(faces), seeds=[0, 1, 2], batch_size=4,
                         sampling={"num_inference_steps": 30})
     out, clean = tmp_path / "run", tmp_path / "clean"

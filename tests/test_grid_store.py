@@ -6,7 +6,9 @@ from PIL import Image
 
 from f2d_bench.errors import ConfigError
 from f2d_bench.grid import ItemKey, Shard, fixed_batches, grid_keys
-from f2d_bench.store import RunStore, read_jsonl, read_png_key
+from f2d_bench.files import append_jsonl, read_jsonl
+from f2d_bench.run_dir import RunDir
+from f2d_bench.store import read_png_key
 
 
 def _keys():
@@ -59,30 +61,30 @@ def _img(v=0):
 
 
 def test_write_image_is_atomic_and_recorded(tmp_path):
-    store = RunStore(tmp_path)
+    store = RunDir(tmp_path).store
     key = _keys()[0]
     rec = store.write_image(key, _img(7), config_hash="abc", batch_size=4, writer="all", written_at="t")
     path = store.image_path(key)
     assert path.is_file() and not list(path.parent.glob(".*tmp"))
     assert read_png_key(path) == (key, "abc")
-    lines = read_jsonl(store.manifest_path("all"))
+    lines = read_jsonl(RunDir(tmp_path).manifest_path("all"))
     assert len(lines) == 1 and lines[0]["sha256"] == rec.sha256
     assert np.asarray(Image.open(path)).max() == 7
 
 
 def test_reconcile_repairs_what_a_kill_leaves(tmp_path):
-    store = RunStore(tmp_path)
+    store = RunDir(tmp_path).store
     keys = _keys()[:4]
     for k in keys[:2]:
         store.write_image(k, _img(), config_hash="h", batch_size=4, writer="all", written_at="t")
     # killed between rename and manifest append: an image with no line
     store.write_image(keys[2], _img(), config_hash="h", batch_size=4, writer="x", written_at="t")
-    store.manifest_path("x").unlink()
+    RunDir(tmp_path).manifest_path("x").unlink()
     # killed mid-write: a temporary file, and a partial manifest line
     tmp = store.image_path(keys[3]).with_name(".3.png.deadbeef.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_bytes(b"\x89PNG partial")
-    with open(store.manifest_path("all"), "a") as fh:
+    with open(RunDir(tmp_path).manifest_path("all"), "a") as fh:
         fh.write('{"key": {"method_id": "m-1')
     # a temporary file of a key this writer does not own stays
     foreign = store.image_path(_keys()[10]).with_name(".9.png.cafe.tmp")
@@ -92,18 +94,17 @@ def test_reconcile_repairs_what_a_kill_leaves(tmp_path):
     counts = store.reconcile(keys, writer="all", config_hash="h")
     assert counts["removed_tmp"] == 1 and counts["manifest_added"] == 1
     assert not tmp.exists() and foreign.exists()
-    text = store.manifest_path("all").read_text()
+    text = RunDir(tmp_path).manifest_path("all").read_text()
     assert text.endswith("\n")
     records = [json.loads(line) for line in text.splitlines()]  # every line is whole JSON now
     assert sorted(ItemKey.from_dict(r["key"]) for r in records) == sorted(keys[:3])
     assert set(store.manifest_records()) == set(keys[:3])
     # idempotent
     assert store.reconcile(keys, writer="all", config_hash="h") == {
-        "removed_tmp": 0, "manifest_added": 0, "manifest_dropped": 0}
+        "removed_tmp": 0, "manifest_added": 0, "manifest_dropped": 0, "damaged_removed": 0}
 
 
 def test_append_after_a_partial_line_keeps_the_new_record(tmp_path):
-    from f2d_bench.store import append_jsonl
 
     path = tmp_path / "log.jsonl"
     append_jsonl(path, {"a": 1})

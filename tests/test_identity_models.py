@@ -385,7 +385,7 @@ def sphere_default():
         ("missing", "missing keys 1: 'layer3.4.prelu2.weight'"),
         ("extra", "unexpected keys 1: 'fc6.weight'"),
         ("fc-112x96", "fc.weight [512, 21504] (expected [512, 25088])"),
-        ("whole-module", "pickled objects besides tensors"),
+        ("whole-module", "asks the unpickler for the global"),
     ],
 )
 def test_sphereface_wrong_layouts_are_refused(tmp_path, sphere_default, case, needle):

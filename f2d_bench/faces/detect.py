@@ -93,6 +93,10 @@ class FaceDetector:
     def detect(self, image: Image.Image) -> list[Detection]:
         """All faces MTCNN finds in ``image`` (any PIL mode), sorted by probability, highest first."""
         rgb = to_rgb8(image)
+        if min(rgb.size) < self.min_face_size:
+            # No face of the smallest searched size fits, and MTCNN's image pyramid would be empty
+            # (it raises on such images instead of finding nothing).
+            return []
         boxes, probs, landmarks = self._model().detect(rgb, landmarks=True)
         boxes = _as_float_array(boxes, (4,))
         landmarks = _as_float_array(landmarks, (5, 2))

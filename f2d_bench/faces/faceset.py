@@ -17,6 +17,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAME = "manifest.json"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_DOTS = re.compile(r"\.{2,}")
 # Ids become file names (ID.png); 200 characters stays well under the usual 255-byte name limit.
 _MAX_ID_LENGTH = 200
 _FALLBACK_ID = "face"
@@ -34,10 +35,12 @@ def sanitize_face_id(name: str) -> str:
     """A file-name-safe id for ``name``: the same input always gives the same id.
 
     Keeps ASCII letters, digits, '.', '_' and '-'; every other character (path separators included)
-    becomes '_'. Leading dots are removed (no hidden files, never '.' or '..'), the result is cut to 200
-    characters, and an empty result becomes "face". Idempotent: sanitizing an id returns it unchanged.
+    becomes '_', and so does a run of dots ("a..b" -> "a_b": ids become path components). Leading
+    '.', '_' and '-' are removed (ids start with a letter or digit; no hidden files), the result is cut to
+    200 characters, and an empty result becomes "face". The result is always a valid ``ItemKey`` id.
+    Idempotent: sanitizing an id returns it unchanged.
     """
-    cleaned = _UNSAFE.sub("_", str(name)).lstrip(".")[:_MAX_ID_LENGTH]
+    cleaned = _DOTS.sub("_", _UNSAFE.sub("_", str(name))).lstrip("._-")[:_MAX_ID_LENGTH]
     return cleaned or _FALLBACK_ID
 
 

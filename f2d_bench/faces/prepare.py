@@ -120,7 +120,9 @@ def _collect_sources(src: Path, dst: Path) -> tuple[list[tuple[str, Path, bool]]
     dst_resolved = dst.resolve()
     for path in sorted(src.iterdir()):
         if path.name.startswith("."):
-            continue  # hidden files: OS metadata (.DS_Store) and our own temporary files
+            # OS metadata (.DS_Store) or a file someone hid: listed, so that no photo vanishes unseen.
+            skipped.append(SkippedSource(path, "hidden file (its name starts with '.'); rename it to use it"))
+            continue
         if path.is_dir():
             if path.resolve() != dst_resolved:
                 skipped.append(SkippedSource(path, "is a directory (sub-directories are not searched)"))

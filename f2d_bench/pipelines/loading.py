@@ -57,6 +57,11 @@ def _unavailable_message(model_id: str, revision: str | None, reason: str) -> st
     )
 
 
+def _is_path(model_id: str) -> bool:
+    """Whether ``model_id`` can only be a file-system path: a Hugging Face id is ``owner/name``."""
+    return model_id.startswith(("/", ".", "~")) or "\\" in model_id or model_id.count("/") > 1
+
+
 def _check_local_dir(directory: Path) -> None:
     """Raise ConfigError naming `directory` when it lacks model_index.json or a component folder."""
     index = directory / "model_index.json"
@@ -131,6 +136,11 @@ def load_sd_pipeline(
         source, is_local = tiny.tiny_sd14_dir(), True
     elif Path(model_id).expanduser().is_dir():
         source, is_local = Path(model_id).expanduser(), True
+    elif _is_path(model_id):
+        raise ModelUnavailableError(
+            f"model directory {model_id!r} does not exist (looked for {Path(model_id).expanduser().resolve()}). "
+            f"Give an existing directory in diffusers' layout, or a Hugging Face id such as {SD14_ID}"
+        )
     else:
         source, is_local = model_id, False
 

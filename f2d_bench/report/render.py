@@ -10,10 +10,12 @@ file inside the report folder.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
 import shutil
+import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -39,7 +41,7 @@ from f2d_bench.report.plots import (
 )
 from f2d_bench.report.thumbnails import export_image, inside
 from f2d_bench.runinfo import utc_now
-from f2d_bench.files import atomic_write_text
+from f2d_bench.files import atomic_link_or_copy, atomic_write_text, recover_dir, replace_dir
 
 TEMPLATES = Path(__file__).parent / "templates"
 MARK_TAGS = {1: "strong", 2: "u", 3: "em"}
@@ -348,15 +350,49 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
     """Write the report of ``run_dirs`` (scored runs, merged) into ``out_dir``; returns ``out_dir/index.html``.
 
     ``grid_faces`` / ``grid_seeds`` bound the image grids (0: all), since a full run has 16,000 images per
-    method; the tables and files always use every image.
+    method; the tables and files always use every image. The report is written into a temporary folder
+    beside ``out_dir`` and swapped into place whole: a killed report leaves the old report or the new one.
     """
     out_dir = Path(out_dir)
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
-    data = load_runs(run_dirs)
-    out_dir.mkdir(parents=True, exist_ok=True)
     for r in run_dirs:
         if out_dir.resolve() == r.resolve():
             raise F2DBenchError(f"the report folder {out_dir} is the run folder itself; give another -o")
+    data = load_runs(run_dirs)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _report_lock(out_dir):
+        recover_dir(out_dir)
+        for stale in out_dir.parent.glob(f".{out_dir.name}.new-*"):  # left by a killed report
+            shutil.rmtree(stale, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
+        work.chmod(0o755)  # mkdtemp's folder is private; a report folder is for reading
+        try:
+            for kept in ("full", "thumbs"):  # images already exported (named by content): linked, not redone
+                for src in (out_dir / kept).glob("*") if (out_dir / kept).is_dir() else []:
+                    atomic_link_or_copy(src, work / kept / src.name)
+            _write_report(data, work, grid_faces=grid_faces, grid_seeds=grid_seeds, n_resamples=n_resamples,
+                          confidence=confidence, seed=seed)
+            replace_dir(work, out_dir)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out_dir / "index.html"
+
+
+@contextlib.contextmanager
+def _report_lock(out_dir: Path):
+    """One report at a time into ``out_dir`` (``.<name>.lock`` beside it, released when the process ends)."""
+    import fcntl
+
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise F2DBenchError(f"another f2d-bench report is writing {out_dir}; wait for it to finish") from None
+        yield
+
+
+def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seeds: int, n_resamples: int,
+                  confidence: float, seed: int) -> None:
     agg = compute_aggregates(data, n_resamples=n_resamples, confidence=confidence, seed=seed)
     notes = data.metric_notes()
     labels = {m: agg.table1.loc[m, "label"] for m in agg.table1.index}
@@ -396,6 +432,4 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
     }
     html = _environment().get_template("report.html.j2").render(**context)
     check_links_inside(html, out_dir)
-    index = out_dir / "index.html"
-    atomic_write_text(index, html)
-    return index
+    atomic_write_text(out_dir / "index.html", html)

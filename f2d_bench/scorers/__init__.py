@@ -27,3 +27,21 @@ SCORERS = Registry(
 
 #: Scorers run by `f2d-bench score` when none are named.
 DEFAULT_SCORERS = ("adaface", "sphereface", "facenet", "dlib", "clip", "siglip")
+
+
+def check_scoring(names, settings) -> None:
+    """Raise ConfigError unless every scorer in ``names`` and in ``settings`` (a run config's
+    ``scoring.settings``) is installed and takes the settings given, so that a typo fails when a run
+    starts rather than after hours of generation. Importing the scorer classes loads no model."""
+    from f2d_bench.errors import ConfigError
+
+    installed = SCORERS.names()
+    unknown = sorted(set(settings) - set(installed))
+    if unknown:
+        raise ConfigError(f"scoring.settings.{unknown[0]}: no such scorer; installed: {', '.join(installed)}")
+    for name in dict.fromkeys([*names, *settings]):
+        cls = SCORERS.load(name)  # an unknown name: a ConfigError with the closest names
+        extra = sorted(set(settings.get(name, {})) - set(cls.defaults))
+        if extra:
+            raise ConfigError(f"scoring.settings.{name}.{extra[0]}: scorer {name} has no such setting; "
+                              f"allowed: {', '.join(sorted(cls.defaults)) or '(none)'}")

@@ -42,9 +42,15 @@ class ScoreSummary:
     notes: dict[str, str] = field(default_factory=dict)
     table: Any = None  # per-method means (pandas DataFrame)
     fid: dict = field(default_factory=dict)  # method_id -> FID result
+    missing: list[str] = field(default_factory=list)  # keys the grid expects whose image does not exist
 
     def text(self) -> str:
         lines = [f"scored {self.n_images} images of {self.run_dir} in {self.seconds:.1f} s"]
+        if self.missing:
+            lines.append(
+                f"  warning: {len(self.missing)} image(s) the grid expects do not exist (e.g. {self.missing[0]}) and are "
+                "not scored; a prompt image whose reference is missing has no dCLIP, hence no hMean/gMean. "
+                "Run the run's generate command again to make them.")
         for name, n in self.computed.items():
             note = f"  [{self.notes[name]}]" if self.notes.get(name) else ""
             lines.append(f"  {name}: {n} computed, {self.n_images - n} from cache{note}")
@@ -66,13 +72,10 @@ class ScoreSummary:
 
 def load_scorers(names: Sequence[str], scoring: ScoringConfig, context) -> list:
     """The scorer objects of ``names`` with their settings; settings for an unknown scorer are an error."""
-    from f2d_bench.scorers import SCORERS
+    from f2d_bench.scorers import SCORERS, check_scoring
 
-    unknown = sorted(set(scoring.settings) - set(names) - set(SCORERS.names()))
-    scorers = [SCORERS.load(name)(dict(scoring.settings.get(name, {})), context) for name in names]
-    if unknown:
-        raise F2DBenchError(f"scoring.settings.{unknown[0]}: no such scorer; installed: {', '.join(SCORERS.names())}")
-    return scorers
+    check_scoring(names, scoring.settings)
+    return [SCORERS.load(name)(dict(scoring.settings.get(name, {})), context) for name in names]
 
 
 def metric_declarations(scorers) -> list[dict]:
@@ -108,6 +111,7 @@ def score_run(
     if not entries:
         raise F2DBenchError(f"{run.root} has no images yet; run f2d-bench generate first")
     by_key = {e.key: e for e in entries}
+    missing = [k.as_string() for k in run.keys() if k not in by_key]
 
     def bar(seq, desc):
         return tqdm(seq, desc=desc, unit="img", disable=not progress or not seq, dynamic_ncols=True)
@@ -137,7 +141,7 @@ def score_run(
     kept = [n for n in previous if n not in names and n in SCORERS.names()]
     scorer_objs = load_scorers(names + kept, scoring, context)
 
-    summary = ScoreSummary(Path(run_dir), run.records_parquet, len(entries))
+    summary = ScoreSummary(Path(run_dir), run.records_parquet, len(entries), missing=missing)
     face_sha = {f["face_id"]: f["sha256"] for f in grid["faces"]}
     values: dict[str, Any] = {}
     for scorer in scorer_objs:

@@ -15,6 +15,7 @@ import torch
 
 from f2d_bench.errors import ConfigError
 from f2d_bench.methods.f2d.mapping import EXPRESSION_DIM
+from f2d_bench.weights import read_torch_file
 
 
 def load_expression(path: str | Path) -> torch.Tensor:
@@ -29,7 +30,7 @@ def load_expression(path: str | Path) -> torch.Tensor:
         if suffix == ".npy":
             value = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
         elif suffix in (".pt", ".pth"):
-            value = torch.load(path, map_location="cpu", weights_only=True)
+            value = read_torch_file(path, error=ConfigError)
         else:
             raise ConfigError(f"params.expression: {path} must be a .npy or .pt file")
     except (OSError, ValueError, pickle.UnpicklingError, RuntimeError) as exc:

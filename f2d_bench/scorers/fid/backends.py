@@ -203,12 +203,9 @@ def read_pytorch_fid_state_dict(path: Path) -> dict:
 
     if not path.is_file():
         raise ModelUnavailableError(_pytorch_fid_unavailable(f"the file {str(path)!r} does not exist"))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for non-checkpoint or non-tensor content
-        raise ConfigError(
-            f"{str(path)!r} is not a PyTorch state dict like {PYTORCH_FID_WEIGHTS_FILE}: {exc}"
-        ) from exc
+    from f2d_bench.weights import read_torch_file
+
+    state = read_torch_file(path, error=ConfigError)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(
             f"{str(path)!r} is not a state dict (name -> tensor) like {PYTORCH_FID_WEIGHTS_FILE}"

@@ -17,8 +17,9 @@ Weight files (strict):
 - ``layout="lightning"`` (the official ``adaface_ir{18,50,101}_*.ckpt``, Google Drive links in the
   AdaFace README): a PyTorch Lightning checkpoint; ``ckpt["state_dict"]`` holds ``model.<backbone key>``
   (plus ``head.kernel``, the margin head, which is not used); keys starting ``model.`` are kept, the
-  prefix stripped. Lightning pickles hyper-parameters besides tensors, so such a file is loaded with
-  ``weights_only=False`` when the tensors-only loader refuses it: only pass files you trust.
+  prefix stripped. Lightning pickles hyper-parameters besides tensors; they are read as inert records
+  (``weights.LIGHTNING_METADATA``) by torch's tensors-only unpickler, and a file asking for any other
+  global is refused without running it.
 - ``layout="cvlface"`` (CVLface's Hugging Face copies, e.g. ``minchul/cvlface_adaface_ir101_webface12m``,
   file ``pretrained_model/model.pt``): a plain state dict with ``net.<backbone key>``; keys starting
   ``net.`` are kept. These models were trained on **RGB** input and return an unnormalised embedding;
@@ -36,7 +37,7 @@ from torch import nn
 from f2d_bench.faces.align import arcface_align
 from f2d_bench.scorers.identity import model_device
 from f2d_bench.scorers.identity.crops import l2_normalise, landmarks_of, stack_crops
-from f2d_bench.weights import WeightsLayoutError, load_checked, read_torch_file, require_file
+from f2d_bench.weights import LIGHTNING_METADATA, WeightsLayoutError, load_checked, read_torch_file, require_file
 
 #: Units per stage, keyed by the name ``build_model`` takes in the official code.
 ARCHS: dict[str, tuple[int, int, int, int]] = {
@@ -152,8 +153,8 @@ def load_adaface(path, arch: str = "ir_101", layout: str = "lightning", device="
         raise ValueError(f"unknown AdaFace file layout {layout!r}; known: {', '.join(LAYOUTS)}")
     prefix, color = LAYOUTS[layout]
     file = require_file(path, what=f"AdaFace {arch} checkpoint", published=PUBLISHED)
-    # Lightning pickles hyper-parameters: allowed because the user named this file themselves.
-    raw = read_torch_file(file, trusted_pickle=True)
+    # Lightning pickles hyper-parameters beside the tensors: read as inert records, never run.
+    raw = read_torch_file(file, metadata=LIGHTNING_METADATA)
     if layout == "lightning":
         if not isinstance(raw, dict) or not isinstance(raw.get("state_dict"), dict):
             found = sorted(raw)[:5] if isinstance(raw, dict) else type(raw).__name__

@@ -46,7 +46,7 @@ from torch import nn
 from f2d_bench.faces.align import ARCFACE_TEMPLATE_112
 from f2d_bench.scorers.identity import model_device
 from f2d_bench.scorers.identity.crops import l2_normalise, landmarks_of, stack_crops, warp_to_template
-from f2d_bench.weights import WeightsLayoutError, load_checked, read_torch_file, require_file
+from f2d_bench.weights import load_checked, read_torch_file, require_file
 
 EMBEDDING_DIM = 512
 
@@ -289,11 +289,7 @@ def load_sphereface(path, variant: str | None = None, device="cpu") -> nn.Module
     file = require_file(
         path, what=f"SphereFace ({spec.name}) weights {spec.weights_file}", published=spec.published
     )
-    state = read_torch_file(file)  # a plain state dict: tensors only, no pickled code needed
-    if isinstance(state, nn.Module):
-        raise WeightsLayoutError(
-            f"{str(file)!r} holds a whole pickled module; the official file is a state dict"
-        )
+    state = read_torch_file(file)  # a plain state dict; a pickled module is refused unread
     model = build_sphereface(spec.name)
     load_checked(
         model, state, source=f"{str(file)!r} (SphereFace variant {spec.name!r})", optional=spec.optional_keys
