@@ -21,7 +21,7 @@ from f2d_bench.grid import UNSHARDED, Shard
 from f2d_bench.upper_bound import upper_bound  # the best-of-N curve of Fig. 7 (its own module)
 
 if TYPE_CHECKING:
-    from f2d_bench.engine import GenerationSummary
+    from f2d_bench.engine import GenerationSummary, TuneSummary
     from f2d_bench.scoring import ScoreSummary
 
 __all__ = ["generate", "report", "resolve_config", "score", "upper_bound"]
@@ -51,6 +51,16 @@ def generate(config: RunConfig | str | Path, *, out: str | Path | None = None, s
     config = resolve_config(config, faces=faces, batch_size=batch_size, device=device)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
     return generate_run(config, Path(out) if out else Path("runs") / config.name, shard=shard, progress=progress)
+
+
+def tune(config: RunConfig | str | Path, *, out: str | Path | None = None, shard: Shard | str = UNSHARDED,
+         faces: str | None = None, device: str | None = None, progress: bool = True) -> "TuneSummary":
+    """Tune every face (this shard's, split by face) for the config's tuning methods, ahead of ``generate``."""
+    from f2d_bench.engine import tune_run
+
+    config = resolve_config(config, faces=faces, device=device)
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard
+    return tune_run(config, Path(out) if out else Path("runs") / config.name, shard=shard, progress=progress)
 
 
 def score(run_dir: str | Path, *, scorers: Sequence[str] | None = None, config: str | Path | None = None,

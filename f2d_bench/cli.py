@@ -15,6 +15,7 @@ DESCRIPTION = """\
 f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protocol as a tool.
 
   f2d-bench faces prepare RAW_DIR faces/        detect, FFHQ-align and crop a face set
+  f2d-bench tune --preset baselines-smoke       per-face tuning ahead of generate (resumable, by face)
   f2d-bench generate --preset smoke             the method x face x prompt x seed grid (resumable)
   f2d-bench status runs/smoke                   images done / expected per method
   f2d-bench score runs/smoke                    every metric per image -> records.parquet
@@ -37,6 +38,18 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if not summary.complete:
         print("some images are missing (see above); re-run the same command to retry them", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from f2d_bench import api
+    from f2d_bench.grid import UNSHARDED
+
+    config = api.resolve_config(args.config or args.preset, faces=args.faces, device=args.device)
+    out = Path(args.out) if args.out else Path("runs") / config.name
+    summary = api.tune(config, out=out, shard=args.shard or UNSHARDED, progress=not args.no_progress)
+    print(summary.text())
+    print(f"outputs: {out.resolve()} (methods/<method>/faces/<face>/)")
     return 0
 
 
@@ -137,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     gen.set_defaults(func=_cmd_generate)
+
+    tu = sub.add_parser(
+        "tune", help="tune the per-face methods of a run ahead of generate (resumable, shardable by face)",
+        description=(
+            "Tune every face for each method of the config that learns per face (TextualInversion, "
+            "DreamBooth, ...), keeping the artifacts in the run directory for generate, score and "
+            "upper-bound. Finished faces are kept, so re-running resumes a killed run; with --shard i/N, "
+            "N processes split the faces. generate tunes whatever is still missing itself."
+        ),
+    )
+    src = tu.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="FILE", help="run config (YAML)")
+    src.add_argument("--preset", choices=preset_names(), help="a shipped preset: %(choices)s")
+    tu.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
+    tu.add_argument("--shard", metavar="i/N", help="tune only the faces of shard i of N (1-based)")
+    tu.add_argument("--faces", metavar="DIR", help="face set directory (overrides the config's `faces`)")
+    tu.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
+    tu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tu.set_defaults(func=_cmd_tune)
 
     st = sub.add_parser("status", help="images done / expected per method of a run",
                         description="Show how many images of a run's grid exist, per method (all shards).")

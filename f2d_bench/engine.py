@@ -25,6 +25,7 @@ from f2d_bench.methods.base import GenerationRequest, Method, MethodContext, Ski
 from f2d_bench.prompts import PromptSet, load_prompt_set
 from f2d_bench.run_dir import RunDir
 from f2d_bench.runinfo import environment, utc_now
+from f2d_bench.tuning.stage import tuned_prepared
 
 
 @dataclass
@@ -110,20 +111,24 @@ def build_methods(config: RunConfig, prompt_set: PromptSet, pipeline=None) -> li
     return methods
 
 
-def generate_run(
-    config: RunConfig, run_dir: str | Path, *, shard: Shard = UNSHARDED, progress: bool = True,
-    pipeline: Callable[[], Any] | None = None,
-) -> GenerationSummary:
-    """Generate (or complete) the grid of ``config`` in ``run_dir``. Safe to re-run and to kill.
+@dataclass
+class OpenedRun:
+    """A run directory with everything its config names resolved and loaded."""
 
-    ``pipeline`` replaces the loading of ``config.model`` by a callable returning a ready pipeline
-    (benchmarks pass full-size random-weight components this way).
+    run: RunDir
+    prompt_set: PromptSet
+    faces: list[Face]
+    methods: list[Method]
+
+
+def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=None) -> OpenedRun:
+    """Resolve prompts, faces, scorers, methods and the model, then create or open ``run_dir``.
+
+    Everything is resolved before the run directory is created: a start that fails on a missing model,
+    face set or a misspelled name leaves nothing behind that would block the corrected config.
     """
     from f2d_bench.scorers import DEFAULT_SCORERS, check_scoring
 
-    start = time.perf_counter()
-    # Everything is resolved before the run directory is created: a start that fails on a missing
-    # model, face set or a misspelled name leaves nothing behind that would block the corrected config.
     prompt_set = load_prompt_set(config.prompts)
     faces = resolve_face_set(config.faces)
     check_scoring(config.scoring.scorers or DEFAULT_SCORERS, config.scoring.settings)
@@ -133,13 +138,28 @@ def generate_run(
         pipeline()  # loads (once) the base model every such method shares
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
     run.record_environment({"writer": shard.tag, **environment()})
+    return OpenedRun(run, prompt_set, faces, methods)
 
+
+def generate_run(
+    config: RunConfig, run_dir: str | Path, *, shard: Shard = UNSHARDED, progress: bool = True,
+    pipeline: Callable[[], Any] | None = None,
+) -> GenerationSummary:
+    """Generate (or complete) the grid of ``config`` in ``run_dir``. Safe to re-run and to kill.
+
+    Tuning methods tune each face (once per run) before its first image. ``pipeline`` replaces the
+    loading of ``config.model`` by a callable returning a ready pipeline (benchmarks pass full-size
+    random-weight components this way).
+    """
+    start = time.perf_counter()
+    opened = open_run(config, run_dir, shard=shard, pipeline=pipeline)
+    run, prompt_set, faces = opened.run, opened.prompt_set, opened.faces
     face_ids = [f.face_id for f in faces]
     prompt_ids = [p.id for p in prompt_set.all_prompts()]
     config_hash = config.grid_hash()
     results: list[MethodProgress] = []
     with run.store.writer_lock(shard.tag):
-        for method in methods:
+        for method in opened.methods:
             mid = method.method_id
             keys = [k for k in grid_keys([mid], face_ids, prompt_ids, config.seeds) if shard.owns(k)]
             repaired = run.store.reconcile(keys, writer=shard.tag, config_hash=config_hash)
@@ -151,6 +171,58 @@ def generate_run(
             prog.done = sum(run.store.has_image(k) for k in keys)
             results.append(prog)
     return GenerationSummary(Path(run_dir), shard, results, time.perf_counter() - start)
+
+
+@dataclass
+class TuneSummary:
+    run_dir: Path
+    shard: Shard
+    #: per tuning method: (method_id, label, faces this shard owns, faces tuned now)
+    methods: list[tuple[str, str, int, int]]
+    notes: list[str]
+    seconds: float
+
+    def text(self) -> str:
+        lines = [f"run {self.run_dir} (tune, shard {self.shard.index}/{self.shard.count}, split by face)"]
+        for mid, label, owned, now in self.methods:
+            lines.append(f"  {label} [{mid}]: {owned}/{owned} faces tuned, {now} now")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines.append(f"  {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def tune_run(
+    config: RunConfig, run_dir: str | Path, *, shard: Shard = UNSHARDED, progress: bool = True,
+    pipeline: Callable[[], Any] | None = None,
+) -> TuneSummary:
+    """Tune every face this shard owns (split by face id) for every tuning method of ``config``.
+
+    Safe to re-run and to kill: finished faces are kept, an unfinished face starts again. Methods that
+    drop their weights after rendering (``keeps_weights()`` false) are left to ``generate``.
+    """
+    from tqdm.auto import tqdm
+
+    from f2d_bench.tuning.stage import ensure_tuned
+
+    start = time.perf_counter()
+    opened = open_run(config, run_dir, shard=shard, pipeline=pipeline)
+    owned = [f for f in opened.faces if shard.owns_face(f.face_id)]
+    rows, notes = [], []
+    for method in opened.methods:
+        if not method.tunes:
+            continue
+        if not method.keeps_weights():
+            notes.append(f"{method.label} renders each face right after tuning it and deletes the weights: "
+                         "`generate` tunes it")
+            continue
+        now = 0
+        for face in tqdm(owned, unit="face", desc=f"tune {method.label}", disable=not progress, dynamic_ncols=True):
+            _, tuned_now = ensure_tuned(method, face, opened.run, f"tune-{shard.tag}")
+            now += tuned_now
+        rows.append((method.method_id, method.label, len(owned), now))
+    if not any(m.tunes for m in opened.methods):
+        notes.append("no method of this config tunes per face; nothing to do")
+    return TuneSummary(Path(run_dir), shard, rows, notes, time.perf_counter() - start)
 
 
 def _run_method(
@@ -171,8 +243,13 @@ def _run_method(
         for batch in batches:
             # Batches are ordered by face: keep only the faces this batch needs.
             needed = {k.face_id for k in batch}
+            for fid in sorted(set(prepared) - needed):
+                _done_with_face(method, run, fid)
             prepared = {fid: v for fid, v in prepared.items() if fid in needed}
             for fid in sorted(needed - set(prepared)):
+                if method.tunes:
+                    prepared[fid] = tuned_prepared(method, face_by_id[fid], run, shard.tag)
+                    continue
                 t0 = time.perf_counter()
                 prepared[fid] = method.prepare(face_by_id[fid])
                 run.record_prepare_time(
@@ -205,6 +282,15 @@ def _run_method(
                                       batch_size=len(batch), writer=shard.tag, written_at=now)
                     prog.written += 1
                 bar.update(1)
+        for fid in sorted(prepared):
+            _done_with_face(method, run, fid)
     finally:
         bar.close()
 
+
+def _done_with_face(method: Method, run: RunDir, face_id: str) -> None:
+    """A method that keeps no weights per face deletes them once the face's batches are rendered."""
+    if method.tunes and not method.keeps_weights():
+        from f2d_bench.tuning.artifacts import TunedFaces
+
+        TunedFaces(run, method.method_id).drop_weights(face_id)

@@ -7,13 +7,17 @@ killed at any moment leaves at most such a temporary file, which ``is_temporary`
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
+
+from f2d_bench.errors import F2DBenchError
 
 TMP_SUFFIX = ".tmp"
 
@@ -182,3 +186,29 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a file system without it
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, *, busy: str | None = None, waiting: Callable[[], Any] | None = None
+                   ) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created when missing) for the block.
+
+    The operating system releases it when the process ends, however it ends, so a killed holder never
+    leaves it held. ``busy``: when given, a held lock raises F2DBenchError(busy) instead of waiting;
+    otherwise the call blocks until the holder is done, calling ``waiting()`` once first.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if busy is not None:
+                raise F2DBenchError(busy) from None
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -77,6 +77,11 @@ class Shard:
     def owns(self, key: ItemKey) -> bool:
         return key.stable_hash() % self.count == self.index - 1
 
+    def owns_face(self, face_id: str) -> bool:
+        """Whether this shard tunes ``face_id`` (``tune --shard`` splits the faces, not the images)."""
+        digest = hashlib.sha256(face_id.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index - 1
+
     @property
     def tag(self) -> str:
         """A name for this shard's files (manifest, temporary files)."""

@@ -7,7 +7,8 @@ Layout of ``RUN/``::
     config.yaml, prompts.yaml  the resolved config and a copy of the prompt set
     environment.jsonl          one line per generate invocation: versions, hardware, shard
     methods/<method_id>/       method.json (settings, parameters), prepare_times.jsonl,
-                               faces/<face_id>/ (a method's per-face artifacts)
+                               faces/<face_id>/ (a method's per-face artifacts; tune.json marks
+                               a finished tuning, see f2d_bench.tuning.artifacts)
     images/<method>/<face>/<prompt>/<seed>.png
     manifests/<writer>.jsonl   one line per image written by that writer (``all`` or ``shard-i-of-N``)
     scores/<stage>-<hash>/     one chunk cache per scoring stage and settings (faces, each scorer, FID)
@@ -171,8 +172,18 @@ class RunDir:
         return read_json(self.method_json(method_id))
 
     def prepare_seconds(self, method_id: str) -> list[float]:
-        """The recorded per-face ``prepare`` wall times of a method, in seconds."""
+        """A method's per-face cost in seconds (Table 2's time): each tuned face's tuning time when the
+        method tunes per face (from its ``tune.json``), else the recorded ``prepare`` wall times."""
+        tuned = self.tune_records(method_id)
+        if tuned:
+            return [float(r["seconds"]) for r in tuned]
         return [float(r["seconds"]) for r in read_jsonl(self.prepare_times_jsonl(method_id)) if "seconds" in r]
+
+    def tune_records(self, method_id: str) -> list[dict]:
+        """The ``tune.json`` of every face a tuning method finished, sorted by face id."""
+        root = self.method_dir(method_id) / "faces"
+        paths = sorted(root.glob("*/tune.json")) if root.is_dir() else []
+        return [read_json(p) for p in paths if not p.parent.name.startswith(".")]
 
     def environment(self) -> list[dict]:
         return read_jsonl(self.environment_jsonl)

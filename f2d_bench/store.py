@@ -8,8 +8,6 @@ writer owning that key removes. Every path comes from :class:`f2d_bench.run_dir.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -21,7 +19,8 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import (
-    TMP_SUFFIX, append_jsonl, atomic_write_bytes, atomic_write_text, file_sha256, final_name, read_jsonl,
+    TMP_SUFFIX, append_jsonl, atomic_write_bytes, atomic_write_text, exclusive_lock, file_sha256, final_name,
+    read_jsonl,
 )
 from f2d_bench.grid import ItemKey
 
@@ -211,7 +210,6 @@ class RunStore:
                 out[key] = "its bytes differ from the hash its manifest line records (truncated or overwritten)"
         return out
 
-    @contextlib.contextmanager
     def writer_lock(self, writer: str):
         """Hold the lock of ``writer``'s manifest: one process at a time writes a shard's images.
 
@@ -219,19 +217,9 @@ class RunStore:
         held. A second writer of the same shard gets an error instead of racing on the manifest.
         """
         path = self.run.manifest_path(writer).with_suffix(".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a+") as fh:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise F2DBenchError(
-                    f"another process is writing the images of {self.run.root} as {writer!r} (it holds {path}); "
-                    "wait for it to finish, or give this one another --shard"
-                ) from None
-            try:
-                yield
-            finally:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        busy = (f"another process is writing the images of {self.run.root} as {writer!r} (it holds {path}); "
+                "wait for it to finish, or give this one another --shard")
+        return exclusive_lock(path, busy=busy)
 
     def temporary_files(self) -> list[Path]:
         """Temporary files left anywhere under images/ (by a killed writer of any shard)."""

@@ -28,6 +28,7 @@ from f2d_bench.errors import F2DBenchError
 from f2d_bench.grid import ItemKey, fixed_batches, grid_keys
 from f2d_bench.run_dir import RunDir
 from f2d_bench.files import atomic_link_or_copy, atomic_write_bytes, atomic_write_json
+from f2d_bench.tuning.artifacts import TunedFaces
 
 
 @dataclass
@@ -228,6 +229,8 @@ def _prepare_child(parent: RunDir, pgrid: dict, child_config, cdir: Path) -> tup
         )
     with child.store.writer_lock("all"):
         linked = link_parent_images(parent, child)
+        for m in cgrid.get("methods", []):  # tuned faces are reused, not tuned again
+            TunedFaces(child, m["method_id"]).link_from(TunedFaces(parent, m["method_id"]))
         child.store.reconcile(child.keys(), writer="all", config_hash=child_config.grid_hash())
     return child, linked
 

@@ -1,9 +1,16 @@
-"""The method plugin API: ``prepare(face)`` once per face, ``generate(requests)`` for a batch."""
+"""The method plugin API: ``prepare(face)`` once per face, ``generate(requests)`` for a batch.
+
+A method that learns something per face (TextualInversion, DreamBooth, ...) sets ``tunes`` and
+implements ``tune(face, work_dir)`` (writes the artifact) and ``load_tuned(face, artifact_dir)`` (what
+``generate`` gets as ``prepared``, instead of ``prepare``'s result). The engine tunes each face once per
+run, keeps the artifact in the run directory and reuses it in every later command (``f2d_bench.tuning``).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 from PIL import Image
@@ -64,6 +71,8 @@ class Method:
     defaults: ClassVar[Mapping[str, Any]] = {}
     #: Whether images depend on the base model and sampling settings.
     uses_pipeline: ClassVar[bool] = True
+    #: Whether the method tunes per face (``tune`` and ``load_tuned`` instead of ``prepare``).
+    tunes: ClassVar[bool] = False
     #: Display name in reports (the config's ``label``, else the registry name); set by the engine.
     label: str = ""
 
@@ -111,6 +120,25 @@ class Method:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Image.Image | Skipped]:
         """One RGB image (or a Skipped) per request, in order."""
         raise NotImplementedError
+
+    # -- per-face tuning (methods with ``tunes = True``) ------------------------------------------
+    def tune(self, face: "Face", work_dir: Path) -> dict:
+        """Learn ``face`` and write the artifact files into ``work_dir`` (an empty folder).
+
+        Returns facts recorded in the face's ``tune.json``: ``trained_params`` (int), ``steps`` (int),
+        ``losses`` (training loss per update). Called once per face by whichever command needs it first;
+        a call that was interrupted is started again from scratch, so it must depend only on the face
+        and the method's settings (seed included).
+        """
+        raise NotImplementedError
+
+    def load_tuned(self, face: "Face", artifact_dir: Path) -> Any:
+        """What ``generate`` receives as ``prepared`` for a tuned face, read from its artifact folder."""
+        raise NotImplementedError
+
+    def keeps_weights(self) -> bool:
+        """False: render each face right after tuning it and delete its weights (a full UNet per face)."""
+        return True
 
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")

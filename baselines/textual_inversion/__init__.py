@@ -1,0 +1,1 @@
+"""TextualInversion on the run's base pipeline; see README.md."""

@@ -1,0 +1,37 @@
+"""Tuning a face when a command first needs it (generate, tune), waiting for another process doing it."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from f2d_bench.tuning.artifacts import TunedFaces
+
+if TYPE_CHECKING:
+    from f2d_bench.faces.faceset import Face
+    from f2d_bench.methods.base import Method
+    from f2d_bench.run_dir import RunDir
+
+
+def ensure_tuned(method: "Method", face: "Face", run: "RunDir", writer: str) -> tuple[Any, bool]:
+    """Tune ``face`` for ``method`` unless the run holds an intact artifact; returns (folder, tuned now).
+
+    The tuning's wall time is in the face's ``tune.json`` (Table 2 reads it from there). ``writer``
+    names the process in the record (``all``, ``shard-i-of-N``, ``tune-...``).
+    """
+    tuned = TunedFaces(run, method.method_id)
+
+    def waiting():
+        print(f"{method.label}: waiting for another process tuning face {face.face_id}", file=sys.stderr)
+
+    def tune(work):
+        return {**method.tune(face, work), "writer": writer}
+
+    folder, record = tuned.ensure(face.face_id, tune, waiting=waiting)
+    return folder, record is not None
+
+
+def tuned_prepared(method: "Method", face: "Face", run: "RunDir", writer: str) -> Any:
+    """What ``generate`` gets as ``prepared`` for a tuning method: the face's artifact, tuned if needed."""
+    folder, _ = ensure_tuned(method, face, run, writer)
+    return method.load_tuned(face, folder)
