@@ -138,6 +138,8 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
         pipeline()  # loads (once) the base model every such method shares
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
     run.record_environment({"writer": shard.tag, **environment()})
+    for method in methods:
+        method.shared_dir = run.method_shared_dir(method.method_id)
     return OpenedRun(run, prompt_set, faces, methods)
 
 

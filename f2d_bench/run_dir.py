@@ -8,7 +8,8 @@ Layout of ``RUN/``::
     environment.jsonl          one line per generate invocation: versions, hardware, shard
     methods/<method_id>/       method.json (settings, parameters), prepare_times.jsonl,
                                faces/<face_id>/ (a method's per-face artifacts; tune.json marks
-                               a finished tuning, see f2d_bench.tuning.artifacts)
+                               a finished tuning, see f2d_bench.tuning.artifacts), shared/ (made
+                               once for all faces: class images)
     images/<method>/<face>/<prompt>/<seed>.png
     manifests/<writer>.jsonl   one line per image written by that writer (``all`` or ``shard-i-of-N``)
     scores/<stage>-<hash>/     one chunk cache per scoring stage and settings (faces, each scorer, FID)
@@ -101,6 +102,10 @@ class RunDir:
     def face_artifacts_dir(self, method_id: str, face_id: str) -> Path:
         """Where a method keeps what it made for one face (tuned weights, encodings)."""
         return self.method_dir(method_id) / "faces" / face_id
+
+    def method_shared_dir(self, method_id: str) -> Path:
+        """What a method makes once for all faces (class images of the prior-preservation loss)."""
+        return self.method_dir(method_id) / "shared"
 
     def cache_dir(self, stage_id: str) -> Path:
         """The chunk cache of one scoring stage, ``scores/<stage_id>/``."""

@@ -75,6 +75,9 @@ class Method:
     tunes: ClassVar[bool] = False
     #: Display name in reports (the config's ``label``, else the registry name); set by the engine.
     label: str = ""
+    #: A folder of the run for what a method makes once for all faces (e.g. class images); set by the
+    #: engine once the run directory exists (None before).
+    shared_dir: Path | None = None
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         unknown = sorted(set(params) - set(self.defaults))

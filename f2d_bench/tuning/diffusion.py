@@ -94,12 +94,13 @@ def encode_text(pipe, texts: Sequence[str]) -> torch.Tensor:
 
 def optimise(
     parameters: Iterable[torch.nn.Parameter], *, steps: int, learning_rate: float, accumulation: int,
-    loss: Callable[[], torch.Tensor], weight_decay: float = 1e-2, after_step: Callable[[], None] | None = None,
+    loss: Callable[[], torch.Tensor], weight_decay: float = 1e-2, max_grad_norm: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """AdamW (betas 0.9/0.999, eps 1e-8, constant rate, as the diffusers examples) for ``steps`` updates.
 
-    Each update averages ``accumulation`` calls of ``loss()``. ``after_step`` runs after each update
-    (TextualInversion restores the frozen embedding rows there). Returns the loss of every update.
+    Each update averages ``accumulation`` calls of ``loss()``; gradients are clipped to a total norm of
+    ``max_grad_norm`` when given. ``after_step`` runs after each update. Returns each update's loss.
     """
     params = [p for p in parameters if p.requires_grad]
     if not params:
@@ -114,6 +115,8 @@ def optimise(
             value = loss() / accumulation
             value.backward()
             total += float(value.detach())
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         if after_step is not None:
             after_step()

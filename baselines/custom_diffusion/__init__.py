@@ -1,0 +1,1 @@
+"""CustomDiffusion on the run's base pipeline; see README.md."""

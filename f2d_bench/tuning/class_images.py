@@ -1,0 +1,53 @@
+"""Class images for the prior-preservation loss (DreamBooth, CustomDiffusion), made once per run.
+
+The base model renders ``count`` images of the class prompt ("a photo of a person"); every face's tuning
+reuses them. Image ``i`` depends only on the prompt, the sampling settings and ``seed + i``, so the
+folder is named by a hash of those and a larger ``count`` keeps the images already made. Each image is
+written atomically; a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from f2d_bench.config import canonical_hash
+from f2d_bench.files import atomic_write_bytes, exclusive_lock
+
+if TYPE_CHECKING:
+    from f2d_bench.config import SamplingConfig
+
+
+def class_image_paths(folder: Path, pipe, prompt: str, count: int, sampling: "SamplingConfig", *, seed: int,
+                      batch_size: int) -> list[Path]:
+    """Paths of ``count`` class images of ``prompt`` under ``folder``, rendering the missing ones.
+
+    ``sampling`` is the run's (scheduler, steps, guidance, size): the class images look like the base
+    model's own renders at the protocol's settings. The unconditional prompt is empty, as for the grid.
+    """
+    settings = {"prompt": prompt, "seed": int(seed), "sampling": sampling.to_dict()}
+    root = Path(folder) / f"class-{canonical_hash(settings, 8)}"
+    root.mkdir(parents=True, exist_ok=True)
+    paths = [root / f"{i:04d}.png" for i in range(count)]
+    with exclusive_lock(root / ".lock"):
+        missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start: start + batch_size]
+            images = pipe(
+                prompt=[prompt] * len(chunk), negative_prompt=[""] * len(chunk),
+                num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
+                height=sampling.height, width=sampling.width,
+                generator=[torch.Generator("cpu").manual_seed(int(seed) + i) for i in chunk], output_type="pil",
+            ).images
+            for i, image in zip(chunk, images):
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="PNG")
+                atomic_write_bytes(paths[i], buffer.getvalue())
+        if not (root / "settings.json").is_file():
+            from f2d_bench.files import atomic_write_json
+
+            atomic_write_json(root / "settings.json", settings)
+    return paths
