@@ -21,6 +21,7 @@ f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protoc
   f2d-bench score runs/smoke                    every metric per image -> records.parquet
   f2d-bench upper-bound runs/smoke --n 16       best-of-N hMean curve (tops the grid up to N seeds)
   f2d-bench report runs/smoke -o reports/smoke  static HTML report: tables, CIs, plots, image grids
+  f2d-bench reports index [reports]             index of a reports folder: every report, a leaderboard
   f2d-bench methods                             installed generation methods
 """
 
@@ -217,12 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     from f2d_bench.scorers.fid.cli import register as register_fid
 
     from f2d_bench.report.cli import register as register_report
+    from f2d_bench.report.cli import register_reports
     from f2d_bench.upper_bound import register as register_upper_bound
 
     register_faces(sub)
     register_fid(sub)
     register_upper_bound(sub)
     register_report(sub)
+    register_reports(sub)
     return parser
 
 

@@ -10,7 +10,12 @@ Detect the face in every photo (jpg, jpeg, png, webp) and video (mp4, avi, mov, 
 MTCNN, align it the way FFHQ does, and write DST/<face_id>.png plus DST/manifest.json. The face id is
 the file name without extension, with characters other than letters, digits, '.', '_', '-' replaced by
 '_'. A source with no face, several faces, or that cannot be read is skipped and listed with its reason.
-Re-running on the same DST replaces its contents consistently."""
+Re-running on the same DST replaces its contents consistently.
+
+--limit N uses N of the photos and videos, chosen by file name before any detection: the first N names in
+sorted (code point) order, or with --limit-seed S the N names with the smallest sha256 of "S/<name>". A
+chosen source without a usable face is skipped, not replaced, so the same folder always gives the same
+choice; manifest.json records it under "selection" (rule, limit, seed, chosen names, a hash of all names)."""
 
 
 def _probability(text: str) -> float:
@@ -40,6 +45,8 @@ def _prepare(args: argparse.Namespace) -> int:
         several=args.several,
         min_prob=args.min_prob,
         output_size=args.size,
+        limit=getattr(args, "limit", None),
+        limit_seed=getattr(args, "limit_seed", None),
         progress=True,  # prints one line per source, then the summary (stderr); not repeated here
     )
     print(f"output: {report.dst} (manifest: {report.manifest_path})")
@@ -66,4 +73,9 @@ def register(subparsers) -> None:
                          help="ignore detections whose MTCNN face probability is below P (0..1)")
     prepare.add_argument("--size", type=_int_at_least(16), default=512, metavar="PX",
                          help="side of the aligned square output, pixels")
+    # SUPPRESS: no "(default: None)" in the help; absent options are read as None.
+    prepare.add_argument("--limit", type=_int_at_least(1), default=argparse.SUPPRESS, metavar="N",
+                         help="use N photos/videos, chosen by file name before detection (default: all)")
+    prepare.add_argument("--limit-seed", type=_int_at_least(0), default=argparse.SUPPRESS, metavar="S",
+                         help="with --limit: a sample seeded S instead of the first N sorted names")
     prepare.set_defaults(func=_prepare)

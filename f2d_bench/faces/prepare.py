@@ -7,6 +7,7 @@ run never leaves a half-written PNG or manifest behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class PrepareReport:
     faces: list[PreparedFace] = field(default_factory=list)
     skipped: list[SkippedSource] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    selection: dict = field(default_factory=dict)  # which sources were used: see select_sources
 
     @property
     def manifest_path(self) -> Path:
@@ -82,6 +84,13 @@ class PrepareReport:
             f"faces prepare: {len(self.faces)} face(s) written to {self.dst}, "
             f"{len(self.skipped)} source(s) skipped"
         ]
+        sel = self.selection
+        if sel.get("limit") is not None:
+            how = "the first by file name" if sel["rule"] == "sorted" else f"a sample seeded {sel['seed']}"
+            lines.append(
+                f"  --limit {sel['limit']}: {sel['n_chosen']} of {sel['n_candidates']} photos/videos chosen "
+                f"({how}) before detection; chosen ones without a face are skipped, not replaced"
+            )
         lines += [f"  skipped {item.source.name}: {item.reason}" for item in self.skipped]
         ignored = sum(face.n_detections_ignored for face in self.faces)
         if ignored:
@@ -101,6 +110,40 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 def _save_json(data: dict, path: Path) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def select_sources(names: list[str], limit: int | None = None, seed: int | None = None) -> list[str]:
+    """The file names ``faces prepare --limit`` uses, in name order (all of them when ``limit`` is None).
+
+    The choice depends on the names alone, never on what detection finds, so it is the same on every
+    machine and with every detector version. Names compare by Unicode code point.
+
+    sorted (``seed`` None): the first ``limit`` names in sorted order.
+    seeded: the ``limit`` names whose sha256 of ``"<seed>/<name>"`` (UTF-8, hex) is smallest. A name's rank
+        depends only on the seed and itself, so adding files to the folder keeps a chosen name chosen unless
+        a new name ranks before it.
+    """
+    ordered = sorted(names)
+    if limit is None:
+        return ordered
+    if seed is None:
+        return ordered[:limit]
+    rank = {n: hashlib.sha256(f"{seed}/{n}".encode("utf-8")).hexdigest() for n in ordered}
+    return sorted(sorted(ordered, key=lambda n: (rank[n], n))[:limit])
+
+
+def _selection(candidates: list[str], chosen: list[str], limit: int | None, seed: int | None) -> dict:
+    """The manifest's record of which sources were used (``candidates_sha256``: of the sorted candidate
+    names joined by newlines, so that another copy of the source folder can be checked against it)."""
+    record = {
+        "rule": "all" if limit is None else ("sorted" if seed is None else "seeded"),
+        "limit": limit, "seed": seed, "n_candidates": len(candidates), "n_chosen": len(chosen),
+        "candidates_sha256": hashlib.sha256("\n".join(sorted(candidates)).encode("utf-8")).hexdigest(),
+        "applies_to": "photos and videos of SRC, before face detection",
+    }
+    if limit is not None:
+        record["chosen"] = list(chosen)
+    return record
 
 
 def _validate(frame_index: int, several: str, min_prob: float, output_size: int) -> None:
@@ -189,6 +232,8 @@ def prepare_faces(
     several: str = "skip",
     min_prob: float = 0.9,
     output_size: int = 512,
+    limit: int | None = None,
+    limit_seed: int | None = None,
     detector: FaceDetector | None = None,
     progress: bool = True,
 ) -> PrepareReport:
@@ -203,10 +248,21 @@ def prepare_faces(
     several: what to do when more than one face reaches min_prob: "skip" the source, or keep the
         "largest" box (by area).
     min_prob: detections below this MTCNN probability (0..1) are ignored (and counted).
+    limit: use only this many of the photos and videos, chosen by :func:`select_sources` before detection
+        (the paper's face set is one frame from each of 100 videos); a chosen source without a usable face
+        is skipped with its reason and not replaced by another, so the same folder always gives the same
+        choice. The manifest's ``selection`` records the rule, the chosen names and the candidates' hash.
+    limit_seed: choose a seeded sample of ``limit`` sources instead of the first ``limit`` names.
     progress: print one line per source and the summary to stderr.
     """
     src, dst = Path(src), Path(dst)
     _validate(frame_index, several, min_prob, output_size)
+    if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
+        raise ConfigError(f"limit must be a whole number of sources >= 1, got {limit}")
+    if limit_seed is not None and limit is None:
+        raise ConfigError("limit_seed chooses which sources --limit keeps; give --limit N with it")
+    if limit_seed is not None and (isinstance(limit_seed, bool) or int(limit_seed) != limit_seed or limit_seed < 0):
+        raise ConfigError(f"limit_seed must be a whole number >= 0, got {limit_seed}")
     if not src.is_dir():
         what = "is not a directory" if src.exists() else "not found"
         raise F2DBenchError(f"source directory {src} {what}: give a directory of photos and/or videos")
@@ -216,6 +272,10 @@ def prepare_faces(
         raise F2DBenchError(f"output path {dst} exists and is not a directory")
 
     sources, skipped = _collect_sources(src, dst)
+    names = [path.name for _, path, _ in sources]
+    chosen = select_sources(names, limit, limit_seed)
+    keep = set(chosen)
+    sources = [s for s in sources if s[1].name in keep]
     dst.mkdir(parents=True, exist_ok=True)
     detector = detector or FaceDetector()
     settings = {
@@ -227,7 +287,8 @@ def prepare_faces(
         "detector_min_face_size": getattr(detector, "min_face_size", None),
         "alignment": "FFHQ recreate_aligned_images (quad transform at 4x, Lanczos downsampling)",
     }
-    report = PrepareReport(dst=dst, skipped=skipped, settings=settings)
+    report = PrepareReport(dst=dst, skipped=skipped, settings=settings,
+                           selection=_selection(names, chosen, limit, limit_seed))
     previous = _previous_outputs(dst / MANIFEST_NAME)
 
     def note(index: int, path: Path, message: str) -> None:
@@ -265,6 +326,7 @@ def prepare_faces(
         "version": MANIFEST_VERSION,
         "source_dir": str(src.resolve()),
         "settings": settings,
+        "selection": report.selection,
         "faces": [face.to_manifest() for face in report.faces],
         "skipped": [{"source": item.source.name, "reason": item.reason} for item in report.skipped],
     }

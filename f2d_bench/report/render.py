@@ -9,16 +9,11 @@ file inside the report folder.
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import hashlib
 import json
-import math
 import shutil
 import tempfile
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -39,28 +34,19 @@ from f2d_bench.report.plots import (
     plot_means,
     plot_tradeoff,
 )
+from f2d_bench.report.index import REPORT_FORMAT, write_index
+from f2d_bench.report.page import TEMPLATES, check_links_inside, environment, fmt, inline_hash, page_links
+from f2d_bench.report.page import finite as _finite
 from f2d_bench.report.thumbnails import export_image, inside
 from f2d_bench.runinfo import utc_now
 from f2d_bench.files import atomic_link_or_copy, atomic_write_text, recover_dir, replace_dir
 
-TEMPLATES = Path(__file__).parent / "templates"
+# page_links and check_links_inside live in page.py; they are re-exported here for callers of this module.
+__all__ = ["build_report", "check_links_inside", "fmt", "page_links"]
 MARK_TAGS = {1: "strong", 2: "u", 3: "em"}
-LINK_ATTRIBUTES = ("href", "src", "srcset", "poster", "data", "action", "formaction", "xlink:href", "background")
 
 
 # -- formatting --------------------------------------------------------------------------------------
-
-
-def _finite(value) -> bool:
-    try:
-        return value is not None and math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def fmt(value, digits: int = 4) -> str:
-    """A number as the page shows it (``–`` for a missing value)."""
-    return f"{float(value):.{digits}f}" if _finite(value) else "\u2013"
 
 
 def fmt_sci(value) -> str:
@@ -285,61 +271,31 @@ def _metadata_view(data: ReportData) -> list[dict]:
     return runs
 
 
-# -- safety ------------------------------------------------------------------------------------------
-
-
-class _Links(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.links: list[tuple[str, str, str]] = []
-
-    def handle_starttag(self, tag, attrs):
-        for name, value in attrs:
-            if name in LINK_ATTRIBUTES and value is not None:
-                self.links.append((tag, name, value))
-
-    handle_startendtag = handle_starttag
-
-
-def page_links(html: str) -> list[tuple[str, str, str]]:
-    """(tag, attribute, value) of every link-like attribute in ``html``."""
-    parser = _Links()
-    parser.feed(html)
-    parser.close()
-    return parser.links
-
-
-def check_links_inside(html: str, out_dir: Path) -> None:
-    """Raise unless every href/src of ``html`` is a relative link to an existing file inside ``out_dir``.
-
-    Fragment-only links (``#table1``) are allowed; schemes (http:, file:, javascript:, data:), absolute
-    paths and links that leave the folder are not.
+def _index_facts(data: ReportData, table1: dict, generated: str) -> dict:
+    """What the reports index reads from ``aggregates.json`` beside Table 1 (layout ``REPORT_FORMAT``): when
+    the report was made, its runs, each method's base model and sampling, and the faces and images behind it.
     """
-    root = out_dir.resolve()
-    for tag, attr, value in page_links(html):
-        values = [v.strip().split(" ")[0] for v in value.split(",")] if attr == "srcset" else [value]
-        for v in values:
-            if v.startswith("#") and attr == "href":
-                continue
-            parts = urlsplit(v)
-            if parts.scheme or parts.netloc or v.startswith(("/", "\\")) or not parts.path:
-                raise F2DBenchError(f"report link <{tag} {attr}={v!r}> is not relative to the report folder")
-            target = (root / unquote(parts.path)).resolve()
-            if not inside(target, root) or not target.is_file():
-                raise F2DBenchError(f"report link <{tag} {attr}={v!r}> does not resolve to a file inside {root}")
-
-
-def _environment():
-    import jinja2
-
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-        autoescape=True,  # every template and every value: user text never becomes markup
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True, lstrip_blocks=True,
-    )
-    env.filters["fmt"] = fmt
-    return env
+    methods: dict[str, dict] = {}
+    for run in data.runs:
+        for mid, info in run.methods.items():
+            ident = info.get("identity") or {}
+            entry = methods.setdefault(mid, {
+                "name": info.get("name") or ident.get("method"), "model": ident.get("model"),
+                "sampling": ident.get("sampling"), "source": ident.get("source"), "weights": info.get("weights"),
+                "runs": []})
+            entry["runs"].append(run.name)
+    runs = []
+    for run in data.runs:
+        config = run.run_json.get("config", {})
+        runs.append({"name": run.name, "path": str(run.root.resolve()), "created": run.run_json.get("created"),
+                     "config_hash": run.run_json.get("config_hash"), "model": config.get("model"),
+                     "sampling": config.get("sampling"), "n_faces": len(run.grid.get("faces", [])),
+                     "n_prompts": len(run.grid.get("prompts", [])), "seeds": run.grid.get("seeds", [])})
+    return {
+        "report_format": REPORT_FORMAT, "generated": generated, "run_info": runs, "methods": methods,
+        "table1_columns": [{"col": h["col"], "name": h["name"], "note": h["note"]} for h in table1["headers"]],
+        "n_faces": int(data.records["face"].nunique()), "n_images": int(len(data.records)),
+    }
 
 
 # -- the command -------------------------------------------------------------------------------------
@@ -352,6 +308,7 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
     ``grid_faces`` / ``grid_seeds`` bound the image grids (0: all), since a full run has 16,000 images per
     method; the tables and files always use every image. The report is written into a temporary folder
     beside ``out_dir`` and swapped into place whole: a killed report leaves the old report or the new one.
+    Then the index of the folder holding ``out_dir`` (``index.html``, ``index.json``) is rewritten.
     """
     out_dir = Path(out_dir)
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
@@ -375,6 +332,7 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
             replace_dir(work, out_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+    write_index(out_dir.parent)  # the folder's index of reports lists this one
     return out_dir / "index.html"
 
 
@@ -397,14 +355,16 @@ def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seed
     notes = data.metric_notes()
     labels = {m: agg.table1.loc[m, "label"] for m in agg.table1.index}
     labels.update({m: agg.table2.loc[m, "label"] for m in agg.table2.index if m not in labels})
+    catalog = data.catalog
+    table1 = _table1_view(agg, notes, catalog)
+    generated = utc_now()
     files = write_aggregate_files(agg, out_dir, {
         "runs": [str(r.root.resolve()) for r in data.runs], "metric_notes": notes,
-        "f2d_bench_version": __version__,
+        "f2d_bench_version": __version__, **_index_facts(data, table1, generated),
     })
 
     from f2d_bench.aggregate.paper import PAPER_TABLE1
 
-    catalog = data.catalog
     plots_dir = out_dir / "plots"
     plots = []
     for path, title in (
@@ -416,20 +376,19 @@ def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seed
             plots.append({"src": path.relative_to(out_dir).as_posix(), "title": title})
 
     script = (TEMPLATES / "viewer.js").read_text(encoding="utf-8")
-    script_hash = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
     shutil.copyfile(TEMPLATES / "style.css", out_dir / "style.css")
     context = {
         "title": "f2d-bench report: " + ", ".join(r.name for r in data.runs),
-        "generated": utc_now(), "version": __version__,
+        "generated": generated, "version": __version__,
         "runs": _metadata_view(data), "duplicates": data.duplicates,
-        "table1": _table1_view(agg, notes, catalog), "table2": _table2_view(agg),
+        "table1": table1, "table2": _table2_view(agg),
         "categories": _categories_view(agg, labels, catalog), "pairs": _pairs_view(agg, labels),
         "paper": _paper_view(), "best_of_n": _best_of_n_view(agg, data, out_dir),
         "plots": plots, "files": files,
         "grid": _grid_view(data, out_dir, labels, grid_faces, grid_seeds),
         "confidence": f"{confidence:.0%}", "n_resamples": n_resamples,
-        "script": script, "script_hash": script_hash,
+        "script": script, "script_hash": inline_hash(script),
     }
-    html = _environment().get_template("report.html.j2").render(**context)
+    html = environment().get_template("report.html.j2").render(**context)
     check_links_inside(html, out_dir)
     atomic_write_text(out_dir / "index.html", html)
