@@ -243,6 +243,11 @@ def _run_method(
                dynamic_ncols=True)
     try:
         for batch in batches:
+            if method.tunes and not method.keeps_weights():
+                # Such a method renders each face in a pipeline call of its own (see Method.keeps_weights):
+                # leaving out the faces whose images all exist changes no pixel and spares re-tuning them.
+                incomplete = {k.face_id for k in batch if not store.has_image(k)}
+                batch = [k for k in batch if k.face_id in incomplete]
             # Batches are ordered by face: keep only the faces this batch needs.
             needed = {k.face_id for k in batch}
             for fid in sorted(set(prepared) - needed):

@@ -24,7 +24,7 @@ from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.methods.base import GenerationRequest, MethodContext
 from f2d_bench.methods.token_slots import token_embedding_module
 from f2d_bench.methods.word_vectors import TOKEN, WordVectorMethod
-from f2d_bench.tuning.class_images import class_image_paths
+from f2d_bench.tuning.class_images import class_posteriors
 from f2d_bench.tuning.diffusion import (
     DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, optimise, training_pixels,
     training_resolution,
@@ -144,11 +144,9 @@ class CustomDiffusionMethod(WordVectorMethod):
             pipe, p = self.context.pipeline(), self.params
             if self.shared_dir is None:
                 raise RuntimeError("custom-diffusion: the run directory is not open (shared_dir unset)")
-            paths = class_image_paths(self.shared_dir, pipe, p["class_prompt"], p["num_class_images"],
-                                      self.context.config.sampling, seed=p["seed"],
-                                      batch_size=self.context.config.batch_size)
-            size = training_resolution(pipe)
-            self._class_posteriors = [encode_posterior(pipe.vae, training_pixels(path, size)) for path in paths]
+            self._class_posteriors = class_posteriors(
+                self.shared_dir, pipe, p["class_prompt"], p["num_class_images"], self.context.config.sampling,
+                seed=p["seed"], batch_size=self.context.config.batch_size)
         return self._class_posteriors
 
     def tune(self, face, work_dir: Path) -> dict:

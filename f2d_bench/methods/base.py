@@ -140,7 +140,11 @@ class Method:
         raise NotImplementedError
 
     def keeps_weights(self) -> bool:
-        """False: render each face right after tuning it and delete its weights (a full UNet per face)."""
+        """False: render each face right after tuning it and delete its weights (a full UNet per face).
+
+        Such a method must render each face in a pipeline call of its own (its images may not depend on
+        which other faces share a batch): on resume the engine leaves complete faces out of a batch.
+        """
         return True
 
 

@@ -14,14 +14,13 @@ inline script and style (by hash), and every link is checked to point at a file 
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from urllib.parse import quote
 
 from f2d_bench import __version__
 from f2d_bench.errors import F2DBenchError
-from f2d_bench.files import atomic_write_json, atomic_write_text
+from f2d_bench.files import atomic_write_json, atomic_write_text, exclusive_lock
 from f2d_bench.report.page import TEMPLATES, check_links_inside, environment, finite, fmt, inline_hash
 from f2d_bench.report.thumbnails import inside
 from f2d_bench.runinfo import utc_now
@@ -350,15 +349,10 @@ def render_index(root: Path, entries: list[dict], board: list[dict], generated: 
     return html
 
 
-@contextlib.contextmanager
 def _index_lock(root: Path):
     """One index writer at a time (``.index.lock``): reports finishing together each rebuild the index, and
     the last to take the lock sees every report swapped in before it."""
-    import fcntl
-
-    with open(root / ".index.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        yield
+    return exclusive_lock(root / ".index.lock")
 
 
 def write_index(root: str | Path) -> Path:

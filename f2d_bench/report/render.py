@@ -9,7 +9,6 @@ file inside the report folder.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import tempfile
@@ -39,7 +38,7 @@ from f2d_bench.report.page import TEMPLATES, check_links_inside, environment, fm
 from f2d_bench.report.page import finite as _finite
 from f2d_bench.report.thumbnails import export_image, inside
 from f2d_bench.runinfo import utc_now
-from f2d_bench.files import atomic_link_or_copy, atomic_write_text, recover_dir, replace_dir
+from f2d_bench.files import atomic_link_or_copy, atomic_write_text, exclusive_lock, recover_dir, replace_dir
 
 # page_links and check_links_inside live in page.py; they are re-exported here for callers of this module.
 __all__ = ["build_report", "check_links_inside", "fmt", "page_links"]
@@ -336,17 +335,10 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
     return out_dir / "index.html"
 
 
-@contextlib.contextmanager
 def _report_lock(out_dir: Path):
     """One report at a time into ``out_dir`` (``.<name>.lock`` beside it, released when the process ends)."""
-    import fcntl
-
-    with open(out_dir.parent / f".{out_dir.name}.lock", "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise F2DBenchError(f"another f2d-bench report is writing {out_dir}; wait for it to finish") from None
-        yield
+    return exclusive_lock(out_dir.parent / f".{out_dir.name}.lock",
+                          busy=f"another f2d-bench report is writing {out_dir}; wait for it to finish")
 
 
 def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seeds: int, n_resamples: int,

@@ -82,7 +82,7 @@ class TunedFaces:
             start = time.perf_counter()
             facts = tune(work)
             seconds = time.perf_counter() - start
-            files = {p.name: file_sha256(p) for p in sorted(work.iterdir()) if p.is_file()}
+            files = {p.relative_to(work).as_posix(): file_sha256(p) for p in sorted(work.rglob("*")) if p.is_file()}
             record = {
                 "method_id": self.method_id, "face_id": face_id, "seconds": seconds, "finished_at": utc_now(),
                 **facts, "files": files, "weights_deleted": False,
@@ -103,6 +103,9 @@ class TunedFaces:
             atomic_write_json(final / TUNE_RECORD, {**record, "weights_deleted": True})
             for name in record.get("files", {}):
                 (final / name).unlink(missing_ok=True)
+            for folder in sorted((p for p in final.rglob("*") if p.is_dir()), reverse=True):
+                if not any(folder.iterdir()):
+                    folder.rmdir()
 
     def records(self) -> list[dict]:
         """Every finished face's record, sorted by face id."""
@@ -121,8 +124,9 @@ class TunedFaces:
                 continue
             work = self.path(face_id).parent / f".{face_id}.linking"
             shutil.rmtree(work, ignore_errors=True)
-            for src in sorted(other.path(face_id).iterdir()):
-                atomic_link_or_copy(src, work / src.name)
+            source = other.path(face_id)
+            for src in sorted(p for p in source.rglob("*") if p.is_file()):
+                atomic_link_or_copy(src, work / src.relative_to(source))
             os.rename(work, self.path(face_id))
             count += 1
         return count

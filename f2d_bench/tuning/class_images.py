@@ -51,3 +51,13 @@ def class_image_paths(folder: Path, pipe, prompt: str, count: int, sampling: "Sa
 
             atomic_write_json(root / "settings.json", settings)
     return paths
+
+
+def class_posteriors(folder: Path, pipe, prompt: str, count: int, sampling: "SamplingConfig", *, seed: int,
+                     batch_size: int) -> list:
+    """The VAE posteriors (``diffusion.Posterior``) of the class images, rendering missing ones first."""
+    from f2d_bench.tuning.diffusion import encode_posterior, training_pixels, training_resolution
+
+    paths = class_image_paths(folder, pipe, prompt, count, sampling, seed=seed, batch_size=batch_size)
+    size = training_resolution(pipe)
+    return [encode_posterior(pipe.vae, training_pixels(path, size)) for path in paths]
