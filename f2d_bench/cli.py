@@ -117,9 +117,16 @@ def _cmd_scorers(args: argparse.Namespace) -> int:
 def _cmd_methods(args: argparse.Namespace) -> int:
     from f2d_bench.methods import METHODS
 
-    for entry in METHODS.entries().values():
-        summary = entry.summary or entry.target
-        print(f"{entry.name:<12} {summary}  ({entry.origin})")
+    entries = METHODS.entries()
+    width = max(map(len, entries), default=0)
+    for entry in entries.values():
+        summary = entry.summary
+        if not summary:  # an entry point names only its class: import it for its summary
+            try:
+                summary = METHODS.load(entry.name).summary or entry.target
+            except F2DBenchError as exc:
+                summary = f"cannot be loaded: {exc}"
+        print(f"{entry.name:<{width}}  {summary}  ({entry.origin})")
     return 0
 
 

@@ -1,0 +1,1 @@
+"""CelebBasis on the run's base pipeline; see README.md."""

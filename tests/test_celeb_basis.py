@@ -1,0 +1,256 @@
+"""CelebBasis: the celebrity basis, the IResNet-100 backbone's official layout, and per-face tuning on the
+tiny pipeline with the real test photos."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from baselines.celeb_basis.backbone import IResNet, load_backbone
+from baselines.celeb_basis.basis import OFFICIAL_ROWS, effective_basis_size, pca_basis, word_vectors
+from baselines.celeb_basis.method import (
+    ARTIFACT, COEFFICIENTS, CelebBasisMethod, FaceMLP, coefficient_count, mlp_parameter_count,
+)
+from f2d_bench.config import config_from_dict
+from f2d_bench.engine import PipelineProvider, build_methods
+from f2d_bench.errors import ConfigError, F2DBenchError
+from f2d_bench.faces.faceset import Face
+from f2d_bench.grid import ItemKey
+from f2d_bench.methods.base import GenerationRequest, MethodContext
+from f2d_bench.methods.token_slots import token_embedding_module
+from f2d_bench.prompts import load_prompt_set
+from f2d_bench.tuning.diffusion import DenoisingLoss, encode_posterior, encode_text, training_pixels, training_resolution
+from f2d_bench.weights import WeightsLayoutError
+
+from conftest import prepared_crops, sha256_file, small_config_dict
+
+OFFLINE = {"backbone": "random", "names": "random"}
+FAST = {**OFFLINE, "steps": 3}
+#: Single CLIP tokens, so that "first last" has exactly two tokens and "first" one.
+FIRST = ("john", "mary", "james", "anna", "peter", "laura", "david", "emma")
+LAST = ("smith", "brown", "taylor", "wilson", "moore")
+
+
+@pytest.fixture(scope="module")
+def provider():
+    """One tiny pipeline for the whole module (methods only read it; diffusers' loader gets copies)."""
+    return PipelineProvider(config_from_dict(small_config_dict()))
+
+
+def _method(provider, **params) -> CelebBasisMethod:
+    # Built directly: the registry finds "celeb-basis" through the package's entry point once installed.
+    cfg = config_from_dict(small_config_dict(methods=[{"name": "celeb-basis", "params": params}]))
+    method = CelebBasisMethod(params, MethodContext(cfg, load_prompt_set("smoke"), provider))
+    method.label = "celeb-basis"
+    return method
+
+
+def _face(face_id: str = "obama") -> Face:
+    return Face(face_id, prepared_crops()[face_id])
+
+
+def _request(method, face: Face, prepared, prompt_index: int = 0, seed: int = 0) -> GenerationRequest:
+    prompt = load_prompt_set("smoke").prompts[prompt_index]
+    return GenerationRequest(ItemKey(method.method_id, face.face_id, prompt.id, seed), prompt, face, prepared,
+                             torch.Generator("cpu").manual_seed(seed))
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+# --- sizes and the basis ---------------------------------------------------------------------------
+
+
+def test_trained_parameters_equal_closed_forms_at_sd14_size():
+    width = 768  # SD 1.4's text width
+    size = effective_basis_size(512, OFFICIAL_ROWS, width)
+    assert size == 512 and coefficient_count(size) == 1024  # Table 2: CelebBasis 1024
+    with torch.device("meta"):
+        mlp = FaceMLP(size)
+    assert sum(p.numel() for p in mlp.parameters()) == mlp_parameter_count(size) == 525_312
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randn(n, width, generator=generator, dtype=torch.float64) for n in OFFICIAL_ROWS]
+    basis = pca_basis(rows, size)
+    assert basis.shape == (2, 513, 768)
+    for j in range(2):
+        torch.testing.assert_close(basis[j, 0].double(), rows[j].mean(0), atol=1e-6, rtol=0)
+        gram = basis[j, 1:].double() @ basis[j, 1:].double().T
+        torch.testing.assert_close(gram, torch.eye(size, dtype=torch.float64), atol=1e-5, rtol=0)
+    # A small text width caps the directions (no more orthonormal ones exist), as does the row count.
+    assert effective_basis_size(512, OFFICIAL_ROWS, 32) == 32 and effective_basis_size(512, (40, 9), 768) == 8
+
+
+def test_names_file_basis_follows_the_official_recipe(provider, tmp_path):
+    names = [f"{a} {b}" for a in FIRST for b in LAST] + list(FIRST[:3])  # 40 two-token + 3 one-token names
+    (tmp_path / "names.txt").write_text("\n".join(names + names[:5]) + "\n")  # repeats count once
+    method = _method(provider, backbone="random", names=str(tmp_path / "names.txt"), basis_size=16)
+    pipe = provider()
+    ids = {w: pipe.tokenizer(w, add_special_tokens=False).input_ids for w in FIRST + LAST}
+    assert all(len(v) == 1 for v in ids.values())
+    basis = method.basis()
+    assert basis.rows == (43, 40) and basis.size == 16 and basis.tensor.shape == (2, 17, 32)
+    table = token_embedding_module(pipe.text_encoder).weight.detach().double()
+    first_ids = [ids[n.split()[0]][0] for n in sorted(set(names))]
+    second_ids = [ids[n.split()[1]][0] for n in sorted(set(names)) if " " in n]
+    torch.testing.assert_close(basis.tensor[0, 0].double(), table[first_ids].mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(basis.tensor[1, 0].double(), table[second_ids].mean(0), atol=1e-6, rtol=0)
+    assert method.info()["trained_params"] == 32
+    # The basis size is capped by rows - 1 and by the width; the file's content is in the identity.
+    assert _method(provider, backbone="random", names=str(tmp_path / "names.txt")).basis().size == 32
+    before = method.method_id
+    (tmp_path / "names.txt").write_text("\n".join(names[:-1]) + "\n")
+    assert _method(provider, backbone="random", names=str(tmp_path / "names.txt"), basis_size=16).method_id != before
+
+
+def test_missing_files_say_where_they_are_published(provider, tmp_path):
+    with pytest.raises(ConfigError, match=r"params\.backbone.*arcface_torch.*backbone\.pth"):
+        _method(provider, names="random")
+    with pytest.raises(ConfigError, match=r"params\.names.*wiki_names_v2\.txt.*CelebBasis"):
+        _method(provider, backbone="random", names=str(tmp_path / "absent.txt"))
+
+
+# --- the backbone ----------------------------------------------------------------------------------
+
+
+def _constant_state(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every entry of ``model.state_dict()`` as a distinct constant (a broadcast scalar: a tiny file)."""
+    return {prefix + key: torch.tensor(i % 97 + 1, dtype=value.dtype).expand(value.shape)
+            for i, (key, value) in enumerate(model.state_dict().items())}
+
+
+def test_backbone_official_layout_loads_strictly_and_others_are_refused(tmp_path):
+    with torch.device("meta"):
+        layout = IResNet()
+    keys = list(layout.state_dict())
+    assert sum(p.numel() for p in layout.parameters()) == 65_156_160 and len(keys) == 925
+    assert {"conv1.weight", "bn1.weight", "prelu.weight", "layer1.0.bn1.weight", "layer1.0.downsample.0.weight",
+            "layer3.29.bn3.running_var", "fc.weight", "features.weight"} <= set(keys)
+    assert "layer1.1.downsample.0.weight" not in keys and not any(k.startswith("module.") for k in keys)
+
+    official = tmp_path / "backbone.pth"
+    torch.save(_constant_state(layout), official)
+    model = load_backbone(official)
+    expected = layout.state_dict()
+    for i, (key, value) in enumerate(model.state_dict().items()):
+        assert value.dtype == expected[key].dtype and bool((value == i % 97 + 1).all()), key
+
+    wrapped = tmp_path / "wrapped.pth"
+    torch.save(_constant_state(layout, "module."), wrapped)
+    with pytest.raises(WeightsLayoutError, match=r"wrapped\.pth.*extra 'module\.' prefix"):
+        load_backbone(wrapped)
+    incomplete = tmp_path / "incomplete.pth"
+    state = _constant_state(layout)
+    del state["layer4.2.bn3.weight"]
+    torch.save(state, incomplete)
+    with pytest.raises(WeightsLayoutError, match=r"incomplete\.pth.*missing keys 1: 'layer4\.2\.bn3\.weight'"):
+        load_backbone(incomplete)
+
+
+# --- tuning ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _fixed_draw_loss(method, face: Face, vectors: torch.Tensor, *, draws: int = 16, batch: int = 8) -> float:
+    """The denoising loss of ``vectors`` (2, width) at a fixed set of (flip, latent, timestep, noise) draws."""
+    pipe = method.context.pipeline()
+    posterior = encode_posterior(pipe.vae, training_pixels(face.path, training_resolution(pipe)))
+    generator = torch.Generator("cpu").manual_seed(1234)
+    loss = DenoisingLoss(pipe, generator)
+    caption = method.caption_text(method.params["templates"][0])
+    total = 0.0
+    for _ in range(draws):
+        latents = posterior.sample(batch, generator, 0.5)
+        with method.written(vectors[None].expand(batch, -1, -1)):
+            text = encode_text(pipe, [caption] * batch)
+        total += float(loss(pipe.unet, latents, text))
+    return total / draws
+
+
+def test_tuning_lowers_the_loss_on_a_real_photo(provider, tmp_path):
+    # A short EMA (momentum 0.5) so that 20 updates reach the kept coefficients; the recipe is otherwise official.
+    method = _method(provider, **OFFLINE, steps=20, batch_size=4, momentum=0.5)
+    face = _face()
+    start = method.start(face)
+    with torch.no_grad():  # what the first steps train with: the fresh MLP's output for the photo
+        first = word_vectors(method.basis().tensor, start.mlp(method.face_features(face)[:1]))[0]
+    facts = method.tune(face, tmp_path)
+    learned = method.load_tuned(face, tmp_path).vectors
+    assert facts["trained_params"] == 64 and facts["mlp_params"] == mlp_parameter_count(32)
+    assert len(facts["losses"]) == 20 and facts["ema_updates"] == 80 and facts["learning_rate"] == 2e-2
+    before, after = _fixed_draw_loss(method, face, first), _fixed_draw_loss(method, face, learned)
+    assert after < before - 2e-3, (before, after)
+
+
+def test_same_seed_same_artifact_bytes(provider, tmp_path):
+    from safetensors.torch import load_file
+
+    method = _method(provider, **FAST)
+    face = _face()
+    for name in "abc":
+        (tmp_path / name).mkdir()  # the engine hands tune() an empty folder
+    method.tune(face, tmp_path / "a")
+    method.tune(face, tmp_path / "b")
+    for name in (ARTIFACT, COEFFICIENTS):
+        assert sha256_file(tmp_path / "a" / name) == sha256_file(tmp_path / "b" / name)
+    # The saved vectors are the kept coefficients on the basis.
+    coefficients = load_file(str(tmp_path / "a" / COEFFICIENTS))["coefficients"]
+    assert coefficients.shape == (2, 32)
+    torch.testing.assert_close(method.load_tuned(face, tmp_path / "a").vectors,
+                               word_vectors(method.basis().tensor, coefficients[None])[0])
+    other_seed = _method(provider, **FAST, seed=1)
+    other_seed.tune(face, tmp_path / "c")
+    assert sha256_file(tmp_path / "a" / ARTIFACT) != sha256_file(tmp_path / "c" / ARTIFACT)
+
+
+def test_artifact_reloads_through_diffusers_and_renders_the_same_images(provider, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    method = _method(provider, **FAST)
+    face = _face()
+    method.tune(face, tmp_path)
+    request = _request(method, face, method.load_tuned(face, tmp_path))
+    ours = _pixels(method.generate([request])[0])
+
+    pipe = provider()
+    # A pipeline of its own: load_textual_inversion grows the vocabulary of the model it is given.
+    other = StableDiffusionPipeline(**{**pipe.components, "tokenizer": copy.deepcopy(pipe.tokenizer),
+                                       "text_encoder": copy.deepcopy(pipe.text_encoder)})
+    other.load_textual_inversion(str(tmp_path), weight_name=ARTIFACT)  # tokens <obama>, <obama>_1
+    s = method.context.config.sampling
+    theirs = other(request.prompt.render("<obama> person"), negative_prompt="",
+                   num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, height=s.height,
+                   width=s.width, generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    assert np.abs(_pixels(theirs) - ours).max() <= 3
+
+    cfg = config_from_dict(small_config_dict())
+    [sd_class] = build_methods(cfg, load_prompt_set("smoke"), pipeline=provider)
+    plain = _pixels(sd_class.generate([_request(sd_class, face, None)])[0])
+    assert np.abs(plain - ours).max() > 10  # the tuned subject changes the image
+
+
+def test_faces_share_a_batch_and_render_as_alone(provider, tmp_path):
+    method = _method(provider, **FAST)
+    faces = [_face("obama"), _face("biden")]
+    prepared = {}
+    for f in faces:
+        (tmp_path / f.face_id).mkdir()
+        method.tune(f, tmp_path / f.face_id)
+        prepared[f.face_id] = method.load_tuned(f, tmp_path / f.face_id)
+    together = method.generate([_request(method, f, prepared[f.face_id]) for f in faces])
+    alone = [method.generate([_request(method, f, prepared[f.face_id])])[0] for f in faces]
+    assert max(np.abs(_pixels(a) - _pixels(b)).max() for a, b in zip(together, alone)) <= 3
+    assert np.abs(_pixels(together[0]) - _pixels(together[1])).max() > 0
+
+
+def test_a_wrong_artifact_is_refused_with_its_path(provider, tmp_path):
+    from safetensors.torch import save_file
+
+    method = _method(provider, **FAST)
+    save_file({"<obama>": torch.zeros(1, 32)}, str(tmp_path / ARTIFACT))  # one vector, not two
+    with pytest.raises(F2DBenchError, match=r"learned_embeds\.safetensors: expected one tensor '<obama>' of "
+                                            r"shape \(2, 32\)"):
+        method.load_tuned(_face(), tmp_path)
