@@ -18,14 +18,14 @@ from f2d_bench.config import config_from_dict
 from f2d_bench.engine import PipelineProvider, build_methods
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.faceset import Face
-from f2d_bench.grid import ItemKey
-from f2d_bench.methods.base import GenerationRequest, MethodContext
+from f2d_bench.methods.base import MethodContext
 from f2d_bench.methods.token_slots import token_embedding_module
 from f2d_bench.prompts import load_prompt_set
 from f2d_bench.tuning.diffusion import DenoisingLoss, encode_posterior, encode_text, training_pixels, training_resolution
 from f2d_bench.weights import WeightsLayoutError
 
-from conftest import prepared_crops, sha256_file, small_config_dict
+from conftest import sha256_file, small_config_dict
+from test_tuning import _face, _pixels, _request
 
 OFFLINE = {"backbone": "random", "names": "random"}
 FAST = {**OFFLINE, "steps": 3}
@@ -41,25 +41,13 @@ def provider():
 
 
 def _method(provider, **params) -> CelebBasisMethod:
-    # Built directly: the registry finds "celeb-basis" through the package's entry point once installed.
+    # Built directly on the module's shared pipeline (build_methods would load one per method).
     cfg = config_from_dict(small_config_dict(methods=[{"name": "celeb-basis", "params": params}]))
     method = CelebBasisMethod(params, MethodContext(cfg, load_prompt_set("smoke"), provider))
     method.label = "celeb-basis"
     return method
 
 
-def _face(face_id: str = "obama") -> Face:
-    return Face(face_id, prepared_crops()[face_id])
-
-
-def _request(method, face: Face, prepared, prompt_index: int = 0, seed: int = 0) -> GenerationRequest:
-    prompt = load_prompt_set("smoke").prompts[prompt_index]
-    return GenerationRequest(ItemKey(method.method_id, face.face_id, prompt.id, seed), prompt, face, prepared,
-                             torch.Generator("cpu").manual_seed(seed))
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image, dtype=np.int16)
 
 
 # --- sizes and the basis ---------------------------------------------------------------------------

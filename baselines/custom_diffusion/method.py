@@ -21,10 +21,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from f2d_bench.errors import ConfigError, F2DBenchError
-from f2d_bench.methods.base import GenerationRequest, MethodContext
+from f2d_bench.methods.base import GenerationRequest, MethodContext, render_per_face
 from f2d_bench.methods.token_slots import token_embedding_module
 from f2d_bench.methods.word_vectors import TOKEN, WordVectorMethod
-from f2d_bench.tuning.class_images import class_posteriors
+from f2d_bench.tuning.class_images import ClassPrior
 from f2d_bench.tuning.diffusion import (
     DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, optimise, training_pixels,
     training_resolution,
@@ -60,7 +60,7 @@ class CustomDiffusionFace:
     vectors: torch.Tensor
 
 
-class CustomDiffusionMethod(WordVectorMethod):
+class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
     name = "custom-diffusion"
     summary = "CustomDiffusion (Kumari et al. 2023): cross-attention K/V + modifier token <new1> per face"
     tunes = True
@@ -92,7 +92,6 @@ class CustomDiffusionMethod(WordVectorMethod):
             raise ConfigError("param num_class_images must be an integer >= 0 (0: no prior preservation)")
         if str(self.params["caption"]).count("{}") != 1:
             raise ConfigError("param caption must hold one {} (where the subject goes)")
-        self._class_posteriors = None
 
     def info(self) -> dict:
         pipe = self.context.pipeline()
@@ -138,16 +137,6 @@ class CustomDiffusionMethod(WordVectorMethod):
             unet.set_attn_processor(before)
 
     # -- tuning ---------------------------------------------------------------------------------------
-    def _class_latents(self):
-        """The VAE posteriors of the class images (rendered once per run, encoded once per process)."""
-        if self._class_posteriors is None:
-            pipe, p = self.context.pipeline(), self.params
-            if self.shared_dir is None:
-                raise RuntimeError("custom-diffusion: the run directory is not open (shared_dir unset)")
-            self._class_posteriors = class_posteriors(
-                self.shared_dir, pipe, p["class_prompt"], p["num_class_images"], self.context.config.sampling,
-                seed=p["seed"], batch_size=self.context.config.batch_size)
-        return self._class_posteriors
 
     def tune(self, face, work_dir: Path) -> dict:
         pipe, p = self.context.pipeline(), self.params
@@ -159,7 +148,7 @@ class CustomDiffusionMethod(WordVectorMethod):
         processors = self._processors(None)
         trainable = [vector] + [w for proc in processors.values() for w in proc.parameters()]
         posterior = encode_posterior(pipe.vae, training_pixels(face.path, training_resolution(pipe)))
-        classes = self._class_latents() if self._prior() else []
+        classes = self.class_latents() if self._prior() else []
         loss_of = DenoisingLoss(pipe, generator)
         flip_p = 0.5 if p["hflip"] else 0.0
         b = p["batch_size"]
@@ -229,14 +218,8 @@ class CustomDiffusionMethod(WordVectorMethod):
     # -- rendering ------------------------------------------------------------------------------------
     def generate(self, requests: Sequence[GenerationRequest]):
         """Each face's requests in one pipeline call with that face's K/V; results in request order."""
-        by_face: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(requests):
-            by_face[r.face.face_id].append(i)
-        out: list[Any] = [None] * len(requests)
-        for indices in by_face.values():
-            group = [requests[i] for i in indices]
+        def render(group):
             with self._installed(self._processors(group[0].prepared.kv)):
-                images = super().generate(group)
-            for i, image in zip(indices, images):
-                out[i] = image
-        return out
+                return super(CustomDiffusionMethod, self).generate(group)
+
+        return render_per_face(requests, render)

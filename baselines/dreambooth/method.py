@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
 from f2d_bench.errors import ConfigError, F2DBenchError
-from f2d_bench.methods.base import GenerationRequest, MethodContext
+from f2d_bench.methods.base import GenerationRequest, MethodContext, render_per_face
 from f2d_bench.methods.stable_diffusion import StableDiffusionMethod
-from f2d_bench.tuning.class_images import class_posteriors
+from f2d_bench.tuning.class_images import ClassPrior
 from f2d_bench.tuning.diffusion import (
     DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, optimise, training_pixels,
     training_resolution,
@@ -50,7 +49,7 @@ def lora_parameter_count(unet, rank: int) -> int:
     return total
 
 
-class DreamBoothMethod(StableDiffusionMethod):
+class DreamBoothMethod(ClassPrior, StableDiffusionMethod):
     name = "dreambooth"
     summary = "DreamBooth (Ruiz et al. 2023): UNet fine-tuned per face with prior preservation (full or LoRA)"
     tunes = True
@@ -83,7 +82,6 @@ class DreamBoothMethod(StableDiffusionMethod):
             raise ConfigError("param num_class_images must be an integer >= 0 (0: no prior preservation)")
         if not isinstance(p["keep_weights"], bool):
             raise ConfigError("param keep_weights must be true or false")
-        self._class_posteriors = None
         self._lora_unet = None
 
     def info(self) -> dict:
@@ -112,15 +110,6 @@ class DreamBoothMethod(StableDiffusionMethod):
         return request.prompt.render(self.params["subject"])
 
     # -- tuning ---------------------------------------------------------------------------------------
-    def _class_latents(self):
-        if self._class_posteriors is None:
-            pipe, p = self.context.pipeline(), self.params
-            if self.shared_dir is None:
-                raise RuntimeError("dreambooth: the run directory is not open (shared_dir unset)")
-            self._class_posteriors = class_posteriors(
-                self.shared_dir, pipe, p["class_prompt"], p["num_class_images"], self.context.config.sampling,
-                seed=p["seed"], batch_size=self.context.config.batch_size)
-        return self._class_posteriors
 
     def _trainable_unet(self, seed: int):
         """A float32 copy of the base UNet with what this variant trains requiring gradients."""
@@ -142,7 +131,7 @@ class DreamBoothMethod(StableDiffusionMethod):
         generator = torch.Generator("cpu").manual_seed(seed)
         unet = self._trainable_unet(seed)
         posterior = encode_posterior(pipe.vae, training_pixels(face.path, training_resolution(pipe)))
-        classes = self._class_latents() if p["num_class_images"] and p["prior_loss_weight"] else []
+        classes = self.class_latents() if p["num_class_images"] and p["prior_loss_weight"] else []
         loss_of = DenoisingLoss(pipe, generator)
         b = p["batch_size"]
         with torch.no_grad():
@@ -219,14 +208,8 @@ class DreamBoothMethod(StableDiffusionMethod):
 
     def generate(self, requests: Sequence[GenerationRequest]):
         """Each face's requests in one pipeline call with that face's UNet; results in request order."""
-        by_face: dict[str, list[int]] = defaultdict(list)
-        for i, r in enumerate(requests):
-            by_face[r.face.face_id].append(i)
-        out: list[Any] = [None] * len(requests)
-        for indices in by_face.values():
-            group = [requests[i] for i in indices]
+        def render(group):
             with self._face_unet(group[0].prepared):
-                images = super().generate(group)
-            for i, image in zip(indices, images):
-                out[i] = image
-        return out
+                return super(DreamBoothMethod, self).generate(group)
+
+        return render_per_face(requests, render)

@@ -148,6 +148,19 @@ class Method:
         return True
 
 
+def render_per_face(requests: Sequence[GenerationRequest], render: Callable[[list[GenerationRequest]], list]) -> list:
+    """``render(group)`` once per face's requests (methods whose weights differ per face); results in
+    request order. Each face's images are then independent of which other faces share the batch."""
+    by_face: dict[str, list[int]] = {}
+    for i, request in enumerate(requests):
+        by_face.setdefault(request.face.face_id, []).append(i)
+    out: list = [None] * len(requests)
+    for indices in by_face.values():
+        for i, image in zip(indices, render([requests[i] for i in indices])):
+            out[i] = image
+    return out
+
+
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 
 

@@ -61,3 +61,21 @@ def class_posteriors(folder: Path, pipe, prompt: str, count: int, sampling: "Sam
     paths = class_image_paths(folder, pipe, prompt, count, sampling, seed=seed, batch_size=batch_size)
     size = training_resolution(pipe)
     return [encode_posterior(pipe.vae, training_pixels(path, size)) for path in paths]
+
+
+class ClassPrior:
+    """Mixin of methods with a prior-preservation loss: params ``class_prompt``, ``num_class_images``,
+    ``seed``; the class images are rendered once per run into the method's ``shared_dir`` and their
+    posteriors encoded once per process."""
+
+    _class_posteriors: list | None = None
+
+    def class_latents(self) -> list:
+        if self._class_posteriors is None:
+            pipe, p = self.context.pipeline(), self.params
+            if self.shared_dir is None:
+                raise RuntimeError(f"{self.name}: the run directory is not open (shared_dir unset)")
+            self._class_posteriors = class_posteriors(
+                self.shared_dir, pipe, p["class_prompt"], p["num_class_images"], self.context.config.sampling,
+                seed=p["seed"], batch_size=self.context.config.batch_size)
+        return self._class_posteriors
