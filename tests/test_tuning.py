@@ -289,3 +289,23 @@ def test_tune_killed_with_sigkill_resumes_with_every_face_tuned_once(tmp_path):
         return {p.relative_to(root).as_posix(): sha256_file(p) for p in root.glob("methods/*/faces/*/*.safetensors")}
 
     assert artifacts(out) == artifacts(clean) and len(artifacts(out)) == len(ids)
+
+
+@pytest.mark.slow
+def test_upper_bound_tops_up_a_tuned_run_without_tuning_again(tmp_path):
+    from f2d_bench.scoring import score_run
+    from f2d_bench.upper_bound import upper_bound
+
+    from conftest import offline_scoring
+
+    cfg = _tuning_config(tmp_path, ["obama"], seeds=[0], batch_size=4,
+                         scoring=offline_scoring(scorers=["facenet", "clip"]))
+    parent = RunDir(tmp_path / "run")
+    assert generate_run(cfg, parent.root, progress=False).complete
+    score_run(parent.root, progress=False)
+    [mid] = [m["method_id"] for m in parent.read_grid()["methods"]]
+    upper_bound(parent.root, 2, progress=False)
+    child = parent.upper_bound_child(2)
+    assert child.tune_records(mid) == parent.tune_records(mid)  # linked, not tuned again
+    assert len(child.keys()) == 2 * len(load_prompt_set("smoke").all_prompts())
+    assert all(child.store.has_image(k) for k in child.keys())
