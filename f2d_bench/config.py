@@ -18,6 +18,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_validator)
 
 from f2d_bench.errors import ConfigError
+from f2d_bench.faces.choice import DEFAULT_FACE_RULE, FACE_RULES
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -27,6 +28,8 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 #: The face-set value that names the photos shipped in ``f2d_bench/assets/faces`` (prepared on first use).
 BUILTIN_TEST_FACES = "builtin:test-faces"
+#: ``scoring.no_face`` values: an image without a face scores 0.0, or is left out of identity means.
+NO_FACE_POLICIES = ("zero", "drop")
 
 # Strict pydantic takes only tuples for a tuple field, and YAML gives lists; nothing else becomes a tuple.
 _Listed = BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
@@ -126,13 +129,20 @@ class ScoringConfig(_Section):
     device: str = "auto"
     #: Images per scorer call.
     batch_size: int = 16
-    #: Which face counts when a generated image shows several: ``most-confident`` (highest MTCNN
-    #: probability, as FastComposer's evaluation takes MTCNN's first face) or ``largest`` (box area).
-    face_policy: str = "most-confident"
+    #: Which face counts when a generated image shows several (:mod:`f2d_bench.faces.choice`):
+    #: ``largest`` (box area; FastComposer's evaluation, whose MTCNN sorts faces by size) or
+    #: ``most-confident`` (highest MTCNN probability). Input faces always use ``INPUT_FACE_RULE``.
+    face_policy: str = DEFAULT_FACE_RULE
     #: Detections below this MTCNN probability are ignored (0: every face MTCNN returns counts).
     min_face_prob: float = 0.0
     #: Rows per cache file: a killed score run loses at most this many computed values per scorer.
     chunk_size: int = 256
+    #: Clamp each identity similarity at 0 (FastComposer's ``max(sim, 0)``); False keeps the raw cosine.
+    #: Applied when records are assembled, so changing it recomputes nothing.
+    identity_clamp: bool = False
+    #: Identity value of an image without a face: ``zero`` (0.0, the paper and FastComposer) or ``drop``
+    #: (left empty and out of the means, as CelebBasis's evaluation skips such images).
+    no_face: str = "zero"
     #: Reference statistics (.npz from `f2d-bench fid-ref build`) for FID per method; None: no FID.
     fid_reference: str | None = None
     #: FID feature backend: ``pytorch-fid`` (the paper's default) or ``clean-fid-torchscript`` (offline).
@@ -142,7 +152,8 @@ class ScoringConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> ScoringConfig:
-        _check_choice("scoring.face_policy", self.face_policy, ("most-confident", "largest"))
+        _check_choice("scoring.face_policy", self.face_policy, FACE_RULES)
+        _check_choice("scoring.no_face", self.no_face, NO_FACE_POLICIES)
         if not 0.0 <= self.min_face_prob <= 1.0:
             raise ValueError(f"scoring.min_face_prob must be in [0, 1], got {self.min_face_prob}")
         if self.batch_size < 1 or self.chunk_size < 1:

@@ -98,8 +98,8 @@ SMOKE_PLAIN = {
                                             "facenet": {"weights": "random"},
                                             "clip": {"model": "ViT-B-32-quickgelu", "weights": "random"},
                                             "siglip": {"model": "tiny"}},
-                "device": "cpu", "batch_size": 16, "face_policy": "most-confident", "min_face_prob": 0.0,
-                "chunk_size": 256, "fid_reference": None, "fid_backend": "pytorch-fid", "fid_weights": None},
+                "device": "cpu", "batch_size": 16, "face_policy": "largest", "min_face_prob": 0.0,
+                "chunk_size": 256, "identity_clamp": False, "no_face": "zero", "fid_reference": None, "fid_backend": "pytorch-fid", "fid_weights": None},
 }
 PAPER_PLAIN = {
     "name": "paper",
@@ -109,8 +109,9 @@ PAPER_PLAIN = {
     "sampling": {"scheduler": "EulerAncestralDiscreteScheduler", "num_inference_steps": 30,
                  "guidance_scale": 7.0, "height": 512, "width": 512},
     "batch_size": 16,
-    "scoring": {"scorers": [], "settings": {}, "device": "auto", "batch_size": 16, "face_policy": "most-confident",
-                "min_face_prob": 0.0, "chunk_size": 256, "fid_reference": None, "fid_backend": "pytorch-fid",
+    "scoring": {"scorers": [], "settings": {}, "device": "auto", "batch_size": 16, "face_policy": "largest",
+                "min_face_prob": 0.0, "chunk_size": 256, "identity_clamp": False, "no_face": "zero",
+                "fid_reference": None, "fid_backend": "pytorch-fid",
                 "fid_weights": None},
 }
 
@@ -141,7 +142,8 @@ def test_int_for_a_float_becomes_a_float():
     # unknown keys at a nested path, the alphabetically first one
     ({"methods": [{"name": "a", "nam": "b"}]}, "unknown key methods[0].nam; allowed keys here: label, name, params"),
     ({"scoring": {"zz": 1, "bogus": 2}}, "unknown key scoring.bogus; allowed keys here: batch_size, chunk_size, "
-     "device, face_policy, fid_backend, fid_reference, fid_weights, min_face_prob, scorers, settings"),
+     "device, face_policy, fid_backend, fid_reference, fid_weights, identity_clamp, min_face_prob, no_face, "
+     "scorers, settings"),
     # wrong types, with list indices in the path
     ({"methods": [{"name": "a"}, {"name": 3}]}, "methods[1].name: expected a string, got 3"),
     ({"seeds": [0, "x"]}, "seeds[1]: expected an integer, got 'x'"),

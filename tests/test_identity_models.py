@@ -298,6 +298,7 @@ SPHERE_COUNTS = {
     "cosface-sphere20-112": (24_501_952, 46),
     "cosface-sphere20-112-arcface": (24_501_952, 46),
     "sphere20a-112x96": (22_670_656, 62),  # without the A-Softmax classifier fc6
+    "sfnet20-112": (24_500_992, 42),  # opensphere SFNet-20: convs with bias, no PReLU (tests/test_sfnet20.py)
 }
 
 
@@ -343,7 +344,7 @@ def test_sphereface_roundtrip_and_embedding(tmp_path, variant, detections):
     loaded = sphereface.load_sphereface(path, variant)
     assert loaded.variant == variant and not loaded.training
     image, det = detections["obama2.jpg"]
-    emb = sphereface.embed_sphereface(loaded, image, det)
+    emb = sphereface.embed_sphereface(loaded, image, det, crop="warp")  # the one-step template crop
     assert emb.shape == (512,) and emb.dtype == np.float32 and abs(np.linalg.norm(emb) - 1) < 1e-5
     crop = sphereface.crop_sphereface(image, det, variant)
     with torch.no_grad():

@@ -36,6 +36,7 @@ from baselines.celeb_basis.basis import (
     random_token_columns, read_names, token_rows, word_vectors,
 )
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
+from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.faces.detect import FaceDetector
 from f2d_bench.files import file_sha256
 from f2d_bench.methods.base import MethodContext
@@ -53,7 +54,7 @@ RANDOM = "random"
 #: Seed of the offline stand-ins (``backbone: random``, ``names: random``); part of the method's identity.
 RANDOM_SEED = 0
 #: Names the face-input procedure in the identity, so that a change to it gives new method ids.
-FACE_INPUT = "mtcnn-5pt/celebbasis-112/rgb-[-1,1]/iresnet100/l2"
+FACE_INPUT = f"mtcnn-5pt/{INPUT_FACE_RULE}-face/celebbasis-112/rgb-[-1,1]/iresnet100/l2"
 #: Captions of the training samples ("{}" is ``caption_subject``). Our own short list in the spirit of
 #: the official templates (a deviation recorded in README.md).
 TEMPLATES = ("a photo of a {}", "a close-up photo of a {}", "a cropped photo of a {}", "a good photo of a {}",
@@ -263,11 +264,11 @@ class CelebBasisMethod(WordVectorMethod):
         key = (face.face_id, str(face.path))
         if key not in self._features:
             image = read_image(face.path)
-            detections = self.detector.detect(image)
-            if not detections:
+            chosen, _ = choose_face(self.detector.detect(image), INPUT_FACE_RULE)  # the scorers' face too
+            if chosen is None:
                 raise F2DBenchError(f"celeb-basis: no face detected in {face.path} (face {face.face_id}); its "
                                     "face MLP needs a visible face. Replace the image or remove it from the face set.")
-            crop = warp_to_template(image, detections[0].landmarks, CELEBBASIS_TEMPLATE_112, (INPUT_SIZE, INPUT_SIZE))
+            crop = warp_to_template(image, chosen.landmarks, CELEBBASIS_TEMPLATE_112, (INPUT_SIZE, INPUT_SIZE))
             model = self.backbone()
             features = model(to_input(np.stack([crop, crop[:, ::-1]])).to(model.fc.weight.device))
             self._features[key] = F.normalize(features.float(), dim=-1).cpu()

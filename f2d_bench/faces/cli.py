@@ -12,6 +12,10 @@ the file name without extension, with characters other than letters, digits, '.'
 '_'. A source with no face, several faces, or that cannot be read is skipped and listed with its reason.
 Re-running on the same DST replaces its contents consistently.
 
+Each written face is printed with its input-quality measures (detection probability, the crop's size in
+source pixels and its upscaling, the share of padding, the faces found again in the crop) and flagged
+when weak; manifest.json records them under "quality". --min-face-size skips faces below a size.
+
 --limit N uses N of the photos and videos, chosen by file name before any detection: the first N names in
 sorted (code point) order, or with --limit-seed S the N names with the smallest sha256 of "S/<name>". A
 chosen source without a usable face is skipped, not replaced, so the same folder always gives the same
@@ -35,6 +39,16 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _number_at_least(minimum: float):
+    def parse(text: str) -> float:
+        value = float(text)
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from f2d_bench.faces.prepare import prepare_faces  # torch and MTCNN load only when used
 
@@ -45,6 +59,7 @@ def _prepare(args: argparse.Namespace) -> int:
         several=args.several,
         min_prob=args.min_prob,
         output_size=args.size,
+        min_face_size=args.min_face_size,
         limit=getattr(args, "limit", None),
         limit_seed=getattr(args, "limit_seed", None),
         progress=True,  # prints one line per source, then the summary (stderr); not repeated here
@@ -73,6 +88,10 @@ def register(subparsers) -> None:
                          help="ignore detections whose MTCNN face probability is below P (0..1)")
     prepare.add_argument("--size", type=_int_at_least(16), default=512, metavar="PX",
                          help="side of the aligned square output, pixels")
+    prepare.add_argument("--min-face-size", type=_number_at_least(0.0), default=0.0, metavar="PX",
+                         help="skip a face whose aligned crop spans fewer than PX source pixels per side (it "
+                              "would be upscaled more than SIZE/PX times); 0 keeps all. Kept faces are still "
+                              "flagged when weak (small, padded, uncertain, several faces in the crop)")
     # SUPPRESS: no "(default: None)" in the help; absent options are read as None.
     prepare.add_argument("--limit", type=_int_at_least(1), default=argparse.SUPPRESS, metavar="N",
                          help="use N photos/videos, chosen by file name before detection (default: all)")

@@ -19,9 +19,11 @@ from f2d_bench.files import atomic_write_bytes, atomic_write_text
 from f2d_bench.store import png_bytes
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.align import ffhq_align
+from f2d_bench.faces.choice import choose_face
 from f2d_bench.faces.detect import DETECTOR_NAME, Detection, FaceDetector
 from f2d_bench.faces.faceset import IMAGE_EXTENSIONS, MANIFEST_NAME, sanitize_face_id
 from f2d_bench.faces.imageio import read_image, read_video_frame
+from f2d_bench.faces.quality import describe, input_quality, source_crop_size, thresholds
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 SEVERAL_POLICIES = ("skip", "largest")
@@ -41,6 +43,12 @@ class PreparedFace:
     detection: Detection
     n_detections_ignored: int
     n_other_faces: int = 0
+    #: Input-quality measures and flags (:func:`f2d_bench.faces.quality.input_quality`).
+    quality: dict | None = None
+
+    @property
+    def flags(self) -> list[str]:
+        return list((self.quality or {}).get("flags", []))
 
     def to_manifest(self) -> dict:
         return {
@@ -53,6 +61,7 @@ class PreparedFace:
             "prob": float(self.detection.prob),
             "n_detections_ignored": self.n_detections_ignored,
             "n_other_faces": self.n_other_faces,
+            "quality": self.quality,
         }
 
 
@@ -101,6 +110,10 @@ class PrepareReport:
         several = [face.face_id for face in self.faces if face.n_other_faces]
         if several:
             lines.append(f"  several faces, largest kept: {', '.join(several)}")
+        flagged = [face for face in self.faces if face.flags]
+        if flagged:
+            lines.append(f"  {len(flagged)} weak input(s) flagged (kept; see manifest.json 'quality'):")
+            lines += [f"    {face.face_id}: {', '.join(face.flags)}" for face in flagged]
         return "\n".join(lines)
 
 
@@ -146,7 +159,9 @@ def _selection(candidates: list[str], chosen: list[str], limit: int | None, seed
     return record
 
 
-def _validate(frame_index: int, several: str, min_prob: float, output_size: int) -> None:
+def _validate(frame_index: int, several: str, min_prob: float, output_size: int, min_face_size: float = 0) -> None:
+    if isinstance(min_face_size, bool) or not min_face_size >= 0:
+        raise ConfigError(f"min_face_size must be a number of source pixels >= 0, got {min_face_size}")
     if several not in SEVERAL_POLICIES:
         raise ConfigError(f"several must be one of {', '.join(SEVERAL_POLICIES)}, got {several!r}")
     if not 0.0 <= min_prob <= 1.0:
@@ -220,7 +235,7 @@ def _choose(
             "or keep the largest face with several='largest' (--several largest)"
         )
         return None, ignored, len(kept) - 1, reason
-    chosen = max(kept, key=lambda d: d.area) if len(kept) > 1 else kept[0]
+    chosen, _ = choose_face(kept, "largest")  # the shared rule, as the methods and scorers choose
     return chosen, ignored, len(kept) - 1, ""
 
 
@@ -232,6 +247,7 @@ def prepare_faces(
     several: str = "skip",
     min_prob: float = 0.9,
     output_size: int = 512,
+    min_face_size: float = 0,
     limit: int | None = None,
     limit_seed: int | None = None,
     detector: FaceDetector | None = None,
@@ -248,6 +264,9 @@ def prepare_faces(
     several: what to do when more than one face reaches min_prob: "skip" the source, or keep the
         "largest" box (by area).
     min_prob: detections below this MTCNN probability (0..1) are ignored (and counted).
+    min_face_size: skip a face whose aligned crop spans fewer source pixels per side than this (it would
+        be upscaled more than ``output_size / min_face_size`` times); 0 keeps every face. Kept faces get
+        input-quality measures and flags (:mod:`f2d_bench.faces.quality`) in the manifest's ``quality``.
     limit: use only this many of the photos and videos, chosen by :func:`select_sources` before detection
         (the paper's face set is one frame from each of 100 videos); a chosen source without a usable face
         is skipped with its reason and not replaced by another, so the same folder always gives the same
@@ -256,7 +275,7 @@ def prepare_faces(
     progress: print one line per source and the summary to stderr.
     """
     src, dst = Path(src), Path(dst)
-    _validate(frame_index, several, min_prob, output_size)
+    _validate(frame_index, several, min_prob, output_size, min_face_size)
     if limit is not None and (isinstance(limit, bool) or int(limit) != limit or limit < 1):
         raise ConfigError(f"limit must be a whole number of sources >= 1, got {limit}")
     if limit_seed is not None and limit is None:
@@ -286,6 +305,9 @@ def prepare_faces(
         "detector": DETECTOR_NAME,
         "detector_min_face_size": getattr(detector, "min_face_size", None),
         "alignment": "FFHQ recreate_aligned_images (quad transform at 4x, Lanczos downsampling)",
+        "face_rule": "largest",  # among several faces (several: largest); with one face, that face
+        "min_face_size": min_face_size,
+        "quality_flags": thresholds(),
     }
     report = PrepareReport(dst=dst, skipped=skipped, settings=settings,
                            selection=_selection(names, chosen, limit, limit_seed))
@@ -308,6 +330,13 @@ def prepare_faces(
             note(index, path, f"skipped: {reason}")
             continue
         try:
+            size = source_crop_size(chosen.landmarks)
+            if size < min_face_size:
+                reason = (f"face too small: its aligned crop spans {size:.0f} source pixels, below --min-face-size "
+                          f"{min_face_size:g} (it would be upscaled x{output_size / size:.1f})")
+                report.skipped.append(SkippedSource(path, reason))
+                note(index, path, f"skipped: {reason}")
+                continue
             aligned = ffhq_align(image, chosen.landmarks, output_size)
         except ValueError as exc:  # degenerate landmarks
             report.skipped.append(SkippedSource(path, f"cannot align the face: {exc}"))
@@ -315,10 +344,12 @@ def prepare_faces(
             continue
         out = dst / f"{face_id}.png"
         _save_png(aligned, out)
+        # Detecting again in the crop shows what the methods and scorers will find there (e.g. a ghost).
+        quality = input_quality(chosen, image.size, output_size, detector.detect(aligned), min_prob)
         report.faces.append(
-            PreparedFace(face_id, out, path, frame_index if is_video else None, chosen, ignored, others)
+            PreparedFace(face_id, out, path, frame_index if is_video else None, chosen, ignored, others, quality)
         )
-        note(index, path, f"face {face_id} (p={chosen.prob:.4f})")
+        note(index, path, f"face {face_id} ({describe(quality)})")
 
     report.faces.sort(key=lambda face: face.face_id)
     report.skipped.sort(key=lambda item: item.source.name)

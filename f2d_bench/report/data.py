@@ -41,6 +41,8 @@ class RunData:
     best_of_n_csv: Path | None
     best_of_n_svg: Path | None
     input_faces: dict[str, Path]  # face_id -> the input photo, when it is still where the run found it
+    #: face_id -> the input-quality record ``faces prepare`` wrote for it (manifest ``quality``), if any
+    face_quality: dict[str, dict] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -88,6 +90,14 @@ class ReportData:
                 out.setdefault(mid, []).extend(values)
         return out
 
+    def face_quality(self) -> dict[str, dict]:
+        """face id -> its input-quality record (the first run that has one wins)."""
+        out: dict[str, dict] = {}
+        for run in self.runs:
+            for fid, quality in run.face_quality.items():
+                out.setdefault(fid, quality)
+        return out
+
     def fid(self) -> dict[str, dict]:
         """method -> FID result; a method with FID in several runs keeps the first run's (noted per run)."""
         out: dict[str, dict] = {}
@@ -118,6 +128,25 @@ def _find_input_faces(run_json: dict, grid: dict) -> dict[str, Path]:
     return found
 
 
+def _face_quality(input_faces: dict[str, Path]) -> dict[str, dict]:
+    """face id -> the ``quality`` record of the face set manifest beside each found input photo."""
+    manifests: dict[Path, dict] = {}
+    out: dict[str, dict] = {}
+    for fid, photo in input_faces.items():
+        folder = photo.parent
+        if folder not in manifests:
+            try:
+                manifest = read_json(folder / "manifest.json", {})
+            except F2DBenchError:  # a broken face-set manifest only costs the flags, not the report
+                manifest = {}
+            entries = manifest.get("faces", []) if isinstance(manifest, dict) else []
+            manifests[folder] = {(e.get("face_id"), e.get("file")): e for e in entries if isinstance(e, dict)}
+        entry = manifests[folder].get((fid, photo.name))
+        if entry and isinstance(entry.get("quality"), dict):
+            out[fid] = entry["quality"]
+    return out
+
+
 def load_run(root: str | Path, index: int = 0) -> RunData:
     """Read one scored run; a run without ``records.parquet`` is an error that says to score it."""
     run = RunDir(root)
@@ -141,12 +170,13 @@ def load_run(root: str | Path, index: int = 0) -> RunData:
     except OSError:
         pass
     best = {ext: path for ext, path in run.best_of_n_paths().items() if path.is_file()}
+    input_faces = _find_input_faces(run_json, grid)
     return RunData(
         index=index, root=run.root, run_json=run_json, grid=grid, records=records,
         scoring=run.scoring_info(), fid=run.fid_results(), environment=run.environment(),
         methods=methods, prepare_seconds=prepare, scored_at=scored_at,
         best_of_n_csv=best.get("csv"), best_of_n_svg=best.get("svg"),
-        input_faces=_find_input_faces(run_json, grid),
+        input_faces=input_faces, face_quality=_face_quality(input_faces),
     )
 
 

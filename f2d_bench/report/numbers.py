@@ -16,7 +16,7 @@ import pandas as pd
 
 from f2d_bench.aggregate.bootstrap import face_bootstrap_ci, paired_differences
 from f2d_bench.aggregate.breakdown import PROMPT_CATEGORIES, category_means, top_k_marks
-from f2d_bench.aggregate.tables import method_means
+from f2d_bench.aggregate.tables import method_means, prompt_rows
 from f2d_bench.report.data import ReportData, time_summary
 
 
@@ -33,6 +33,11 @@ class Aggregates:
     confidence: float
     n_resamples: int
     notes: dict = field(default_factory=dict)
+    #: index method: ``<metric>_zero`` (images without a face count 0.0) and ``<metric>_detected`` (over
+    #: images with a detected face only) per identity metric, and ``n_images`` / ``n_detected``
+    identity_both_ways: pd.DataFrame = field(default_factory=pd.DataFrame)
+    #: index face: identity means over every method's prompt images, detection rate, input quality, flags
+    per_face: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence: float = 0.95,
@@ -77,7 +82,60 @@ def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence:
             frame.insert(0, "run", run.index)
             frames.append(frame)
     best = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-    return Aggregates(table1, marks1, table2, marks2, cats, cat_marks, pairs, best, confidence, n_resamples)
+    identity = [m for m in identity_columns(catalog) if m in records.columns]
+    return Aggregates(table1, marks1, table2, marks2, cats, cat_marks, pairs, best, confidence, n_resamples,
+                      identity_both_ways=identity_both_ways(records, identity),
+                      per_face=per_face_results(records, identity, data.face_quality()))
+
+
+def identity_columns(catalog) -> list[str]:
+    """Every identity metric, in or out of hMean/gMean (dlib is out, and still an identity check)."""
+    return [s["name"] for s in catalog.specs if s.get("identity")]
+
+
+QUALITY_COLUMNS = ("source_crop_px", "upscale", "padding_share", "prob", "faces_in_crop")
+
+
+def _with_zero(rows: pd.DataFrame, metric: str) -> pd.Series:
+    """The metric with 0.0 for images without a face (whatever ``scoring.no_face`` stored there)."""
+    return rows[metric].where(rows["face_detected"].astype(bool), 0.0)
+
+
+def identity_both_ways(records: pd.DataFrame, identity: list[str]) -> pd.DataFrame:
+    """Per method, each identity metric's mean both ways: no-face images as 0.0 (the paper, FastComposer)
+    and over detected faces only (CelebBasis drops images without a face). Prompt images, no errors."""
+    rows = prompt_rows(records)
+    if not len(rows) or not identity:
+        return pd.DataFrame()
+    detected = rows["face_detected"].astype(bool)
+    out = pd.DataFrame(index=sorted(rows["method"].unique()))
+    out.index.name = "method"
+    out["label"] = rows.groupby("method")["method_label"].first()
+    for m in identity:
+        out[f"{m}_zero"] = _with_zero(rows, m).groupby(rows["method"]).mean()
+        out[f"{m}_detected"] = rows[m].where(detected).groupby(rows["method"]).mean()
+    out["n_images"] = rows.groupby("method").size()
+    out["n_detected"] = detected.groupby(rows["method"]).sum()
+    return out
+
+
+def per_face_results(records: pd.DataFrame, identity: list[str], quality: dict[str, dict]) -> pd.DataFrame:
+    """Per input face: each identity metric's mean over every method's prompt images (no-face images as
+    0.0), the face detection rate, the image count, and the face's input-quality record and flags."""
+    rows = prompt_rows(records)
+    faces = sorted(set(rows["face"].unique()) | set(quality)) if len(rows) else sorted(quality)
+    out = pd.DataFrame(index=pd.Index(faces, name="face"))
+    if len(rows):
+        by_face = rows.groupby("face")
+        for m in identity:
+            out[m] = _with_zero(rows, m).groupby(rows["face"]).mean()
+        out["face_detection_rate"] = by_face["face_detected"].mean()
+        out["n_images"] = by_face.size()
+    for col in QUALITY_COLUMNS:
+        out[col] = [quality.get(f, {}).get(col, np.nan) for f in faces]
+    out["quality_recorded"] = [f in quality for f in faces]
+    out["flags"] = [", ".join(quality.get(f, {}).get("flags", [])) for f in faces]  # "" when none
+    return out
 
 
 def _table2(data: ReportData, means: pd.DataFrame) -> pd.DataFrame:
@@ -139,7 +197,8 @@ def write_aggregate_files(agg: Aggregates, out_dir: Path, extra: dict | None = N
     from f2d_bench.files import atomic_write_bytes, atomic_write_text
 
     files = {}
-    frames = {"table1": agg.table1, "table2": agg.table2, "categories": agg.categories, "paired": agg.pairs}
+    frames = {"table1": agg.table1, "table2": agg.table2, "categories": agg.categories, "paired": agg.pairs,
+              "identity_both_ways": agg.identity_both_ways, "per_face": agg.per_face}
     if len(agg.best_of_n):
         frames["best_of_n"] = agg.best_of_n
     everything: dict = {"confidence": agg.confidence, "n_resamples": agg.n_resamples, **(extra or {})}

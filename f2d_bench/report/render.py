@@ -23,6 +23,7 @@ from f2d_bench.errors import F2DBenchError
 from f2d_bench.report.numbers import (
     Aggregates,
     compute_aggregates,
+    identity_columns,
     write_aggregate_files,
 )
 from f2d_bench.aggregate.metrics import COMBINED, MetricCatalog
@@ -127,6 +128,36 @@ def _categories_view(agg: Aggregates, labels: dict, catalog: MetricCatalog) -> d
             {"method": m, "label": labels.get(m, m), "cells": [_cell(part, m, c, marks, with_ci=False) for c in cols]}
             for m in part.index]})
     return {"headers": [COLUMN_NAMES.get(c, c) for c in cols], "groups": groups}
+
+
+def _identity_both_view(agg: Aggregates, catalog: MetricCatalog) -> dict:
+    """Identity means with no-face images as 0.0 and over detected faces only, per method."""
+    t = agg.identity_both_ways
+    metrics = [m for m in identity_columns(catalog) if f"{m}_zero" in t.columns]
+    rows = [{"method": m, "label": t.loc[m, "label"], "n_images": int(t.loc[m, "n_images"]),
+             "n_detected": int(t.loc[m, "n_detected"]),
+             "cells": [(fmt(t.loc[m, f"{c}_zero"]), fmt(t.loc[m, f"{c}_detected"])) for c in metrics]}
+            for m in t.index] if metrics else []
+    return {"headers": [COLUMN_NAMES.get(c, c) for c in metrics], "rows": rows}
+
+
+def _per_face_view(agg: Aggregates, catalog: MetricCatalog) -> dict:
+    """Per input face: identity means, detection rate and the face's input-quality flags."""
+    t = agg.per_face
+    metrics = [m for m in identity_columns(catalog) if m in t.columns]
+    rows = []
+    for f in t.index:
+        r = t.loc[f]
+        measured = bool(r.get("quality_recorded")) and _finite(r.get("source_crop_px"))
+        rows.append({
+            "face": f, "cells": [fmt(r[m]) for m in metrics],
+            "detection": fmt(r["face_detection_rate"]) if "face_detection_rate" in t.columns else "",
+            "quality": (f"{r['source_crop_px']:.0f} px (x{r['upscale']:.2f}), padding {100 * r['padding_share']:.1f}%, "
+                        f"p {r['prob']:.4f}, faces in crop {fmt(r['faces_in_crop'], 0)}") if measured else None,
+            "flags": r["flags"] or "", "flagged": bool(r["flags"])})
+    return {"headers": [COLUMN_NAMES.get(c, c) for c in metrics], "rows": rows,
+            "flagged": [row["face"] for row in rows if row["flagged"]],
+            "measured": any(row["quality"] for row in rows)}
 
 
 def _pairs_view(agg: Aggregates, labels: dict) -> list[dict]:
@@ -264,6 +295,8 @@ def _metadata_view(data: ReportData) -> list[dict]:
                          or "none", "platform": (e.get("hardware") or {}).get("platform")} for e in env],
             "face_detector": scoring.get("face_detector"), "face_policy": scoring.get("face_policy"),
             "min_face_prob": scoring.get("min_face_prob"), "scorers": scorers,
+            "input_face_rule": scoring.get("input_face_rule"), "identity_clamp": scoring.get("identity_clamp"),
+            "no_face": scoring.get("no_face"),
             "scoring_settings": json.dumps(scoring.get("scoring", {}), indent=2, sort_keys=True),
             "fid_backends": fid_backends,
         })
@@ -375,6 +408,7 @@ def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seed
         "runs": _metadata_view(data), "duplicates": data.duplicates,
         "table1": table1, "table2": _table2_view(agg),
         "categories": _categories_view(agg, labels, catalog), "pairs": _pairs_view(agg, labels),
+        "identity_both": _identity_both_view(agg, catalog), "per_face": _per_face_view(agg, catalog),
         "paper": _paper_view(), "best_of_n": _best_of_n_view(agg, data, out_dir),
         "plots": plots, "files": files,
         "grid": _grid_view(data, out_dir, labels, grid_faces, grid_seeds),

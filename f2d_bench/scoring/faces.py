@@ -13,21 +13,15 @@ import numpy as np
 
 from f2d_bench.config import ScoringConfig, canonical_hash
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring.cache import ChunkCache
 from f2d_bench.scoring.inputs import ImageEntry
 
 FACE_STAGE_VERSION = "1"
 
-
-def choose_face(detections, policy: str, min_prob: float):
-    """The detection that counts under ``policy`` among those at or above ``min_prob`` (None if none),
-    and how many there were."""
-    found = [d for d in detections if d.prob >= min_prob]
-    if not found:
-        return None, 0
-    pick = max(found, key=(lambda d: d.area) if policy == "largest" else (lambda d: d.prob))
-    return pick, len(found)
+__all__ = ["FACE_STAGE_VERSION", "choose_face", "detect_faces", "detection_from_row", "face_stage_id",
+           "input_face_detections"]
 
 
 def _stage_identity(scoring: ScoringConfig) -> dict:
@@ -75,3 +69,13 @@ def detection_from_row(row):
         return None
     return Detection(box=tuple(row["face_box"]), landmarks=np.asarray(row["face_landmarks"]).reshape(5, 2),
                      prob=float(row["face_prob"]))
+
+
+def input_face_detections(faces, detector) -> dict:
+    """face id -> the detection the identity scorers compare against in each input face image (None when
+    none is found), chosen by :data:`INPUT_FACE_RULE`, the rule the methods encode with. ``faces``: a
+    mapping face id -> :class:`~f2d_bench.faces.faceset.Face`."""
+    from f2d_bench.faces.imageio import read_image
+
+    return {fid: choose_face(detector.detect(read_image(face.path)), INPUT_FACE_RULE)[0]
+            for fid, face in faces.items()}

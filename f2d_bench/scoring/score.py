@@ -17,14 +17,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from f2d_bench.aggregate.metrics import MetricCatalog
 from f2d_bench.config import ScoringConfig
 from f2d_bench.devices import resolve_device
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.faces.choice import INPUT_FACE_RULE
 from f2d_bench.files import atomic_write_bytes, atomic_write_json, atomic_write_parquet
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring.cached_scorer import CachedScorer
-from f2d_bench.scoring.faces import choose_face, detect_faces, detection_from_row, face_stage_id
+from f2d_bench.scoring.faces import detect_faces, detection_from_row, face_stage_id, input_face_detections
 from f2d_bench.scoring.fid import compute_fid
 from f2d_bench.scoring.inputs import ImageEntry, run_faces, run_images
 from f2d_bench.scoring.records import assemble_records
@@ -43,6 +46,7 @@ class ScoreSummary:
     table: Any = None  # per-method means (pandas DataFrame)
     fid: dict = field(default_factory=dict)  # method_id -> FID result
     missing: list[str] = field(default_factory=list)  # keys the grid expects whose image does not exist
+    no_face_rule: str = "identity metrics 0.0"  # what scoring.no_face did to those images
 
     def text(self) -> str:
         lines = [f"scored {self.n_images} images of {self.run_dir} in {self.seconds:.1f} s"]
@@ -54,7 +58,7 @@ class ScoreSummary:
         for name, n in self.computed.items():
             note = f"  [{self.notes[name]}]" if self.notes.get(name) else ""
             lines.append(f"  {name}: {n} computed, {self.n_images - n} from cache{note}")
-        lines.append(f"  no face detected: {self.no_face} images (identity metrics 0.0, face_detected false)")
+        lines.append(f"  no face detected: {self.no_face} images ({self.no_face_rule}, face_detected false)")
         if self.errors:
             lines.append(f"  unreadable images: {self.errors} (metrics empty, see the `error` column)")
         if self.table is not None and len(self.table):
@@ -68,6 +72,24 @@ class ScoreSummary:
                          f"{r['n_reference']} reference images)")
         lines.append(f"records: {self.records_path}")
         return "\n".join(lines)
+
+
+def identity_conventions(values: dict, identity: Sequence[str], detected, scoring: ScoringConfig) -> dict:
+    """``values`` (metric -> one value per image) with the scoring's identity conventions applied to the
+    ``identity`` metrics: clamped at 0 when ``identity_clamp``; NaN (left out of means) where no face was
+    detected when ``no_face`` is ``drop``. The cached values stay raw, so a change recomputes nothing."""
+    detected = np.asarray(detected, dtype=bool)
+    out = dict(values)
+    for name in identity:
+        if name not in out:
+            continue
+        column = np.array(out[name], dtype=np.float64)  # a copy: cached arrays are not changed
+        if scoring.identity_clamp:
+            column = np.maximum(column, 0.0)  # NaN stays NaN
+        if scoring.no_face == "drop":
+            column[~detected] = np.nan
+        out[name] = column
+    return out
 
 
 def load_scorers(names: Sequence[str], scoring: ScoringConfig, context) -> list:
@@ -133,8 +155,7 @@ def score_run(
     device = str(resolve_device(scoring.device))
     detector = FaceDetector(device=device)
     detections = detect_faces(run, entries, scoring, detector, bar)
-    input_det = {fid: choose_face(detector.detect(read_image(face.path)), "largest", 0.0)[0]
-                 for fid, face in faces.items()}
+    input_det = input_face_detections(faces, detector)
     context = ScoringContext(prompt_set=prompt_set, device=device, input_detections=input_det)
     # Scorers of earlier score calls keep their columns (from their caches) when --scorers names a subset.
     previous = [str(s["name"]) for s in run.scoring_info().get("scorers", [])]
@@ -156,6 +177,9 @@ def score_run(
 
     declared = metric_declarations(scorer_objs)
     catalog = MetricCatalog(tuple(declared))
+    identity = [m["name"] for m in declared if m["identity"]]
+    detected = np.array([bool(detections.loc[e.sha256, "face_detected"]) for e in entries], dtype=bool)
+    values = identity_conventions(values, identity, detected, scoring)
     records = assemble_records(run, entries, detections, prompt_set, values, catalog)
     atomic_write_parquet(run.records_parquet, records)
     summary.table = method_means(records, catalog)
@@ -167,8 +191,11 @@ def score_run(
         "scoring": scoring.to_dict() | {"scorers": names + kept},
         "scorers": [s.describe() for s in scorer_objs],
         "face_detector": "facenet-pytorch MTCNN", "face_policy": scoring.face_policy,
-        "min_face_prob": scoring.min_face_prob, "metrics": declared,
+        "input_face_rule": INPUT_FACE_RULE, "min_face_prob": scoring.min_face_prob,
+        "identity_clamp": scoring.identity_clamp, "no_face": scoring.no_face, "metrics": declared,
     })
+    summary.no_face_rule = ("identity metrics 0.0" if scoring.no_face == "zero"
+                            else "identity metrics empty, left out of the means")
     summary.errors = int(records["error"].notna().sum())
     summary.no_face = int((~records["face_detected"] & records["error"].isna()).sum())
     summary.seconds = time.perf_counter() - start

@@ -27,6 +27,7 @@ from PIL import Image
 from f2d_bench.devices import resolve_device
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.align import arcface_align
+from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.faces.detect import FaceDetector
 from f2d_bench.faces.imageio import read_image
 from f2d_bench.files import file_sha256
@@ -47,7 +48,7 @@ WEIGHTS = ("official", "random")
 #: Seed of the random weights (``weights: random``); part of the method's identity.
 RANDOM_SEED = 0
 #: Names the face-input procedure in the identity, so that a change to it gives new method ids.
-FACE_INPUT = "mtcnn-5pt/arcface-112/rgb-[-1,1]"
+FACE_INPUT = f"mtcnn-5pt/{INPUT_FACE_RULE}-face/arcface-112/rgb-[-1,1]"
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,15 +215,18 @@ class F2DMethod(StableDiffusionMethod):
         return tokens.float().cpu()  # .cpu() also waits for the GPU, so the engine times the real work
 
     def prepare(self, face) -> F2DFace:
-        """Detect the face (MTCNN), warp it to the ArcFace 112 template, encode it into two tokens."""
+        """Detect the face (MTCNN; the one :data:`INPUT_FACE_RULE` chooses), warp it to the ArcFace 112
+        template, encode it into two tokens."""
         image = read_image(face.path)
-        detections = self.detector.detect(image)
-        if not detections:
+        # The same function and rule as the identity scorers' input face: the face encoded is the face
+        # scored against (a reflection-padding ghost can be MTCNN's most probable face).
+        chosen, _ = choose_face(self.detector.detect(image), INPUT_FACE_RULE)
+        if chosen is None:
             raise F2DBenchError(
                 f"f2d: no face detected in {face.path} (face {face.face_id}); F2D needs a visible face to "
                 "encode. Replace the image or remove it from the face set."
             )
-        landmarks = detections[0].landmarks  # the most probable face
+        landmarks = chosen.landmarks
         crop = arcface_align(image, landmarks, size=IMAGE_SIZE)
         return F2DFace(tokens=self.encode_crops(crop[None])[0], landmarks=landmarks)
 

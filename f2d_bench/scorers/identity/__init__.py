@@ -5,7 +5,8 @@ Modules (import them directly; this package imports none of them, so that e.g. d
 used):
 
 - :mod:`.adaface`    AdaFace IR-18/50/101 (mk-minchul/AdaFace Lightning ``.ckpt``; CVLface ``model.pt``)
-- :mod:`.sphereface` SphereFace variants (``VARIANTS``; default: CelebBasis's CosFace sphere20, 112x112)
+- :mod:`.sphereface` SphereFace variants (``VARIANTS``; default: CelebBasis's CosFace sphere20, 112x112,
+  with CelebBasis's crop chain; also clcarwin's sphere20a and opensphere's SFNet-20)
 - :mod:`.facenet`    facenet-pytorch InceptionResnetV1 (VGGFace2 or CASIA-WebFace state dict)
 - :mod:`.dlib_face`  dlib's ResNet face descriptor with its 5-point shape predictor
 - :mod:`.crops`      shared crops: template warps and facenet-pytorch's box crop

@@ -115,20 +115,26 @@ class AdaFaceScorer(IdentityScorer):
 
 
 class SphereFaceScorer(IdentityScorer):
-    """SphereFace; the variant (network, weights, crop, normalisation) is a setting, recorded in the run."""
+    """SphereFace; the variant (network, weights, crop, normalisation) and the crop mode (``warp`` or
+    ``celebbasis``; default: the variant's) are settings, recorded in the run."""
 
     name = "sphereface"
-    version = "1"
+    version = "2"  # 2: the default variant's crop mode is CelebBasis's evaluation chain
     metric = "sphereface"
     metrics = (_identity_metric("sphereface", "SphereFace"),)
-    defaults = {"weights": "official", "checkpoint": None, "variant": None}
+    defaults = {"weights": "official", "checkpoint": None, "variant": None, "crop": None}
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
-        from f2d_bench.scorers.identity.sphereface import DEFAULT_VARIANT
+        from f2d_bench.scorers.identity.sphereface import DEFAULT_VARIANT, check_crop_mode, get_variant
 
-        # Resolve the default now so the cache key and the report name the variant actually used.
+        # Resolve the defaults now so the cache key and the report name the variant and crop actually used.
         self.settings["variant"] = self.settings["variant"] or DEFAULT_VARIANT
+        try:
+            spec = get_variant(self.settings["variant"])
+            self.settings["crop"] = check_crop_mode(spec, self.settings["crop"])
+        except ValueError as exc:
+            raise F2DBenchError(f"scorer sphereface: {exc}") from None
 
     def _load_official(self):
         from f2d_bench.scorers.identity.sphereface import load_sphereface
@@ -142,10 +148,9 @@ class SphereFaceScorer(IdentityScorer):
         return build_sphereface(self.settings["variant"])
 
     def _embed(self, images, detections):
-        from f2d_bench.scorers.identity.sphereface import crop_sphereface, embed_batch
+        from f2d_bench.scorers.identity.sphereface import embed_faces
 
-        v = self.settings["variant"]
-        return embed_batch(self.model(), [crop_sphereface(im, d, v) for im, d in zip(images, detections)], v)
+        return embed_faces(self.model(), images, detections, self.settings["variant"], self.settings["crop"])
 
 
 class FaceNetScorer(IdentityScorer):

@@ -14,8 +14,7 @@ template and size, the colour order and the normalisation:
     ``(x / 255 - 0.5) / 0.5``. Crop: CelebBasis aligns the face to an FFHQ-like 512 template, warps that
     with a fixed matrix ("align to insightface") and resizes to 112; composed, that puts the five
     landmarks at :data:`CELEBBASIS_TEMPLATE_112` (eyes about 25 px apart, a looser crop than ArcFace's
-    35 px), which this variant warps to in one step (CelebBasis resamples twice, bilinearly, without
-    antialiasing; a small difference in pixels, none in geometry). The file is a plain state dict
+    35 px). Crop mode ``celebbasis`` (below) reproduces that chain; ``warp`` goes there in one step. The file is a plain state dict
     (``torch.save(model.state_dict())``, no ``module.`` prefix): ``layer{1..4}.*``, ``fc.*``.
 ``cosface-sphere20-112-arcface``
     The same network and file, fed the standard ArcFace 112x112 template crop (for comparison with the
@@ -27,7 +26,31 @@ template and size, the colour order and the normalisation:
     left). The file is a plain state dict with flat keys ``conv1_1.*``, ``relu1_1.weight``, ...,
     ``fc5.*`` and the A-Softmax classifier ``fc6.weight`` [512, 10574], which is checked and dropped.
 
-Not implemented: opensphere's SFNet-20 (112x112 RGB ``(x - 127.5) / 127.5``; another architecture).
+Crop modes (``CROP_MODES``; the scorer's ``crop`` setting, default the variant's own):
+
+``celebbasis`` (the default of ``cosface-sphere20-112``)
+    CelebBasis's evaluation chain (``evaluation/clip_eval.py``, ``IdentityEvaluator``) step by step, on the
+    harness's MTCNN landmarks: uint8 truncation of the [-1, 1] image, a warp onto its 512 "ffhq" template
+    with a black border, normalisation to [-1, 1], ``grid_sample`` with its fixed matrix and zero padding
+    (a 4-6 px frame of mid-gray, about 16% of the 112 input), a bilinear resize to 112. Default because
+    this variant exists to reproduce the one published personalization evaluation that used these
+    weights, and the paper does not say how its SphereFace was run (PROTOCOL.md section 5): the one-step
+    warp puts the landmarks at the same place (within 0.07 px) but fills that frame with image content,
+    which changes the scores (tests/test_peer_conventions.py: the ``celebbasis`` mode equals a re-typed
+    CelebBasis chain to 1e-6 on the shipped photos; ``warp`` does not).
+``warp``
+    One similarity warp of the photo onto the variant's template at its input size, bilinear, black
+    outside the photo; then ``(x - mean) / std``. The default of the other variants.
+
+``sfnet20-112``
+    opensphere's SFNet-20 (``ydwen/opensphere``, ``model/backbone/sfnet_deprecated.py``, the backbone of
+    its VGGFace2 SFNet-20 configurations, ``type: sfnet20_deprecated``): four stages of a stride-2 conv
+    with bias and ReLU, then 1, 2, 4, 1 residual units ``x + ReLU(conv2(ReLU(conv1(x))))`` (the ReLU
+    before the sum), ``fc`` Linear(512*7*7, 512); no BatchNorm. Input: opensphere's 112x112 aligned faces
+    (the ArcFace 5-point template), RGB, ``(x - 127.5) / 127.5``. Checkpoint layout: the trainer saves
+    ``backbone_<iter>.pth`` from its DistributedDataParallel wrapper, so every key carries a ``module.``
+    prefix (``module.layer1.0.conv.weight``, ..., ``module.fc.bias``); it is required and stripped.
+    (opensphere's own tests add the embedding of the horizontally flipped crop; this variant does not.)
 
 Every variant's embedding is the 512-d ``fc``/``fc5`` output, L2-normalised (both reference evaluations
 compare by cosine). Learnable parameters: CosFace sphere20 at 112x112 24,501,952; sphere20a 22,670,656
@@ -43,10 +66,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from f2d_bench.faces.align import ARCFACE_TEMPLATE_112
+from f2d_bench.faces.align import ARCFACE_TEMPLATE_112, similarity_transform
 from f2d_bench.scorers.identity import model_device
-from f2d_bench.scorers.identity.crops import l2_normalise, landmarks_of, stack_crops, warp_to_template
-from f2d_bench.weights import load_checked, read_torch_file, require_file
+from f2d_bench.scorers.identity.crops import l2_normalise, landmarks_of, rgb_array, stack_crops, warp_to_template
+from f2d_bench.weights import WeightsLayoutError, load_checked, read_torch_file, require_file
 
 EMBEDDING_DIM = 512
 
@@ -172,10 +195,56 @@ class Sphere20a(nn.Module):
         return self.fc5(x.flatten(1))
 
 
+class _SFConvBlock(nn.Module):
+    """opensphere's ``ConvBlock``: a 3x3 conv with bias (stride ``stride``) and a ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=True)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.conv(x))
+
+
+class _SFBasicBlock(nn.Module):
+    """opensphere's deprecated ``BasicBlock``: x + ReLU(conv2(ReLU(conv1(x)))), convs with bias."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=True)
+        self.act1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=True)
+        self.act2 = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act2(self.conv2(self.act1(self.conv1(x)))) + x
+
+
+class SFNet20(nn.Module):
+    """opensphere's SFNet-20 (``sfnet20_deprecated``): x (N, 3, 112, 112) -> (N, 512) unnormalised."""
+
+    _UNITS = (1, 2, 4, 1)
+
+    def __init__(self) -> None:
+        super().__init__()
+        c_in = 3
+        for index, (width, units) in enumerate(zip(_SPHERE_WIDTHS, self._UNITS), start=1):
+            stage = [_SFConvBlock(c_in, width, 2)] + [_SFBasicBlock(width) for _ in range(units)]
+            self.add_module(f"layer{index}", nn.Sequential(*stage))
+            c_in = width
+        self.fc = nn.Linear(512 * 7 * 7, EMBEDDING_DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(x.flatten(1))
+
+
 # --- variants ------------------------------------------------------------------------------------------
 _NETWORKS: dict[str, Callable[[], nn.Module]] = {
     "cosface-sphere20-112x112": lambda: CosFaceSphere(20, 112),
     "sphere20a-112x96": Sphere20a,
+    "sfnet20-112x112": SFNet20,
 }
 
 
@@ -201,6 +270,10 @@ class SphereVariant:
     weights_file: str
     published: str
     optional_keys: dict = field(default_factory=dict)
+    #: The crop mode used when none is named (``CROP_MODES``).
+    crop: str = "warp"
+    #: A prefix every key of the official file carries (a training wrapper's), required and stripped.
+    key_prefix: str = ""
 
     def build(self) -> nn.Module:
         """The variant's network with fresh weights."""
@@ -226,6 +299,7 @@ _CELEBBASIS = SphereVariant(
     std=127.5,
     weights_file="net_sphere20_data_vggface2_acc_9955.pth",
     published=_CELEBBASIS_PUBLISHED,
+    crop="celebbasis",
 )
 
 VARIANTS: dict[str, SphereVariant] = {
@@ -236,6 +310,7 @@ VARIANTS: dict[str, SphereVariant] = {
         name="cosface-sphere20-112-arcface",
         description="CosFace-trained sphere20, 112x112, CelebBasis's weights on the ArcFace template crop",
         template=ARCFACE_TEMPLATE_112,
+        crop="warp",
     ),
     "sphere20a-112x96": SphereVariant(
         name="sphere20a-112x96",
@@ -254,10 +329,30 @@ VARIANTS: dict[str, SphereVariant] = {
         ),
         optional_keys={"fc6.weight": (EMBEDDING_DIM, None)},  # A-Softmax classifier, (512, classes)
     ),
+    "sfnet20-112": SphereVariant(
+        name="sfnet20-112",
+        description="opensphere SFNet-20 (sfnet20_deprecated), 112x112 RGB, ArcFace template crop",
+        network="sfnet20-112x112",
+        width=112,
+        height=112,
+        template=ARCFACE_TEMPLATE_112,
+        color="rgb",
+        mean=127.5,
+        std=127.5,
+        weights_file="backbone_<iter>.pth",
+        published=(
+            "opensphere (https://github.com/ydwen/opensphere) links its trained SFNet-20 projects from its "
+            "README; the backbone file is <project>/models/backbone_<iter>.pth (keys prefixed 'module.')."
+        ),
+        key_prefix="module.",
+    ),
 }
 
 #: The variant used when none is named (see the module docstring for why).
 DEFAULT_VARIANT = "cosface-sphere20-112"
+#: How a face becomes the network input: ``warp`` (one similarity warp onto the variant's template, then
+#: ``(x - mean) / std``) or ``celebbasis`` (CelebBasis's evaluation chain, :func:`celebbasis_input`).
+CROP_MODES = ("warp", "celebbasis")
 
 
 def get_variant(variant: str | SphereVariant | None = None) -> SphereVariant:
@@ -290,6 +385,14 @@ def load_sphereface(path, variant: str | None = None, device="cpu") -> nn.Module
         path, what=f"SphereFace ({spec.name}) weights {spec.weights_file}", published=spec.published
     )
     state = read_torch_file(file)  # a plain state dict; a pickled module is refused unread
+    if spec.key_prefix:
+        plain = [k for k in state if not str(k).startswith(spec.key_prefix)]
+        if plain:
+            raise WeightsLayoutError(
+                f"{str(file)!r} (SphereFace variant {spec.name!r}): every key must carry the prefix "
+                f"{spec.key_prefix!r} of the file the trainer saves; {len(plain)} do not, e.g. "
+                f"{', '.join(map(str, plain[:3]))}")
+        state = {str(k)[len(spec.key_prefix):]: v for k, v in state.items()}
     model = build_sphereface(spec.name)
     load_checked(
         model, state, source=f"{str(file)!r} (SphereFace variant {spec.name!r})", optional=spec.optional_keys
@@ -298,7 +401,7 @@ def load_sphereface(path, variant: str | None = None, device="cpu") -> nn.Module
 
 
 def crop_sphereface(image, detection_or_landmarks, variant: str | None = None) -> np.ndarray:
-    """The variant's template crop: (height, width, 3) uint8 RGB."""
+    """The variant's template crop in one warp (crop mode ``warp``): (height, width, 3) uint8 RGB."""
     spec = get_variant(variant)
     return warp_to_template(
         image, landmarks_of(detection_or_landmarks), spec.template, (spec.width, spec.height)
@@ -313,6 +416,56 @@ def preprocess(crops, variant: str | None = None) -> torch.Tensor:
         batch = batch[..., ::-1]
     pixels = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float()
     return (pixels - spec.mean) / spec.std
+
+
+# --- CelebBasis's evaluation chain (crop mode ``celebbasis``) -------------------------------------------
+_CELEBBASIS_SIZE = 512  # its FFHQ-like crop, pixels
+
+
+def check_crop_mode(variant: SphereVariant, crop: str | None) -> str:
+    """The crop mode to use (``crop``, or the variant's own when None); ValueError when it does not apply."""
+    crop = variant.crop if crop is None else str(crop)
+    if crop not in CROP_MODES:
+        raise ValueError(f"unknown SphereFace crop mode {crop!r}; known: {', '.join(CROP_MODES)}")
+    if crop == "celebbasis" and variant.network != _CELEBBASIS.network:
+        raise ValueError(f"crop mode 'celebbasis' feeds CelebBasis's 112x112 network; variant {variant.name!r} "
+                         f"is {variant.network}")
+    return crop
+
+
+def celebbasis_input(image, detection_or_landmarks) -> torch.Tensor:
+    """The (3, 112, 112) float32 network input CelebBasis's ``IdentityEvaluator`` makes of one face.
+
+    Its steps: the image, held as a [-1, 1] tensor, back to uint8 with ``((x + 1) * 127.5)`` truncated;
+    a similarity warp of the five landmarks onto its 512x512 "ffhq" template (OpenCV bilinear, black
+    border); ToTensor and Normalize(0.5, 0.5) to [-1, 1]; ``affine_grid``/``grid_sample`` with its fixed
+    matrix (bilinear, zero padding: a frame of mid-gray 0.0 where the matrix reaches outside the 512 crop,
+    4-6 px wide at 112), then a bilinear resize to 112 (``align_corners=True`` for both).
+    """
+    import cv2
+    import torch.nn.functional as F
+
+    pixels = torch.from_numpy(rgb_array(image).copy()).float()  # a copy: PIL's buffer is read-only
+    as_tensor = (pixels / 255.0 - 0.5) / 0.5
+    truncated = ((as_tensor + 1.0) * 127.5).numpy().astype(np.uint8)  # astype truncates, as theirs
+    matrix = similarity_transform(landmarks_of(detection_or_landmarks), _CELEBBASIS_FFHQ_512)
+    crop = cv2.warpAffine(truncated, matrix, (_CELEBBASIS_SIZE, _CELEBBASIS_SIZE), flags=cv2.INTER_LINEAR,
+                          borderValue=0.0)
+    x = (torch.from_numpy(crop).permute(2, 0, 1).float()[None] / 255.0 - 0.5) / 0.5
+    theta = torch.tensor(_CELEBBASIS_THETA, dtype=torch.float32)[None]
+    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    return F.interpolate(x, size=112, mode="bilinear", align_corners=True)[0]
+
+
+def sphereface_inputs(images, detections, variant: str | None = None, crop: str | None = None) -> torch.Tensor:
+    """(N, 3, height, width) float32 network inputs of the faces at ``detections`` in ``images``."""
+    spec = get_variant(variant)
+    if check_crop_mode(spec, crop) == "celebbasis":
+        if not len(images):
+            return torch.zeros((0, 3, spec.height, spec.width))
+        return torch.stack([celebbasis_input(im, d) for im, d in zip(images, detections)])
+    return preprocess([crop_sphereface(im, d, spec.name) for im, d in zip(images, detections)], spec.name)
 
 
 def _variant_of(model: nn.Module, variant: str | None) -> SphereVariant:
@@ -331,9 +484,22 @@ def embed_batch(model: nn.Module, crops, variant: str | None = None) -> np.ndarr
     return l2_normalise(features.float().cpu().numpy())
 
 
-def embed_sphereface(
-    model: nn.Module, image, detection_or_landmarks, variant: str | None = None
-) -> np.ndarray:
-    """The (512,) float32 unit embedding of one face; variant defaults to the model's own."""
+@torch.inference_mode()
+def embed_inputs(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
+    """(N, 512) float32 unit embeddings of network inputs from :func:`sphereface_inputs`."""
+    return l2_normalise(model(inputs.to(model_device(model))).float().cpu().numpy())
+
+
+def embed_faces(model: nn.Module, images, detections, variant: str | None = None,
+                crop: str | None = None) -> np.ndarray:
+    """(N, 512) float32 unit embeddings; variant defaults to the model's own, crop to the variant's."""
     spec = _variant_of(model, variant)
-    return embed_batch(model, [crop_sphereface(image, detection_or_landmarks, spec.name)], spec.name)[0]
+    return embed_inputs(model, sphereface_inputs(images, detections, spec.name, crop))
+
+
+def embed_sphereface(
+    model: nn.Module, image, detection_or_landmarks, variant: str | None = None, crop: str | None = None
+) -> np.ndarray:
+    """The (512,) float32 unit embedding of one face; variant defaults to the model's own, crop mode to
+    the variant's (``CROP_MODES``)."""
+    return embed_faces(model, [image], [detection_or_landmarks], variant, crop)[0]
