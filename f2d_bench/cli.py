@@ -17,6 +17,7 @@ f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protoc
   f2d-bench faces prepare RAW_DIR faces/        detect, FFHQ-align and crop a face set
   f2d-bench tune --preset baselines-smoke       per-face tuning ahead of generate (resumable, by face)
   f2d-bench generate --preset smoke             the method x face x prompt x seed grid (resumable)
+  f2d-bench generate --preset smoke --ray       the same over Ray workers (--shard auto: SLURM, torchrun)
   f2d-bench status runs/smoke                   images done / expected per method
   f2d-bench score runs/smoke                    every metric per image -> records.parquet
   f2d-bench upper-bound runs/smoke --n 16       best-of-N hMean curve (tops the grid up to N seeds)
@@ -26,14 +27,58 @@ f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protoc
 """
 
 
+def _shard(args: argparse.Namespace):
+    """The command's shard; ``--shard auto`` says what it read and pins the device (before torch starts)."""
+    from f2d_bench.launch.environment import shard_argument
+
+    if args.ray and args.shard:
+        raise F2DBenchError("--ray splits the run into shards itself; leave out --shard")
+    if not args.ray and (args.workers or args.ray_shards):
+        raise F2DBenchError("--workers and --ray-shards go with --ray")
+    if args.ray:
+        return None
+    shard, found = shard_argument(args.shard)
+    if found:
+        print(found, flush=True)
+    return shard
+
+
+def _ray(args: argparse.Namespace, kind: str, config, out: Path) -> int:
+    from f2d_bench.launch.ray_executor import run_with_ray
+
+    summary = run_with_ray(kind, config, out, address=args.ray, workers=args.workers, shards=args.ray_shards,
+                           progress=not args.no_progress)
+    print(summary.text())
+    print(f"outputs: {out.resolve()}")
+    if not summary.complete:
+        print("some work is missing (see above); re-run the same command to retry it", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help=f"{what} over a Ray cluster: one worker per GPU (CPU workers without GPUs), "
+                             "many more shards than workers, a dead worker's shard retried. Without ADDRESS "
+                             "a local Ray instance on this machine's GPUs; `auto` or host:port joins a "
+                             "running cluster (needs pip install 'f2d-bench[ray]')")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="with --ray: number of workers (default: the cluster's GPUs, else its CPUs)")
+    parser.add_argument("--ray-shards", type=int, metavar="N",
+                        help="with --ray: shards to split the run into (default: 4 per worker, or the "
+                             "count an earlier --ray run of this run directory used)")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from f2d_bench import api
-    from f2d_bench.grid import UNSHARDED
 
+    shard = _shard(args)
     config = api.resolve_config(args.config or args.preset, faces=args.faces, batch_size=args.batch_size,
                                 device=args.device)
     out = Path(args.out) if args.out else Path("runs") / config.name
-    summary = api.generate(config, out=out, shard=args.shard or UNSHARDED, progress=not args.no_progress)
+    if args.ray:
+        return _ray(args, "generate", config, out)
+    summary = api.generate(config, out=out, shard=shard, progress=not args.no_progress)
     print(summary.text())
     print(f"outputs: {out.resolve()}")
     if not summary.complete:
@@ -44,11 +89,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from f2d_bench import api
-    from f2d_bench.grid import UNSHARDED
 
+    shard = _shard(args)
     config = api.resolve_config(args.config or args.preset, faces=args.faces, device=args.device)
     out = Path(args.out) if args.out else Path("runs") / config.name
-    summary = api.tune(config, out=out, shard=args.shard or UNSHARDED, progress=not args.no_progress)
+    if args.ray:
+        return _ray(args, "tune", config, out)
+    summary = api.tune(config, out=out, shard=shard, progress=not args.no_progress)
     print(summary.text())
     print(f"outputs: {out.resolve()} (methods/<method>/faces/<face>/)")
     return 0
@@ -152,11 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", metavar="FILE", help="run config (YAML)")
     src.add_argument("--preset", choices=preset_names(), help="a shipped preset: %(choices)s")
     gen.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
-    gen.add_argument("--shard", metavar="i/N", help="generate only shard i of N (1-based)")
+    gen.add_argument("--shard", metavar="i/N|auto",
+                     help="generate only shard i of N (1-based); auto: i, N and the GPU from SLURM "
+                          "(array or srun tasks) or torchrun/accelerate (RANK, WORLD_SIZE, LOCAL_RANK)")
     gen.add_argument("--faces", metavar="DIR", help="face set directory (overrides the config's `faces`)")
     gen.add_argument("--batch-size", type=int, metavar="B", help="images per pipeline call (overrides the config)")
     gen.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
     gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_ray_arguments(gen, "generate")
     gen.set_defaults(func=_cmd_generate)
 
     tu = sub.add_parser(
@@ -172,10 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--config", metavar="FILE", help="run config (YAML)")
     src.add_argument("--preset", choices=preset_names(), help="a shipped preset: %(choices)s")
     tu.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
-    tu.add_argument("--shard", metavar="i/N", help="tune only the faces of shard i of N (1-based)")
+    tu.add_argument("--shard", metavar="i/N|auto",
+                    help="tune only the faces of shard i of N (1-based); auto: from SLURM or torchrun, "
+                         "as for generate")
     tu.add_argument("--faces", metavar="DIR", help="face set directory (overrides the config's `faces`)")
     tu.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
     tu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_ray_arguments(tu, "tune")
     tu.set_defaults(func=_cmd_tune)
 
     st = sub.add_parser("status", help="images done / expected per method of a run",

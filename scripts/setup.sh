@@ -22,7 +22,8 @@ fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 # torch first, pinned, so that no dependency pulls a different (multi-GB) build.
 pip install $TORCH_SPEC
-pip install -e '.[dev]'
+# The extras too, so that their tests run instead of being skipped.
+pip install -e '.[dev,ray]'
 # facenet-pytorch 2.6.0 pins torch<2.3, numpy<2 and Pillow<10.3 but works with current versions;
 # installing it with its dependencies would downgrade torch.
 pip install --no-deps facenet-pytorch==2.6.0

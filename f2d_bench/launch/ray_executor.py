@@ -1,0 +1,389 @@
+"""``--ray``: a run split into many shards and executed by Ray actors that keep their pipeline loaded.
+
+The driver cuts the run into ``4 x workers`` shards (the usual ``Shard(i, N)`` of ``--shard i/N``),
+starts one actor per worker (one GPU each, or one CPU where the cluster has no GPU) and hands each idle
+actor the next shard. An actor runs :func:`f2d_bench.engine.generate_run` (or ``tune_run``) on the shard
+with the pipeline it loaded once. When an actor dies (its process killed, its spot machine gone), the
+driver starts a new one and gives it that shard again: the dead process's writer lock went with it,
+and the shard's next writer removes whatever it left half-written. Nothing is kept in the driver that
+the run directory does not hold, so a killed driver is resumed by running the same command again.
+
+Ray is an optional extra (``pip install 'f2d-bench[ray]'``), imported only here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from f2d_bench.config import RunConfig, config_from_dict
+from f2d_bench.errors import ConfigError, F2DBenchError
+from f2d_bench.grid import Shard
+
+INSTALL_HINT = "pip install 'f2d-bench[ray]'"
+#: Shards per worker: enough that a slow or lost worker delays a small part of the run only.
+SHARDS_PER_WORKER = 4
+#: Attempts per shard on workers that die under it, before the run stops with an error.
+MAX_TRIES = 3
+#: How long a shard waits for a writer lock still held by a process of an earlier, killed driver (s).
+LOCK_WAIT_S = 120.0
+#: Environment variables (by prefix) a remote cluster's workers get from the driver: caches, offline
+#: switches. A local instance's workers inherit the whole environment anyway.
+FORWARDED_ENV_PREFIXES = ("F2D_BENCH_", "HF_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH_HOME")
+_BUSY = "another process is writing the images"  # RunStore.writer_lock's message
+
+
+def import_ray():
+    """The ``ray`` module, or an error that says how to install it."""
+    # No usage reports sent home from a benchmark (a sandbox without network would wait on them).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise F2DBenchError(f"--ray needs Ray, an optional extra: {INSTALL_HINT}") from None
+    return ray
+
+
+class ShardWorker:
+    """One Ray actor: runs shards of one run directory, with the base pipeline loaded once.
+
+    ``kind`` is ``generate`` or ``tune``; ``config`` the run config as a plain dict; ``cwd`` the driver's
+    working directory, entered when it exists here, so relative paths in the config mean the same.
+    """
+
+    def __init__(self, kind: str, config: dict, run_dir: str, cwd: str):
+        from f2d_bench.engine import PipelineProvider
+
+        if cwd and os.path.isdir(cwd):
+            os.chdir(cwd)
+        self.kind, self.run_dir = kind, run_dir
+        self.config = config_from_dict(config, "the --ray driver's config")
+        self.pipeline = PipelineProvider(self.config)
+
+    def ready(self) -> dict:
+        """Load the base pipeline when a method renders with it; returns pid, host and GPU ids."""
+        import ray
+
+        from f2d_bench.engine import build_methods
+        from f2d_bench.prompts import load_prompt_set
+
+        methods = build_methods(self.config, load_prompt_set(self.config.prompts), self.pipeline)
+        if any(m.uses_pipeline for m in methods):
+            self.pipeline()
+        return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+    def run(self, index: int, count: int) -> dict:
+        """Generate (or tune) shard ``index`` of ``count``; returns its summary as plain data."""
+        shard = Shard(index, count)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                return self._run(shard)
+            except F2DBenchError as exc:
+                # A worker of a killed driver may still be finishing this shard: wait for its lock.
+                if _BUSY not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+
+    def _run(self, shard: Shard) -> dict:
+        from f2d_bench.engine import generate_run, tune_run
+
+        if self.kind == "tune":
+            s = tune_run(self.config, self.run_dir, shard=shard, progress=False, pipeline=self.pipeline)
+            return {"shard": shard.tag, "methods": [list(m) for m in s.methods], "notes": s.notes,
+                    "seconds": s.seconds}
+        s = generate_run(self.config, self.run_dir, shard=shard, progress=False, pipeline=self.pipeline)
+        return {"shard": shard.tag, "written": s.written, "seconds": s.seconds,
+                "notes": [f"{m.label}: {r}" for m in s.methods for r in m.problems],
+                "skipped": [f"{key}: {why}" for m in s.methods for key, why in m.skipped]}
+
+
+@dataclass
+class RaySummary:
+    """What a ``--ray`` run did. Times in seconds: ``init`` (connecting to or starting Ray), ``ready``
+    (starting the workers and loading their pipelines), ``work`` (the shards, from the first handed out)."""
+
+    kind: str
+    run_dir: Path
+    workers: int
+    worker_kind: str  # "GPU" or "CPU"
+    shards: int
+    init_seconds: float
+    ready_seconds: float
+    work_seconds: float
+    expected: int = 0  # images of the grid (generate)
+    done: int = 0  # images present at the end (generate)
+    written: int = 0  # images (generate) written by this run
+    tuned: dict[str, list] = field(default_factory=dict)  # method id -> [label, faces, tuned now] (tune)
+    worker_deaths: int = 0
+    retried: list[str] = field(default_factory=list)  # shard tags handed out again after a death
+    notes: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.kind == "tune" or self.done == self.expected
+
+    @property
+    def images_per_second(self) -> float:
+        """Images written per second of ``work`` (start-up excluded)."""
+        return self.written / self.work_seconds if self.work_seconds > 0 else 0.0
+
+    def text(self) -> str:
+        lines = [f"run {self.run_dir} ({self.kind} over Ray: {self.workers} {self.worker_kind} workers, "
+                 f"{self.shards} shards)"]
+        if self.kind == "generate":
+            lines.append(f"  {self.done}/{self.expected} images, {self.written} new "
+                         f"({self.images_per_second:.2f} images/s while working)")
+        for mid, (label, faces, now) in self.tuned.items():
+            lines.append(f"  {label} [{mid}]: {faces}/{faces} faces tuned, {now} now")
+        lines += [f"  note: {n}" for n in self.notes[:10]]
+        lines += [f"  not generated {s}" for s in self.skipped[:10]]
+        if len(self.skipped) > 10:
+            lines.append(f"  ... and {len(self.skipped) - 10} more not generated")
+        if self.worker_deaths:
+            lines.append(f"  {self.worker_deaths} worker(s) died; shards handed out again: {', '.join(self.retried)}")
+        lines.append(f"  Ray start {self.init_seconds:.1f} s, workers ready {self.ready_seconds:.1f} s, "
+                     f"work {self.work_seconds:.1f} s")
+        return "\n".join(lines)
+
+
+class ManifestLines:
+    """The lines of a run's manifests, read incrementally: images written so far, for a progress bar.
+
+    Only bytes appended since the last call are read; a manifest rewritten by a resuming writer (a new
+    file) is counted again from its start.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self._seen: dict[Path, tuple[int, int, int]] = {}  # path -> (inode, bytes read, lines)
+
+    def count(self) -> int:
+        total = 0
+        for path in self.folder.glob("*.jsonl") if self.folder.is_dir() else []:
+            try:
+                st = path.stat()
+                inode, read, lines = self._seen.get(path, (st.st_ino, 0, 0))
+                if inode != st.st_ino or st.st_size < read:
+                    read, lines = 0, 0
+                if st.st_size > read:
+                    with open(path, "rb") as fh:
+                        fh.seek(read)
+                        lines += fh.read(st.st_size - read).count(b"\n")
+                self._seen[path] = (st.st_ino, st.st_size, lines)
+            except FileNotFoundError:
+                continue
+            total += lines
+        return total
+
+
+def previous_shard_count(run_dir: Path) -> int | None:
+    """The N of an earlier sharded run of ``run_dir`` (its manifests ``shard-i-of-N``), when there is one N.
+
+    Resuming with the same N puts every remaining image into the batch it would have had, so the run
+    ends with the same pixels as one that was never interrupted.
+    """
+    counts = {int(m.group(1)) for p in (Path(run_dir) / "manifests").glob("shard-*-of-*.jsonl")
+              if (m := re.fullmatch(r"shard-\d+-of-(\d+)", p.stem))}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def _connect(ray, address: str | None, workers: int | None) -> bool:
+    """Connect to Ray (start a local instance for ``None``/``local``); True when started here."""
+    if ray.is_initialized():
+        return False
+    quiet = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    if address in (None, "", "local"):
+        # Only small summaries travel through the object store: no need for Ray's default 30% of RAM.
+        ray.init(address="local", num_cpus=max(workers or 0, os.cpu_count() or 1),
+                 object_store_memory=128 * 1024 * 1024, **quiet)
+    else:
+        env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                 **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+    return True
+
+
+def _grid_size(config: RunConfig) -> int:
+    """Images of the grid, counted without loading any model."""
+    from f2d_bench.faces.source import resolve_face_set
+    from f2d_bench.prompts import load_prompt_set
+
+    prompts = load_prompt_set(config.prompts).all_prompts()
+    return len(config.methods) * len(resolve_face_set(config.faces)) * len(prompts) * len(config.seeds)
+
+
+def run_with_ray(
+    kind: str, config: RunConfig, run_dir: str | Path, *, address: str | None = None, workers: int | None = None,
+    shards: int | None = None, progress: bool = True, max_tries: int = MAX_TRIES,
+    on_worker: Callable[[dict], Any] | None = None,
+) -> RaySummary:
+    """Run ``kind`` (``generate`` or ``tune``) of ``config`` in ``run_dir`` over Ray; safe to re-run.
+
+    address: None or ``local`` starts a local instance (all of this machine's GPUs and CPUs), ``auto``
+    or ``host:port`` / ``ray://host:port`` joins a cluster; an already initialised Ray is used as is.
+    workers: actors to start (default: the cluster's GPUs, else its CPUs). shards: how many shards to cut
+    the run into (default: an earlier sharded run's N, else 4 per worker). on_worker: called with
+    ``{"pid", "host", "gpus", "slot"}`` each time a worker is ready.
+    """
+    if kind not in ("generate", "tune"):
+        raise ValueError(f"kind must be 'generate' or 'tune', not {kind!r}")
+    ray = import_ray()
+    from ray.exceptions import RayActorError, RayTaskError
+    from tqdm.auto import tqdm
+
+    from f2d_bench.run_dir import RunDir
+
+    run_dir = Path(run_dir).resolve()
+    expected = _grid_size(config) if kind == "generate" else 0  # config errors before Ray starts
+    t0 = time.perf_counter()
+    started = _connect(ray, address, workers)
+    init_s = time.perf_counter() - t0
+    try:
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0)) if config.model.device != "cpu" else 0
+        if gpus and config.model.device.startswith("cuda:"):
+            raise ConfigError(f"model.device {config.model.device!r}: each Ray worker sees only its own GPU; "
+                              "use auto or cuda (--device cuda)")
+        n_workers = workers or gpus or int(resources.get("CPU", 1))
+        if n_workers < 1:
+            raise ConfigError(f"--workers {n_workers}: need at least one worker")
+        n_shards = shards or previous_shard_count(run_dir) or SHARDS_PER_WORKER * n_workers
+        if n_shards < 1:
+            raise ConfigError(f"--ray-shards {n_shards}: need at least one shard")
+        options = {"num_cpus": 1, "num_gpus": 1 if gpus else 0}
+        actor_cls = ray.remote(ShardWorker).options(**options)
+        summary = RaySummary(kind, run_dir, n_workers, "GPU" if gpus else "CPU", n_shards, init_s, 0.0, 0.0,
+                             expected=expected)
+
+        actors: dict[int, Any] = {}
+        inflight: dict[Any, tuple[str, int, int | None]] = {}  # ref -> (what, slot, shard index)
+        busy: dict[int, int | None] = {}  # slot -> shard index it runs
+        tries: dict[int, int] = {}
+        pending = deque(range(1, n_shards + 1))
+        counter = ManifestLines(run_dir / "manifests")
+        bar = None
+
+        def start(slot: int) -> None:
+            actors[slot] = actor_cls.remote(kind, config.to_dict(), str(run_dir), os.getcwd())
+            inflight[actors[slot].ready.remote()] = ("ready", slot, None)
+            busy[slot] = None
+
+        def submit(slot: int) -> None:
+            index = pending.popleft()
+            tries[index] = tries.get(index, 0) + 1
+            inflight[actors[slot].run.remote(index, n_shards)] = ("run", slot, index)
+            busy[slot] = index
+
+        def lost(slot: int) -> None:
+            """The worker of ``slot`` died: its calls are dropped, its shard goes back to the queue."""
+            summary.worker_deaths += 1
+            if summary.worker_deaths > max_tries * max(n_workers, n_shards):
+                raise F2DBenchError(f"{summary.worker_deaths} Ray workers died; see the Ray logs and run the "
+                                    "same command again to resume")
+            for ref, (_, s, _) in list(inflight.items()):
+                if s == slot:
+                    del inflight[ref]
+            index = busy.pop(slot, None)
+            if index is not None:
+                tag = Shard(index, n_shards).tag
+                if tries[index] >= max_tries:
+                    raise F2DBenchError(f"{tag}: its worker died {tries[index]} times; see the Ray logs "
+                                        "(out of memory?) and run the same command again to resume")
+                summary.retried.append(tag)
+                pending.appendleft(index)
+            try:
+                ray.kill(actors[slot], no_restart=True)
+            except Exception:  # already gone
+                pass
+            start(slot)
+
+        def collect(ref) -> Any:
+            """The result of ``ref``; a shard's own error stops the run (it would fail again)."""
+            what, slot, index = inflight.pop(ref)
+            try:
+                return what, slot, index, ray.get(ref)
+            except RayActorError:
+                inflight[ref] = (what, slot, index)  # lost() drops it with the slot's other calls
+                lost(slot)
+                return None
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                where = f"shard {index}/{n_shards}" if index else "starting a worker"
+                if isinstance(cause, F2DBenchError):
+                    raise F2DBenchError(f"{where} on a Ray worker: {cause}") from None
+                raise
+
+        def note_ready(slot: int, info: dict) -> None:
+            if on_worker is not None:
+                on_worker({**info, "slot": slot})
+
+        try:
+            if progress:
+                print(f"{kind}: starting {n_workers} {summary.worker_kind} workers for {n_shards} shards "
+                      f"(Ray started in {init_s:.1f} s)", file=sys.stderr, flush=True)
+            for slot in range(n_workers):
+                start(slot)
+            while any(what == "ready" for what, _, _ in inflight.values()):  # first workers: load, then work
+                done, _ = ray.wait(list(inflight), num_returns=1)
+                got = collect(done[0])
+                if got is not None:
+                    note_ready(got[1], got[3])
+            summary.ready_seconds = time.perf_counter() - t0 - init_s
+            bar = tqdm(total=expected if kind == "generate" else n_shards,
+                       unit="img" if kind == "generate" else "shard", disable=not progress, dynamic_ncols=True,
+                       desc=f"{kind} on {n_workers} {summary.worker_kind} workers")
+            bar.update(min(counter.count(), expected) if kind == "generate" else 0)
+            work_start = time.perf_counter()
+            while pending or any(what == "run" for what, _, _ in inflight.values()):
+                for slot in list(actors):
+                    if busy.get(slot) is None and pending:
+                        submit(slot)
+                done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+                for ref in done:
+                    got = collect(ref)
+                    if got is None:
+                        continue
+                    what, slot, index, result = got
+                    if what == "ready":
+                        note_ready(slot, result)
+                        continue
+                    busy[slot] = None
+                    summary.notes += [n for n in result["notes"] if n not in summary.notes]
+                    if kind == "tune":
+                        for mid, label, owned, now in result["methods"]:
+                            row = summary.tuned.setdefault(mid, [label, 0, 0])
+                            row[1] += owned
+                            row[2] += now
+                        bar.update(1)
+                    else:
+                        summary.written += result["written"]
+                        summary.skipped += result["skipped"]
+                if kind == "generate":
+                    bar.update(min(counter.count(), expected) - bar.n)
+            summary.work_seconds = time.perf_counter() - work_start
+        finally:
+            if bar is not None:
+                bar.close()
+            for actor in actors.values():
+                try:
+                    ray.kill(actor)
+                except Exception:
+                    pass
+        if kind == "generate":
+            rows = RunDir(run_dir).status()
+            summary.expected = sum(r.expected for r in rows)
+            summary.done = sum(r.done for r in rows)
+        return summary
+    finally:
+        if started:
+            ray.shutdown()

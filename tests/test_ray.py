@@ -1,0 +1,205 @@
+"""The Ray executor (``--ray``) on a local Ray instance with 2 CPU workers and the tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from f2d_bench.cli import main
+from f2d_bench.config import config_from_dict
+from f2d_bench.engine import generate_run
+from f2d_bench.errors import F2DBenchError
+from f2d_bench.launch.ray_executor import ManifestLines, import_ray, previous_shard_count, run_with_ray
+from f2d_bench.run_dir import RunDir
+from f2d_bench.scoring import score_run
+
+from conftest import REPO, face_dir, offline_scoring, run_hashes, small_config_dict
+
+FACES = ["biden", "grace_hopper", "obama"]
+
+
+def test_missing_ray_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when it is not installed
+    with pytest.raises(F2DBenchError, match=r"pip install 'f2d-bench\[ray\]'"):
+        import_ray()
+
+
+def test_manifest_lines_counts_appends_and_rewrites(tmp_path):
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    counter = ManifestLines(folder)
+    assert counter.count() == 0
+    (folder / "shard-1-of-2.jsonl").write_text('{"a": 1}\n{"a": 2}\n')
+    assert counter.count() == 2
+    with open(folder / "shard-1-of-2.jsonl", "a") as fh:
+        fh.write('{"a": 3}\n')
+    (folder / "shard-2-of-2.jsonl").write_text('{"b": 1}\n')
+    assert counter.count() == 4
+    tmp = folder / "new.tmp"
+    tmp.write_text('{"a": 1}\n')  # a resuming writer replaces its manifest with a shorter one
+    os.replace(tmp, folder / "shard-1-of-2.jsonl")
+    assert counter.count() == 2
+
+
+def test_previous_shard_count_reads_the_manifest_names(tmp_path):
+    assert previous_shard_count(tmp_path) is None
+    (tmp_path / "manifests").mkdir()
+    for name in ("shard-1-of-8.jsonl", "shard-5-of-8.jsonl", "all.jsonl"):
+        (tmp_path / "manifests" / name).write_text("")
+    assert previous_shard_count(tmp_path) == 8
+    (tmp_path / "manifests" / "shard-1-of-3.jsonl").write_text("")
+    assert previous_shard_count(tmp_path) is None  # two counts: nothing to keep
+
+
+# --- a local Ray instance ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = import_ray()
+    import logging
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+             log_to_driver=False, object_store_memory=128 * 1024 * 1024)
+    yield ray
+    ray.shutdown()
+
+
+def _config(tmp_path: Path, **overrides) -> dict:
+    faces = face_dir(tmp_path / "faces", FACES)
+    # Batch 1: an image's batch is itself in every shard, so any sharding gives the same pixels.
+    return small_config_dict(faces=str(faces), batch_size=1, **overrides)
+
+
+def _exactly_once(out: Path, expected: int) -> None:
+    """Every image of the grid present, one manifest line each, no temporary file anywhere."""
+    run = RunDir(out)
+    assert len(run.keys()) == expected
+    assert sum(r.done for r in run.status()) == expected
+    lines = [json.loads(line) for p in run.manifest_paths() for line in p.read_text().splitlines()]
+    keys = [json.dumps(line["key"], sort_keys=True) for line in lines]
+    assert len(keys) == len(set(keys)) == expected
+    assert not run.store.temporary_files() and not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_ray_run_equals_a_single_process_run(local_ray, tmp_path, capsys):
+    data = _config(tmp_path, seeds=[0, 1], scoring=offline_scoring(scorers=["clip"]))
+    cfg = config_from_dict(data)
+    out, clean = tmp_path / "ray", tmp_path / "clean"
+    workers = []
+    summary = run_with_ray("generate", cfg, out, workers=2, shards=6, progress=False, on_worker=workers.append)
+    assert summary.complete and summary.written == summary.expected == len(FACES) * 5 * 2
+    assert summary.workers == 2 and summary.worker_kind == "CPU" and summary.shards == 6
+    assert len({w["pid"] for w in workers}) == 2 and summary.worker_deaths == 0
+    assert sorted(p.stem for p in RunDir(out).manifest_paths()) == sorted(f"shard-{i}-of-6" for i in range(1, 7))
+    _exactly_once(out, summary.expected)
+    generate_run(cfg, clean, progress=False)
+    assert run_hashes(out) == run_hashes(clean)  # bit-identical, key by key
+    # status and score see one run, as if one process had made it
+    assert main(["status", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["done"] == summary.expected
+    scored = score_run(out, progress=False)
+    assert scored.n_images == summary.expected and not scored.missing
+    score_run(clean, progress=False)
+    assert RunDir(out).records().equals(RunDir(clean).records())
+    # Running it again finds everything done and keeps the shard count of the first run.
+    again = run_with_ray("generate", cfg, out, workers=1, progress=False)
+    assert again.complete and again.written == 0 and again.shards == 6
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_the_run_completes_once(local_ray, tmp_path):
+    data = _config(tmp_path, seeds=[0, 1, 2], sampling={"num_inference_steps": 30})
+    cfg = config_from_dict(data)
+    out, clean = tmp_path / "ray", tmp_path / "clean"
+    expected = len(FACES) * 5 * 3
+    workers: list[dict] = []
+    result: dict = {}
+
+    def drive():
+        try:
+            result["summary"] = run_with_ray("generate", cfg, out, workers=2, shards=8, progress=False,
+                                             on_worker=workers.append)
+        except BaseException as exc:  # re-raised in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive():
+        if len(workers) >= 2 and len(list((out / "images").rglob("*.png"))) >= 4:
+            break
+        time.sleep(0.05)
+    assert thread.is_alive() and len(workers) >= 2, result
+    at_kill = len(list((out / "images").rglob("*.png")))
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive() and "error" not in result, result
+    summary = result["summary"]
+    assert at_kill < expected, "the run ended before the kill"
+    assert summary.worker_deaths >= 1 and summary.retried and summary.complete
+    assert len({w["pid"] for w in workers}) >= 3  # a new worker took the dead one's place
+    _exactly_once(out, expected)
+    generate_run(cfg, clean, progress=False)
+    assert run_hashes(out) == run_hashes(clean)
+
+
+@pytest.mark.slow
+def test_tune_over_ray_tunes_every_face_once(local_ray, tmp_path):
+    data = _config(tmp_path, seeds=[0], methods=[
+        {"name": "textual-inversion", "params": {"steps": 1, "accumulation": 1}}])
+    out = tmp_path / "run"
+    summary = run_with_ray("tune", config_from_dict(data), out, workers=2, shards=4, progress=False)
+    run = RunDir(out)
+    [mid] = [m["method_id"] for m in run.read_grid()["methods"]]
+    assert sorted(r["face_id"] for r in run.tune_records(mid)) == FACES
+    assert summary.tuned[mid][1:] == [len(FACES), len(FACES)]
+    again = run_with_ray("tune", config_from_dict(data), out, workers=1, shards=4, progress=False)
+    assert again.tuned[mid][1:] == [len(FACES), 0]  # finished faces are kept
+
+
+@pytest.mark.slow
+def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path):
+    data = _config(tmp_path, seeds=[0, 1, 2], sampling={"num_inference_steps": 30})
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    out, clean = tmp_path / "ray", tmp_path / "clean"
+    expected = len(FACES) * 5 * 3
+    cmd = [sys.executable, "-m", "f2d_bench", "generate", "--config", str(cfg), "--ray", "--workers", "2",
+           "--ray-shards", "8", "--no-progress", "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(tmp_path / "first.log", "wb") as log:
+        # Its own process group: the local Ray instance it starts can be cleaned up with it.
+        first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    try:
+        counter = ManifestLines(out / "manifests")
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and counter.count() < 4:
+            time.sleep(0.05)
+        assert first.poll() is None, "ended before the kill: " + (tmp_path / "first.log").read_text()[-2000:]
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    finally:
+        try:  # what is left of its Ray instance (Ray's agents outlive a killed driver)
+            os.killpg(first.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    partial = len(list((out / "images").rglob("*.png")))
+    assert 0 < partial < expected
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"{expected}/{expected} images" in done.stdout and "8 shards" in done.stdout
+    _exactly_once(out, expected)
+    generate_run(config_from_dict(data), clean, progress=False)
+    assert run_hashes(out) == run_hashes(clean)
