@@ -55,6 +55,19 @@ def unet_flops_per_image_step(pipe, size: int) -> float:
     return float(counter.get_total_flops())
 
 
+def benchmark_pipeline(unet_config: str, *, dtype: str, device: str):
+    """``tiny``: the offline tiny pipeline; ``sd14``: SD 1.4's full-size components with random weights."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if unet_config == "sd14":
+        from f2d_bench.pipelines.random_sd14 import build_random_sd14
+
+        pipe = build_random_sd14(dtype=dtype, device=device)
+    else:
+        pipe = load_sd_pipeline(TINY_SD14_ID, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def naive_loop(pipe, faces, prompt_set, seeds, steps, size, out: Path) -> int:
     """One call per (face, prompt), all seeds at once: the official scripts' shape."""
     n = 0
@@ -84,14 +97,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, nargs="+", default=[16], help="engine batch size(s) to compare")
     args = ap.parse_args()
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.unet_config == "sd14":
-        from f2d_bench.pipelines.random_sd14 import build_random_sd14
-
-        pipe = build_random_sd14(dtype=args.dtype, device=args.device)
-    else:
-        pipe = load_sd_pipeline(TINY_SD14_ID, dtype=args.dtype, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = benchmark_pipeline(args.unet_config, dtype=args.dtype, device=args.device)
     device = pipe.device
     faces = resolve_face_set("builtin:test-faces")[: args.faces]
     prompt_set = load_prompt_set(args.prompts)

@@ -14,7 +14,6 @@ methods mean something; run it on a GPU for absolute figures.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -25,8 +24,8 @@ import torch
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import build_methods
 from f2d_bench.faces.source import resolve_face_set
-from f2d_bench.pipelines.loading import TINY_SD14_ID, load_sd_pipeline
 from f2d_bench.prompts import load_prompt_set
+from generate_throughput import benchmark_pipeline  # benchmarks/ is this script's folder
 
 #: Table 2 of the paper (seconds per face on one A100); TI and DreamBooth are not in it.
 PAPER_SECONDS = {"custom-diffusion": 140.0, "celeb-basis": 220.0}
@@ -52,14 +51,7 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = ap.parse_args()
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.unet_config == "sd14":
-        from f2d_bench.pipelines.random_sd14 import build_random_sd14
-
-        pipe = build_random_sd14(dtype=args.dtype, device=args.device)
-    else:
-        pipe = load_sd_pipeline(TINY_SD14_ID, dtype=args.dtype, device=args.device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = benchmark_pipeline(args.unet_config, dtype=args.dtype, device=args.device)
     device = pipe.device
     face = resolve_face_set("builtin:test-faces")[0]
     size = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)

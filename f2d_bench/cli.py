@@ -177,6 +177,20 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_run_arguments(p: argparse.ArgumentParser, *, shard_help: str) -> None:
+    """What generate and tune share: the config or preset, the run directory, shard, faces, device."""
+    from f2d_bench.config import preset_names
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", metavar="FILE", help="run config (YAML)")
+    src.add_argument("--preset", choices=preset_names(), help="a shipped preset: %(choices)s")
+    p.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
+    p.add_argument("--shard", metavar="i/N|auto", help=shard_help)
+    p.add_argument("--faces", metavar="DIR", help="face set directory (overrides the config's `faces`)")
+    p.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="f2d-bench", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,17 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
             "stable hash of each image's key and together produce exactly the unsharded set."
         ),
     )
-    src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", metavar="FILE", help="run config (YAML)")
-    src.add_argument("--preset", choices=preset_names(), help="a shipped preset: %(choices)s")
-    gen.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
-    gen.add_argument("--shard", metavar="i/N|auto",
-                     help="generate only shard i of N (1-based); auto: i, N and the GPU from SLURM "
-                          "(array or srun tasks) or torchrun/accelerate (RANK, WORLD_SIZE, LOCAL_RANK)")
-    gen.add_argument("--faces", metavar="DIR", help="face set directory (overrides the config's `faces`)")
+    _add_run_arguments(gen, shard_help=(
+        "generate only shard i of N (1-based); auto: i, N and the GPU from SLURM (array or srun tasks) or "
+        "torchrun/accelerate (RANK, WORLD_SIZE, LOCAL_RANK)"))
     gen.add_argument("--batch-size", type=int, metavar="B", help="images per pipeline call (overrides the config)")
-    gen.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
-    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_ray_arguments(gen, "generate")
     gen.set_defaults(func=_cmd_generate)
 
@@ -218,16 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
             "N processes split the faces. generate tunes whatever is still missing itself."
         ),
     )
-    src = tu.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", metavar="FILE", help="run config (YAML)")
-    src.add_argument("--preset", choices=preset_names(), help="a shipped preset: %(choices)s")
-    tu.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<config name>)")
-    tu.add_argument("--shard", metavar="i/N|auto",
-                    help="tune only the faces of shard i of N (1-based); auto: from SLURM or torchrun, "
-                         "as for generate")
-    tu.add_argument("--faces", metavar="DIR", help="face set directory (overrides the config's `faces`)")
-    tu.add_argument("--device", metavar="DEV", help="auto, cpu, cuda or cuda:N (overrides model.device)")
-    tu.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_run_arguments(tu, shard_help=(
+        "tune only the faces of shard i of N (1-based); auto: from SLURM or torchrun, as for generate"))
     _add_ray_arguments(tu, "tune")
     tu.set_defaults(func=_cmd_tune)
 

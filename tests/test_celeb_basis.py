@@ -25,7 +25,7 @@ from f2d_bench.tuning.diffusion import DenoisingLoss, encode_posterior, encode_t
 from f2d_bench.weights import WeightsLayoutError
 
 from conftest import sha256_file, small_config_dict
-from test_tuning import _face, _pixels, _request
+from test_tuning import _face, _pixels, _request, assert_faces_share_a_batch
 
 OFFLINE = {"backbone": "random", "names": "random"}
 FAST = {**OFFLINE, "steps": 3}
@@ -221,17 +221,7 @@ def test_artifact_reloads_through_diffusers_and_renders_the_same_images(provider
 
 
 def test_faces_share_a_batch_and_render_as_alone(provider, tmp_path):
-    method = _method(provider, **FAST)
-    faces = [_face("obama"), _face("biden")]
-    prepared = {}
-    for f in faces:
-        (tmp_path / f.face_id).mkdir()
-        method.tune(f, tmp_path / f.face_id)
-        prepared[f.face_id] = method.load_tuned(f, tmp_path / f.face_id)
-    together = method.generate([_request(method, f, prepared[f.face_id]) for f in faces])
-    alone = [method.generate([_request(method, f, prepared[f.face_id])])[0] for f in faces]
-    assert max(np.abs(_pixels(a) - _pixels(b)).max() for a, b in zip(together, alone)) <= 3
-    assert np.abs(_pixels(together[0]) - _pixels(together[1])).max() > 0
+    assert_faces_share_a_batch(_method(provider, **FAST), tmp_path)
 
 
 def test_a_wrong_artifact_is_refused_with_its_path(provider, tmp_path):

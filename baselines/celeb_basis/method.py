@@ -150,9 +150,7 @@ class CelebBasisMethod(WordVectorMethod):
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
         p = self.params
-        for key in ("steps", "batch_size", "basis_size"):
-            if not isinstance(p[key], int) or isinstance(p[key], bool) or p[key] < 1:
-                raise ConfigError(f"param {key} must be a positive integer, got {p[key]!r}")
+        self.require_positive_ints("steps", "batch_size", "basis_size")
         if not isinstance(p["momentum"], (int, float)) or not 0.0 <= p["momentum"] < 1.0:
             raise ConfigError(f"param momentum must be a number in [0, 1), got {p['momentum']!r}")
         templates = p["templates"]

@@ -85,9 +85,7 @@ class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
-        for key in ("steps", "batch_size"):
-            if not isinstance(self.params[key], int) or self.params[key] < 1:
-                raise ConfigError(f"param {key} must be a positive integer, got {self.params[key]!r}")
+        self.require_positive_ints("steps", "batch_size")
         if not isinstance(self.params["num_class_images"], int) or self.params["num_class_images"] < 0:
             raise ConfigError("param num_class_images must be an integer >= 0 (0: no prior preservation)")
         if str(self.params["caption"]).count("{}") != 1:

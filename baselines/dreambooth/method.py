@@ -75,9 +75,7 @@ class DreamBoothMethod(ClassPrior, StableDiffusionMethod):
         p = self.params
         if p["variant"] not in VARIANTS:
             raise ConfigError(f"param variant {p['variant']!r}: expected one of {', '.join(VARIANTS)}")
-        for key in ("steps", "batch_size", "lora_rank"):
-            if not isinstance(p[key], int) or p[key] < 1:
-                raise ConfigError(f"param {key} must be a positive integer, got {p[key]!r}")
+        self.require_positive_ints("steps", "batch_size", "lora_rank")
         if not isinstance(p["num_class_images"], int) or p["num_class_images"] < 0:
             raise ConfigError("param num_class_images must be an integer >= 0 (0: no prior preservation)")
         if not isinstance(p["keep_weights"], bool):

@@ -56,9 +56,7 @@ class TextualInversionMethod(WordVectorMethod):
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
         super().__init__(params, context)
-        for key in ("steps", "batch_size", "accumulation"):
-            if not isinstance(self.params[key], int) or self.params[key] < 1:
-                raise ConfigError(f"param {key} must be a positive integer, got {self.params[key]!r}")
+        self.require_positive_ints("steps", "batch_size", "accumulation")
         templates = self.params["templates"]
         if not templates or not all(isinstance(t, str) and t.count("{}") == 1 for t in templates):
             raise ConfigError("param templates must be a non-empty list of captions, each with one {}")

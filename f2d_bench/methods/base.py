@@ -87,6 +87,13 @@ class Method:
         self.params = {**self.defaults, **params}
         self.context = context
 
+    def require_positive_ints(self, *keys: str) -> None:
+        """ConfigError naming the first of ``keys`` whose param is not an integer >= 1."""
+        for key in keys:
+            value = self.params[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"param {key} must be a positive integer, got {value!r}")
+
     # -- identity -------------------------------------------------------------------------------
     def identity(self) -> dict:
         ident: dict[str, Any] = {"method": self.name, "params": dict(self.params)}
