@@ -48,10 +48,15 @@ def _ray(args: argparse.Namespace, kind: str, config, out: Path) -> int:
 
     summary = run_with_ray(kind, config, out, address=args.ray, workers=args.workers, shards=args.ray_shards,
                            progress=not args.no_progress)
+    return _outcome(summary, out, "some work is missing (see above); re-run the same command to retry it")
+
+
+def _outcome(summary, out: Path, incomplete: str) -> int:
+    """Print a generate or Ray summary and where its outputs are; exit status 1 when work is missing."""
     print(summary.text())
     print(f"outputs: {out.resolve()}")
     if not summary.complete:
-        print("some work is missing (see above); re-run the same command to retry it", file=sys.stderr)
+        print(incomplete, file=sys.stderr)
         return 1
     return 0
 
@@ -79,12 +84,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if args.ray:
         return _ray(args, "generate", config, out)
     summary = api.generate(config, out=out, shard=shard, progress=not args.no_progress)
-    print(summary.text())
-    print(f"outputs: {out.resolve()}")
-    if not summary.complete:
-        print("some images are missing (see above); re-run the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+    return _outcome(summary, out, "some images are missing (see above); re-run the same command to retry them")
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -197,8 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"f2d-bench {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    from f2d_bench.config import preset_names
 
     gen = sub.add_parser(
         "generate", help="generate the method x face x prompt x seed grid (resumable, shardable)",

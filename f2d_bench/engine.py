@@ -25,6 +25,7 @@ from f2d_bench.methods.base import GenerationRequest, Method, MethodContext, Ski
 from f2d_bench.prompts import PromptSet, load_prompt_set
 from f2d_bench.run_dir import RunDir
 from f2d_bench.runinfo import environment, utc_now
+from f2d_bench.tuning.artifacts import TunedFaces
 from f2d_bench.tuning.stage import tuned_prepared
 
 
@@ -298,6 +299,4 @@ def _run_method(
 def _done_with_face(method: Method, run: RunDir, face_id: str) -> None:
     """A method that keeps no weights per face deletes them once the face's batches are rendered."""
     if method.tunes and not method.keeps_weights():
-        from f2d_bench.tuning.artifacts import TunedFaces
-
         TunedFaces(run, method.method_id).drop_weights(face_id)

@@ -17,15 +17,13 @@ from baselines.celeb_basis.method import (
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import PipelineProvider, build_methods
 from f2d_bench.errors import ConfigError, F2DBenchError
-from f2d_bench.faces.faceset import Face
 from f2d_bench.methods.base import MethodContext
 from f2d_bench.methods.token_slots import token_embedding_module
 from f2d_bench.prompts import load_prompt_set
-from f2d_bench.tuning.diffusion import DenoisingLoss, encode_posterior, encode_text, training_pixels, training_resolution
 from f2d_bench.weights import WeightsLayoutError
 
 from conftest import sha256_file, small_config_dict
-from test_tuning import _face, _pixels, _request, assert_faces_share_a_batch
+from test_tuning import _face, _fixed_draw_loss, _pixels, _request, assert_faces_share_a_batch
 
 OFFLINE = {"backbone": "random", "names": "random"}
 FAST = {**OFFLINE, "steps": 3}
@@ -141,23 +139,6 @@ def test_backbone_official_layout_loads_strictly_and_others_are_refused(tmp_path
 # --- tuning ----------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _fixed_draw_loss(method, face: Face, vectors: torch.Tensor, *, draws: int = 16, batch: int = 8) -> float:
-    """The denoising loss of ``vectors`` (2, width) at a fixed set of (flip, latent, timestep, noise) draws."""
-    pipe = method.context.pipeline()
-    posterior = encode_posterior(pipe.vae, training_pixels(face.path, training_resolution(pipe)))
-    generator = torch.Generator("cpu").manual_seed(1234)
-    loss = DenoisingLoss(pipe, generator)
-    caption = method.caption_text(method.params["templates"][0])
-    total = 0.0
-    for _ in range(draws):
-        latents = posterior.sample(batch, generator, 0.5)
-        with method.written(vectors[None].expand(batch, -1, -1)):
-            text = encode_text(pipe, [caption] * batch)
-        total += float(loss(pipe.unet, latents, text))
-    return total / draws
-
-
 def test_tuning_lowers_the_loss_on_a_real_photo(provider, tmp_path):
     # A short EMA (momentum 0.5) so that 20 updates reach the kept coefficients; the recipe is otherwise official.
     method = _method(provider, **OFFLINE, steps=20, batch_size=4, momentum=0.5)
@@ -169,7 +150,9 @@ def test_tuning_lowers_the_loss_on_a_real_photo(provider, tmp_path):
     learned = method.load_tuned(face, tmp_path).vectors
     assert facts["trained_params"] == 64 and facts["mlp_params"] == mlp_parameter_count(32)
     assert len(facts["losses"]) == 20 and facts["ema_updates"] == 80 and facts["learning_rate"] == 2e-2
-    before, after = _fixed_draw_loss(method, face, first), _fixed_draw_loss(method, face, learned)
+    caption = method.caption_text(method.params["templates"][0])
+    before = _fixed_draw_loss(method, face, first, caption=caption)
+    after = _fixed_draw_loss(method, face, learned, caption=caption)
     assert after < before - 2e-3, (before, after)
 
 

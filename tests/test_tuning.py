@@ -55,17 +55,20 @@ def _pixels(image) -> np.ndarray:
 
 
 @torch.no_grad()
-def _fixed_draw_loss(method, face: Face, vectors: torch.Tensor, *, draws: int = 16, batch: int = 8) -> float:
-    """The denoising loss of ``vectors`` at a fixed set of (flip, latent, timestep, noise) draws."""
+def _fixed_draw_loss(method, face: Face, vectors: torch.Tensor, *, caption: str | None = None, draws: int = 16,
+                     batch: int = 8) -> float:
+    """The denoising loss of ``vectors`` (n_vectors, width) at a fixed set of (flip, latent, timestep, noise)
+    draws; ``caption`` defaults to "a photo of <subject>"."""
     pipe = method.context.pipeline()
     posterior = encode_posterior(pipe.vae, training_pixels(face.path, training_resolution(pipe)))
     generator = torch.Generator("cpu").manual_seed(1234)
     loss = DenoisingLoss(pipe, generator)
+    caption = caption if caption is not None else "a photo of " + method.subject_text()
     total = 0.0
     for _ in range(draws):
         latents = posterior.sample(batch, generator, 0.5)
         with method.written(vectors[None].expand(batch, -1, -1)):
-            text = encode_text(pipe, ["a photo of " + method.subject_text()] * batch)
+            text = encode_text(pipe, [caption] * batch)
         total += float(loss(pipe.unet, latents, text))
     return total / draws
 

@@ -19,14 +19,11 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from f2d_bench.files import atomic_link_or_copy, atomic_write_json, exclusive_lock, file_sha256
-from f2d_bench.run_dir import read_json
+from f2d_bench.run_dir import RunDir, read_json
 from f2d_bench.runinfo import utc_now
-
-if TYPE_CHECKING:
-    from f2d_bench.run_dir import RunDir
 
 TUNE_RECORD = "tune.json"
 
@@ -34,7 +31,7 @@ TUNE_RECORD = "tune.json"
 class TunedFaces:
     """The per-face artifacts of one tuning method in one run."""
 
-    def __init__(self, run: "RunDir", method_id: str):
+    def __init__(self, run: RunDir, method_id: str):
         self.run = run
         self.method_id = method_id
 

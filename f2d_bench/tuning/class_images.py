@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from f2d_bench.config import canonical_hash
-from f2d_bench.files import atomic_write_bytes, exclusive_lock
+from f2d_bench.files import atomic_write_bytes, atomic_write_json, exclusive_lock
 
 if TYPE_CHECKING:
     from f2d_bench.config import SamplingConfig
@@ -47,8 +47,6 @@ def class_image_paths(folder: Path, pipe, prompt: str, count: int, sampling: "Sa
                 image.convert("RGB").save(buffer, format="PNG")
                 atomic_write_bytes(paths[i], buffer.getvalue())
         if not (root / "settings.json").is_file():
-            from f2d_bench.files import atomic_write_json
-
             atomic_write_json(root / "settings.json", settings)
     return paths
 
