@@ -167,13 +167,20 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     entries = METHODS.entries()
     width = max(map(len, entries), default=0)
     for entry in entries.values():
-        summary = entry.summary
-        if not summary:  # an entry point names only its class: import it for its summary
-            try:
-                summary = METHODS.load(entry.name).summary or entry.target
-            except F2DBenchError as exc:
-                summary = f"cannot be loaded: {exc}"
-        print(f"{entry.name:<{width}}  {summary}  ({entry.origin})")
+        summary, setup = entry.summary, ""
+        try:
+            cls = METHODS.load(entry.name)
+        except F2DBenchError as exc:
+            cls, summary = None, f"cannot be loaded: {exc}"
+        if cls is not None:
+            summary = summary or cls.summary or entry.target
+            facts = [f"released on {cls.released_base}"] if cls.released_base else []
+            if cls.native_sampling:
+                n = cls.native_sampling
+                facts.append(f"native: {n.get('scheduler')}, {n.get('num_inference_steps')} steps, "
+                             f"CFG {n.get('guidance_scale')}")
+            setup = f" [{'; '.join(facts)}]" if facts else ""
+        print(f"{entry.name:<{width}}  {summary}{setup}  ({entry.origin})")
     return 0
 
 

@@ -11,7 +11,7 @@ import json
 import re
 import types
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Mapping
 
 import yaml
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
@@ -30,6 +30,8 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 BUILTIN_TEST_FACES = "builtin:test-faces"
 #: ``scoring.no_face`` values: an image without a face scores 0.0, or is left out of identity means.
 NO_FACE_POLICIES = ("zero", "drop")
+#: ``methods[].sampling`` values: the run's sampling settings, or the method's official ones.
+SAMPLING_MODES = ("protocol", "native")
 
 # Strict pydantic takes only tuples for a tuple field, and YAML gives lists; nothing else becomes a tuple.
 _Listed = BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
@@ -112,11 +114,35 @@ class MethodConfig(_Section):
     params: _Settings = Field(default_factory=lambda: types.MappingProxyType({}))
     #: Display name in reports; defaults to the registry name.
     label: str | None = None
+    #: The base pipeline this method renders with (Hugging Face id or local diffusers directory), for a
+    #: method released on another model (IP-Adapter-FaceID and FastComposer on SD 1.5). None: the run's
+    #: ``model``. dtype and device always follow the run's ``model``.
+    base: str | None = None
+    #: Revision of ``base`` (Hugging Face ids only).
+    base_revision: str | None = None
+    #: ``protocol``: the run's ``sampling`` (the paper ran every method with SD 1.4's settings);
+    #: ``native``: the method's official scheduler, steps and CFG (its ``native_sampling``), the run's size.
+    sampling: str = "protocol"
+
+    _LATER_KEYS: ClassVar[tuple[str, ...]] = ("base", "base_revision", "sampling")
+
+    @model_validator(mode="after")
+    def _check(self) -> MethodConfig:
+        _check_choice("sampling", self.sampling, SAMPLING_MODES)
+        if self.base_revision is not None and self.base is None:
+            raise ValueError("base_revision is set but base is not: a revision belongs to a base model id")
+        return self
 
     @property
     def display_name(self) -> str:
         """The label, or the registry name when there is none."""
         return self.label or self.name
+
+    def base_model(self, run_model: ModelConfig) -> ModelConfig:
+        """The model this method renders with: ``base`` (if set) with the run's dtype and device."""
+        if self.base is None:
+            return run_model
+        return run_model.replace(pretrained=self.base, revision=self.base_revision)
 
 
 class ScoringConfig(_Section):
@@ -232,7 +258,12 @@ def canonical_hash(data: Any, length: int = 12) -> str:
 
 def _to_plain(value: Any) -> Any:
     if isinstance(value, BaseModel):
-        return {name: _to_plain(getattr(value, name)) for name in type(value).model_fields}
+        fields = type(value).model_fields
+        # Keys added after a section's form was fixed are written only when set, so configs and hashes of
+        # runs that do not use them keep the form they always had.
+        later = getattr(type(value), "_LATER_KEYS", ())
+        return {name: _to_plain(getattr(value, name)) for name in fields
+                if name not in later or getattr(value, name) != fields[name].default}
     if isinstance(value, Mapping):
         return {str(k): _to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -277,7 +308,9 @@ def _message(error: Any, root: type[_Section]) -> str:
     """The message for one pydantic error, naming its key path as ``methods[0].params``."""
     kind, loc, value = error["type"], error["loc"], error.get("input")
     if kind == "value_error":  # the sections' own checks, whose messages name their keys
-        return str(error["ctx"]["error"])
+        # ... relative to a list entry (methods[0]) when the section is one.
+        listed = any(isinstance(part, int) for part in loc)
+        return (f"{_key_path(loc)}: " if listed else "") + str(error["ctx"]["error"])
     if kind in ("extra_forbidden", "invalid_key"):
         cls = root
         for part in loc[:-1]:

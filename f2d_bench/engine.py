@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from f2d_bench.config import RunConfig
+from f2d_bench.config import MethodConfig, ModelConfig, RunConfig
 from f2d_bench.errors import ConfigError
 from f2d_bench.faces.faceset import Face
 from f2d_bench.faces.source import resolve_face_set
@@ -71,34 +71,75 @@ class GenerationSummary:
 
 
 class PipelineProvider:
-    """Loads the base pipeline on first use and shares it between methods."""
+    """Loads each base model on first use and shares it between the methods that render with it.
 
-    def __init__(self, config: RunConfig):
+    One model (its id and revision) is loaded once; methods that need another scheduler get a pipeline
+    sharing the same modules (``with_scheduler``). ``loader``: a callable returning a ready pipeline for
+    the run's own ``model`` (benchmarks, Ray workers and tests pass one); other base models always load
+    through ``load_sd_pipeline``.
+    """
+
+    def __init__(self, config: RunConfig, loader: Callable[[], Any] | None = None):
         self._config = config
-        self._pipe = None
+        self._loader = loader
+        self._models: dict[tuple, Any] = {}  # (pretrained, revision) -> the pipeline loaded first
+        self._pipes: dict[tuple, Any] = {}   # (pretrained, revision, scheduler) -> pipeline
 
     def __call__(self):
-        if self._pipe is None:
-            from f2d_bench.pipelines.loading import load_sd_pipeline
+        """The run's own base pipeline with the run's scheduler."""
+        return self.get(self._config.model, self._config.sampling.scheduler)
 
-            m = self._config.model
-            self._pipe = load_sd_pipeline(
-                m.pretrained, revision=m.revision, dtype=m.dtype, device=m.device,
-                scheduler=self._config.sampling.scheduler,
-            )
-        return self._pipe
+    def get(self, model: ModelConfig, scheduler: str):
+        from f2d_bench.pipelines.loading import load_sd_pipeline, with_scheduler
+
+        key = (model.pretrained, model.revision)
+        if (*key, scheduler) in self._pipes:
+            return self._pipes[(*key, scheduler)]
+        if key not in self._models:
+            run_model = self._config.model
+            if self._loader is not None and key == (run_model.pretrained, run_model.revision):
+                self._models[key] = self._loader()
+            else:
+                self._models[key] = load_sd_pipeline(model.pretrained, revision=model.revision, dtype=model.dtype,
+                                                     device=model.device, scheduler=scheduler)
+        pipe = self._models[key]
+        if type(pipe.scheduler).__name__ != scheduler:
+            pipe = with_scheduler(pipe, scheduler)
+        self._pipes[(*key, scheduler)] = pipe
+        return pipe
+
+    def loaded(self) -> int:
+        """Number of distinct base models loaded so far."""
+        return len(self._models)
+
+
+def method_context(config: RunConfig, prompt_set: PromptSet, mc: MethodConfig, cls: type[Method],
+                   provider: PipelineProvider) -> MethodContext:
+    """The context of one configured method: its base model, its sampling, and its pipeline."""
+    model = mc.base_model(config.model)
+    sampling = config.sampling
+    if mc.sampling == "native":
+        if not cls.native_sampling:
+            raise ConfigError(f"sampling: native, but method {mc.name} has no native sampling of its own; "
+                              "use sampling: protocol")
+        sampling = sampling.replace(**cls.native_sampling)
+    return MethodContext(config=config, prompt_set=prompt_set, model=model, sampling=sampling,
+                         sampling_mode=mc.sampling, pipeline=lambda: provider.get(model, sampling.scheduler))
 
 
 def build_methods(config: RunConfig, prompt_set: PromptSet, pipeline=None) -> list[Method]:
-    """Instantiate the config's methods; two entries with the same settings are an error."""
-    context = MethodContext(config=config, prompt_set=prompt_set, pipeline=pipeline or PipelineProvider(config))
+    """Instantiate the config's methods; two entries with the same settings are an error.
+
+    ``pipeline``: a PipelineProvider to share, or a callable returning the run's base pipeline.
+    """
+    provider = pipeline if isinstance(pipeline, PipelineProvider) else PipelineProvider(config, pipeline)
     methods: list[Method] = []
     seen: dict[str, int] = {}
     for i, mc in enumerate(config.methods):
         check_method_name(mc.name)
         cls = METHODS.load(mc.name)
         try:
-            method = cls(mc.params, context)
+            method = cls(mc.params, method_context(config, prompt_set, mc, cls, provider))
         except ConfigError as exc:
             raise ConfigError(f"methods[{i}] ({mc.name}): {exc}") from None
         method.label = mc.display_name
@@ -110,6 +151,14 @@ def build_methods(config: RunConfig, prompt_set: PromptSet, pipeline=None) -> li
         seen[method.method_id] = i
         methods.append(method)
     return methods
+
+
+def base_model_notes(method: Method) -> list[str]:
+    """A note when a method renders on another base model than the one it was released on."""
+    released, used = method.released_base, method.context.model.pretrained
+    if method.uses_pipeline and released and used != released:
+        return [f"released on {released}; this run renders it on {used} (methods[].base sets another)"]
+    return []
 
 
 @dataclass
@@ -133,10 +182,10 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
     prompt_set = load_prompt_set(config.prompts)
     faces = resolve_face_set(config.faces)
     check_scoring(config.scoring.scorers or DEFAULT_SCORERS, config.scoring.settings)
-    pipeline = pipeline or PipelineProvider(config)
     methods = build_methods(config, prompt_set, pipeline)
-    if any(m.uses_pipeline for m in methods):
-        pipeline()  # loads (once) the base model every such method shares
+    for method in methods:
+        if method.uses_pipeline:
+            method.context.pipeline()  # loads each base model (once) before the run directory exists
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
     run.record_environment({"writer": shard.tag, **environment()})
     for method in methods:
@@ -167,7 +216,7 @@ def generate_run(
             keys = [k for k in grid_keys([mid], face_ids, prompt_ids, config.seeds) if shard.owns(k)]
             repaired = run.store.reconcile(keys, writer=shard.tag, config_hash=config_hash)
             prog = MethodProgress(mid, method.label, expected=len(keys))
-            prog.problems = method.preflight(face_ids, prompt_ids, config.seeds)
+            prog.problems = base_model_notes(method) + method.preflight(face_ids, prompt_ids, config.seeds)
             if repaired["damaged_removed"]:
                 prog.problems.append(f"{repaired['damaged_removed']} damaged image(s) removed and generated again")
             _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress)

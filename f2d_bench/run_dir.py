@@ -265,7 +265,7 @@ class RunDir:
         for m in methods:
             atomic_write_json(run.method_json(m.method_id), {
                 "method_id": m.method_id, "name": m.name, "label": m.label, "identity": m.identity(),
-                **m.info(),
+                **m.setup(), **m.info(),
             })
         # grid.json last: its presence marks a run whose description is complete.
         atomic_write_json(run.grid_json, grid)

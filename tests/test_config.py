@@ -140,7 +140,7 @@ def test_int_for_a_float_becomes_a_float():
 
 @pytest.mark.parametrize("overrides, message", [
     # unknown keys at a nested path, the alphabetically first one
-    ({"methods": [{"name": "a", "nam": "b"}]}, "unknown key methods[0].nam; allowed keys here: label, name, params"),
+    ({"methods": [{"name": "a", "nam": "b"}]}, "unknown key methods[0].nam; allowed keys here: base, base_revision, label, name, params, sampling"),
     ({"scoring": {"zz": 1, "bogus": 2}}, "unknown key scoring.bogus; allowed keys here: batch_size, chunk_size, "
      "device, face_policy, fid_backend, fid_reference, fid_weights, identity_clamp, min_face_prob, no_face, "
      "scorers, settings"),

@@ -231,14 +231,18 @@ def test_table1_numbers_equal_means_computed_from_the_records(report, scored_run
     assert sorted(csv["face_detection_rate"]) == [pytest.approx(0.75), pytest.approx(1.0)]
 
 
+#: The base model and sampling line under a method's name (absent for external images).
+_SETUP = r'(?:<br><span class="setup">[^<]*</span>)?'
+
+
 def test_top_three_marks_and_random_weight_notes(report):
     html = _html(report)
     csv = pd.read_csv(report.parent / "table1.csv", index_col=0)
     best = csv["face_detection_rate"].idxmax()
-    cell = re.search(rf'{re.escape(best)}</code></th>.*?data-col="face_detection_rate">(.*?)</td>', html, re.DOTALL)
+    cell = re.search(rf'{re.escape(best)}</code>{_SETUP}</th>.*?data-col="face_detection_rate">(.*?)</td>', html, re.DOTALL)
     assert cell.group(1).startswith("<strong>"), cell.group(1)
     worst = csv["face_detection_rate"].idxmin()
-    cell = re.search(rf'{re.escape(worst)}</code></th>.*?data-col="face_detection_rate">(.*?)</td>', html, re.DOTALL)
+    cell = re.search(rf'{re.escape(worst)}</code>{_SETUP}</th>.*?data-col="face_detection_rate">(.*?)</td>', html, re.DOTALL)
     assert cell.group(1).startswith("<u>"), cell.group(1)
     assert "<strong>best</strong>, <u>second</u>" in html
     # adaface ... siglip were scored with random weights, hMean/gMean combine them: all six marked
@@ -426,3 +430,11 @@ def test_chromium_screenshot_shows_a_rendered_page(report, tmp_path):
         assert colours is not None and len(colours) > 50  # text, tables and a plot, not a blank page
         # the header band is the page's own light background, not Chromium's error page
         assert im.getpixel((5, 5)) == (245, 247, 249)
+
+
+def test_every_method_cell_shows_how_the_method_rendered(report):
+    """Each table names the method with its base model and sampling (here: images imported from elsewhere)."""
+    html = _html(report)
+    # The rows of this run's methods (the paper's own rows name no run method).
+    rows = [r for r in re.findall(r'<th class="method">.*?</th>', html, re.DOTALL) if "Method " in r]
+    assert len(rows) >= 8 and all('<span class="setup">external images</span>' in r for r in rows), rows[:3]

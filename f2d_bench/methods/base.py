@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
 
 from PIL import Image
 
-from f2d_bench.config import RunConfig, canonical_hash
+from f2d_bench.config import ModelConfig, RunConfig, SamplingConfig, canonical_hash
 from f2d_bench.errors import ConfigError
 from f2d_bench.grid import ItemKey
 from f2d_bench.prompts import Prompt, PromptSet
@@ -29,12 +29,26 @@ if TYPE_CHECKING:  # keep torch and diffusers out of import time
 
 @dataclass(frozen=True)
 class MethodContext:
-    """What a method may use: the run's config, its prompt set and the shared base pipeline."""
+    """What a method may use: the run's config, its prompt set, its base pipeline and its sampling."""
 
     config: RunConfig
     prompt_set: PromptSet
-    #: Loads (once, shared by all methods of the run) the base Stable Diffusion pipeline.
+    #: Loads (once, shared by every method of the run with the same base model) this method's base
+    #: Stable Diffusion pipeline, with this method's scheduler.
     pipeline: Callable[[], "StableDiffusionPipeline"]
+    #: The base model this method renders with (its config's ``base``, else the run's ``model``).
+    model: ModelConfig | None = None
+    #: The sampling settings this method renders with (the run's, or its native ones).
+    sampling: SamplingConfig | None = None
+    #: ``protocol`` or ``native`` (:data:`f2d_bench.config.SAMPLING_MODES`).
+    sampling_mode: str = "protocol"
+
+    def __post_init__(self):
+        # A context built without them (tests, one-method tools) renders on the run's model and sampling.
+        if self.model is None:
+            object.__setattr__(self, "model", self.config.model)
+        if self.sampling is None:
+            object.__setattr__(self, "sampling", self.config.sampling)
 
 
 @dataclass
@@ -73,6 +87,15 @@ class Method:
     uses_pipeline: ClassVar[bool] = True
     #: Whether the method tunes per face (``tune`` and ``load_tuned`` instead of ``prepare``).
     tunes: ClassVar[bool] = False
+    #: The official scheduler, steps and CFG (SamplingConfig keys) that ``sampling: native`` selects;
+    #: None: the method has no sampling of its own.
+    native_sampling: ClassVar[Mapping[str, Any] | None] = None
+    #: The base model the method was released on (shown in `f2d-bench methods`; a run on another
+    #: base model is noted when it starts). None: any SD 1.x.
+    released_base: ClassVar[str | None] = None
+    #: Components of the base pipeline the method brings its own weights for (FastComposer: its UNet
+    #: and text encoder); recorded in method.json and shown in reports.
+    replaces: ClassVar[tuple[str, ...]] = ()
     #: Display name in reports (the config's ``label``, else the registry name); set by the engine.
     label: str = ""
     #: A folder of the run for what a method makes once for all faces (e.g. class images); set by the
@@ -94,15 +117,23 @@ class Method:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"param {key} must be a positive integer, got {value!r}")
 
+    def require_number(self, key: str, low: float, high: float, note: str = "") -> None:
+        """ConfigError naming ``key`` unless its param is a number (not a bool) in [low, high]."""
+        value = self.params[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise ConfigError(f"param {key} must be a number in [{low:g}, {high:g}]"
+                              f"{f' ({note})' if note else ''}, got {value!r}")
+
     # -- identity -------------------------------------------------------------------------------
     def identity(self) -> dict:
         ident: dict[str, Any] = {"method": self.name, "params": dict(self.params)}
         if self.uses_pipeline:
-            cfg = self.context.config
-            model = cfg.model.to_dict()
+            model = self.context.model.to_dict()
             model.pop("device")  # the device changes float rounding, not what the images are
             ident["model"] = model
-            ident["sampling"] = cfg.sampling.to_dict()
+            ident["sampling"] = self.context.sampling.to_dict()
+            if self.context.sampling_mode != "protocol":  # protocol runs keep the ids they always had
+                ident["sampling_mode"] = self.context.sampling_mode
         return ident
 
     @property
@@ -117,6 +148,14 @@ class Method:
         ``weights``: ``"official"``, ``"none"`` or ``"random weights: not meaningful"``.
         """
         return {"trained_params": None, "weights": "none"}
+
+    def setup(self) -> dict:
+        """How the method renders, recorded in method.json beside ``info()``: its base model, which of
+        the base's components it replaces, and its sampling mode (None for methods without a pipeline)."""
+        if not self.uses_pipeline:
+            return {"sampling_mode": None, "replaces": []}
+        return {"sampling_mode": self.context.sampling_mode, "replaces": list(self.replaces),
+                "released_base": self.released_base}
 
     # -- work -----------------------------------------------------------------------------------
     def preflight(self, face_ids: Sequence[str], prompt_ids: Sequence[str], seeds: Sequence[int]) -> list[str]:

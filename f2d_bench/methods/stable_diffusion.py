@@ -43,7 +43,7 @@ class StableDiffusionMethod(Method):
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[Image.Image]:
         pipe = self.context.pipeline()
-        sampling = self.context.config.sampling
+        sampling = self.context.sampling
         out = pipe(
             prompt_embeds=self.prompt_embeds(requests),
             negative_prompt_embeds=self.negative_embeds(len(requests)),

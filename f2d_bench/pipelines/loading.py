@@ -105,6 +105,16 @@ def _dtype_kwarg() -> str:
     return "dtype" if version >= _DTYPE_KWARG_SINCE else "torch_dtype"
 
 
+def with_scheduler(pipe, scheduler: str):
+    """A pipeline sharing every module of ``pipe`` (no copy of any weight) with another scheduler, built
+    from ``pipe``'s own scheduler config as ``load_sd_pipeline`` builds it."""
+    scheduler_cls = _scheduler_class(scheduler)
+    components = {**pipe.components, "scheduler": scheduler_cls.from_config(pipe.scheduler.config)}
+    view = type(pipe)(**components)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
 def load_sd_pipeline(
     model_id: str,
     *,

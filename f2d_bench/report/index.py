@@ -21,7 +21,8 @@ from urllib.parse import quote
 from f2d_bench import __version__
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import atomic_write_json, atomic_write_text, exclusive_lock
-from f2d_bench.report.page import TEMPLATES, check_links_inside, environment, finite, fmt, inline_hash
+from f2d_bench.report.page import (TEMPLATES, check_links_inside, environment, finite, fmt, inline_hash,
+                                   model_text, sampling_text)
 from f2d_bench.report.thumbnails import inside
 from f2d_bench.runinfo import utc_now
 
@@ -75,6 +76,12 @@ def _rows(value, where: str) -> list[dict]:
     return value
 
 
+def _names(value, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Unreadable(f"{AGGREGATES}: {where} is not a list of names")
+    return value
+
+
 def _load_aggregates(folder: Path) -> dict:
     path = folder / AGGREGATES
     try:
@@ -108,6 +115,8 @@ def _parse_report(data: dict) -> dict:
                  "name": _text(info.get("name"), f"methods[{mid!r}].name"),
                  "model": _mapping(info.get("model"), f"methods[{mid!r}].model") or None,
                  "sampling": _mapping(info.get("sampling"), f"methods[{mid!r}].sampling") or None,
+                 "sampling_mode": _text(info.get("sampling_mode"), f"methods[{mid!r}].sampling_mode"),
+                 "replaces": _names(info.get("replaces", []), f"methods[{mid!r}].replaces"),
                  "source": _text(info.get("source"), f"methods[{mid!r}].source")}
         for c in columns:
             for key in (c["col"], f"{c['col']}_lo", f"{c['col']}_hi"):
@@ -228,7 +237,8 @@ def leaderboard(entries: list[dict]) -> list[dict]:
             best = [er for er in scored if er[1]["hmean"] == top][-1]
         board.append({
             "method": mid, "label": latest_row["label"], "name": latest_row["name"], "model": latest_row["model"],
-            "sampling": latest_row["sampling"], "source": latest_row["source"], "n_reports": len(found),
+            "sampling": latest_row["sampling"], "sampling_mode": latest_row["sampling_mode"],
+            "replaces": latest_row["replaces"], "source": latest_row["source"], "n_reports": len(found),
             "best": _headline(*best) if best else None, "latest": _headline(latest_entry, latest_row),
         })
     board.sort(key=lambda m: (-(m["best"]["hmean"]) if m["best"] else float("inf"), m["method"]))
@@ -236,36 +246,6 @@ def leaderboard(entries: list[dict]) -> list[dict]:
 
 
 # -- the page ----------------------------------------------------------------------------------------
-
-
-def model_text(method: dict) -> str:
-    """A method's base model as one line: ``pretrained@revision (dtype)``, or where external images came from."""
-    model = method.get("model")
-    if isinstance(model, dict) and model.get("pretrained"):
-        text = str(model["pretrained"])
-        if model.get("revision"):
-            text += f"@{model['revision']}"
-        return text + (f" ({model['dtype']})" if model.get("dtype") else "")
-    if method.get("source"):
-        return "external images"
-    return "\u2013"
-
-
-def sampling_text(method: dict) -> str:
-    """A method's sampling as one line: ``EulerAncestral, 30 steps, CFG 7, 512x512``."""
-    s = method.get("sampling")
-    if not isinstance(s, dict) or not s:
-        return "\u2013"
-    parts = []
-    if s.get("scheduler"):
-        parts.append(str(s["scheduler"]).replace("DiscreteScheduler", "").replace("Scheduler", ""))
-    if s.get("num_inference_steps") is not None:
-        parts.append(f"{s['num_inference_steps']} steps")
-    if s.get("guidance_scale") is not None:
-        parts.append(f"CFG {s['guidance_scale']}")
-    if s.get("width") is not None and s.get("height") is not None:
-        parts.append(f"{s['width']}x{s['height']}")
-    return ", ".join(parts) or "\u2013"
 
 
 def _cells(source: dict, cols: list[str], notes: dict[str, str]) -> list[dict]:
@@ -284,8 +264,10 @@ def _count(value) -> str:
 
 
 def _method_view(method: dict) -> dict:
-    return {"method": method["method"], "label": method["label"], "model": model_text(method),
-            "sampling": sampling_text(method),
+    mode = f"{method['sampling_mode']}: " if method.get("sampling_mode") else ""
+    replaces = f" with its own {', '.join(method['replaces'])}" if method.get("replaces") else ""
+    return {"method": method["method"], "label": method["label"], "model": model_text(method) + replaces,
+            "sampling": mode + sampling_text(method),
             "model_json": json.dumps(method.get("model"), sort_keys=True, ensure_ascii=False, default=str),
             "sampling_json": json.dumps(method.get("sampling"), sort_keys=True, ensure_ascii=False, default=str),
             "filter_text": f"{method['method']} {method['label']}".lower()}

@@ -94,3 +94,46 @@ def check_links_inside(html: str, out_dir: Path) -> None:
             target = (root / unquote(parts.path)).resolve()
             if not inside(target, root) or not target.is_file():
                 raise F2DBenchError(f"page link <{tag} {attr}={v!r}> does not resolve to a file inside {root}")
+
+
+def model_text(method: dict) -> str:
+    """A method's base model as one line: ``pretrained@revision (dtype)``, or where external images came from."""
+    model = method.get("model")
+    if isinstance(model, dict) and model.get("pretrained"):
+        text = str(model["pretrained"])
+        if model.get("revision"):
+            text += f"@{model['revision']}"
+        return text + (f" ({model['dtype']})" if model.get("dtype") else "")
+    if method.get("source"):
+        return "external images"
+    return "\u2013"
+
+
+def sampling_text(method: dict) -> str:
+    """A method's sampling as one line: ``EulerAncestral, 30 steps, CFG 7, 512x512``."""
+    s = method.get("sampling")
+    if not isinstance(s, dict) or not s:
+        return "\u2013"
+    parts = []
+    if s.get("scheduler"):
+        parts.append(str(s["scheduler"]).replace("DiscreteScheduler", "").replace("Scheduler", ""))
+    if s.get("num_inference_steps") is not None:
+        parts.append(f"{s['num_inference_steps']} steps")
+    if s.get("guidance_scale") is not None:
+        parts.append(f"CFG {s['guidance_scale']}")
+    if s.get("width") is not None and s.get("height") is not None:
+        parts.append(f"{s['width']}x{s['height']}")
+    return ", ".join(parts) or "\u2013"
+
+
+def setup_text(method: dict) -> str:
+    """A method's base model and sampling as the line shown under its name in every table:
+    ``CompVis/stable-diffusion-v1-4 (float16) | protocol sampling: EulerAncestral, 30 steps, CFG 7.0, 512x512``.
+    ``method``: ``model``, ``sampling``, ``sampling_mode`` and ``replaces`` as method.json records them."""
+    if not method.get("model") and not method.get("sampling"):
+        return model_text(method) if method.get("source") else ""
+    text = model_text(method)
+    if method.get("replaces"):
+        text += " with its own " + ", ".join(map(str, method["replaces"]))
+    mode = method.get("sampling_mode") or "protocol"
+    return f"{text} | {mode} sampling: {sampling_text(method)}"

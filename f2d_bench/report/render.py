@@ -35,7 +35,8 @@ from f2d_bench.report.plots import (
     plot_tradeoff,
 )
 from f2d_bench.report.index import REPORT_FORMAT, write_index
-from f2d_bench.report.page import TEMPLATES, check_links_inside, environment, fmt, inline_hash, page_links
+from f2d_bench.report.page import (TEMPLATES, check_links_inside, environment, fmt, inline_hash, page_links,
+                                   setup_text)
 from f2d_bench.report.page import finite as _finite
 from f2d_bench.report.thumbnails import export_image, inside
 from f2d_bench.runinfo import utc_now
@@ -303,6 +304,20 @@ def _metadata_view(data: ReportData) -> list[dict]:
     return runs
 
 
+def _setup_facts(info: dict) -> dict:
+    """A method's base model and sampling from its method.json (runs made before ``sampling_mode`` was
+    recorded rendered with the run's own sampling: protocol)."""
+    ident = info.get("identity") or {}
+    return {"model": ident.get("model"), "sampling": ident.get("sampling"), "source": ident.get("source"),
+            "sampling_mode": info.get("sampling_mode") or ("protocol" if ident.get("sampling") else None),
+            "replaces": info.get("replaces") or []}
+
+
+def _setups(data: ReportData) -> dict[str, str]:
+    """The line under each method's name in every table: base model and sampling (``setup_text``)."""
+    return {mid: setup_text(_setup_facts(info)) for run in data.runs for mid, info in run.methods.items()}
+
+
 def _index_facts(data: ReportData, table1: dict, generated: str) -> dict:
     """What the reports index reads from ``aggregates.json`` beside Table 1 (layout ``REPORT_FORMAT``): when
     the report was made, its runs, each method's base model and sampling, and the faces and images behind it.
@@ -312,9 +327,8 @@ def _index_facts(data: ReportData, table1: dict, generated: str) -> dict:
         for mid, info in run.methods.items():
             ident = info.get("identity") or {}
             entry = methods.setdefault(mid, {
-                "name": info.get("name") or ident.get("method"), "model": ident.get("model"),
-                "sampling": ident.get("sampling"), "source": ident.get("source"), "weights": info.get("weights"),
-                "runs": []})
+                "name": info.get("name") or ident.get("method"), **_setup_facts(info),
+                "weights": info.get("weights"), "runs": []})
             entry["runs"].append(run.name)
     runs = []
     for run in data.runs:
@@ -410,7 +424,7 @@ def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seed
         "categories": _categories_view(agg, labels, catalog), "pairs": _pairs_view(agg, labels),
         "identity_both": _identity_both_view(agg, catalog), "per_face": _per_face_view(agg, catalog),
         "paper": _paper_view(), "best_of_n": _best_of_n_view(agg, data, out_dir),
-        "plots": plots, "files": files,
+        "plots": plots, "files": files, "setups": _setups(data),
         "grid": _grid_view(data, out_dir, labels, grid_faces, grid_seeds),
         "confidence": f"{confidence:.0%}", "n_resamples": n_resamples,
         "script": script, "script_hash": inline_hash(script),

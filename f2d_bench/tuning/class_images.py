@@ -74,6 +74,6 @@ class ClassPrior:
             if self.shared_dir is None:
                 raise RuntimeError(f"{self.name}: the run directory is not open (shared_dir unset)")
             self._class_posteriors = class_posteriors(
-                self.shared_dir, pipe, p["class_prompt"], p["num_class_images"], self.context.config.sampling,
+                self.shared_dir, pipe, p["class_prompt"], p["num_class_images"], self.context.sampling,
                 seed=p["seed"], batch_size=self.context.config.batch_size)
         return self._class_posteriors
