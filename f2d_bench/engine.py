@@ -24,6 +24,7 @@ from f2d_bench.methods import METHODS
 from f2d_bench.methods.base import GenerationRequest, Method, MethodContext, Skipped, check_method_name
 from f2d_bench.prompts import PromptSet, load_prompt_set
 from f2d_bench.run_dir import RunDir
+from f2d_bench.store import BackgroundWriter
 from f2d_bench.runinfo import environment, utc_now
 from f2d_bench.tuning.artifacts import TunedFaces
 from f2d_bench.tuning.stage import tuned_prepared
@@ -291,6 +292,7 @@ def _run_method(
     prepared: dict[str, Any] = {}
     bar = tqdm(total=missing, unit="img", desc=method.label, disable=not progress or missing == 0,
                dynamic_ncols=True)
+    writer = BackgroundWriter(store)  # PNGs are written while the next batch renders
     try:
         for batch in batches:
             if method.tunes and not method.keeps_weights():
@@ -335,13 +337,18 @@ def _run_method(
                 elif not isinstance(image, Image.Image):
                     raise RuntimeError(f"method {method.name} returned {type(image).__name__} for {key.as_string()}")
                 else:
-                    store.write_image(key, image.convert("RGB"), config_hash=config_hash,
-                                      batch_size=len(batch), writer=shard.tag, written_at=now)
+                    writer.submit(key, image.convert("RGB"), config_hash=config_hash, batch_size=len(batch),
+                                  writer=shard.tag, written_at=now, on_done=lambda: bar.update(1))
                     prog.written += 1
+                    continue
                 bar.update(1)
+            if method.tunes and not method.keeps_weights():
+                writer.flush()  # a face's weights go only once its images are on disk
+        writer.flush()
         for fid in sorted(prepared):
             _done_with_face(method, run, fid)
     finally:
+        writer.close()
         bar.close()
 
 

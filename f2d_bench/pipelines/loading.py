@@ -189,5 +189,11 @@ def load_sd_pipeline(
         # from_pretrained leaves weights on the CPU; skipping the no-op move there also skips diffusers'
         # warning that float16 cannot run on a CPU, which is no longer true (see resolve_dtype).
         pipe = pipe.to(torch_device)
+        if torch_device.type == "cuda":
+            import torch
+
+            # NHWC convolutions run on tensor cores without layout transposes; on the CPU the default
+            # layout is kept, so CPU images stay bit-identical to earlier versions.
+            pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     return pipe
