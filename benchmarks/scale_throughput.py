@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""Images/s of `generate --ray` with 1, 2, ... N workers, the scaling efficiency, and Ray's start-up cost.
+"""Images/s of `generate --ray` and `score --ray` with 1, 2, ... N workers, the scaling efficiency, and
+Ray's start-up cost.
 
 For each worker count a fresh run directory is generated over a fresh Ray instance (or the cluster at
 ``--address``). Three times are reported apart: Ray's start (``ray.init``), the workers' start (actor
 processes, imports, pipeline loading) and the work itself; images/s and the efficiency
 ``rate(N) / (N x rate(1))`` count the work only. On the CPU each worker is one process on one core, so
-the figures are only meaningful up to the number of free cores.
+the figures are only meaningful up to the number of free cores. Then the first run's images are scored
+over Ray with each worker count (fresh copies without scores; ``--scorers``, tiny offline text models with
+the tiny pipeline), reported the same way, the driver's assembly of records.parquet apart.
 
     python benchmarks/scale_throughput.py                         # CPU workers, tiny pipeline
     python benchmarks/scale_throughput.py --workers 1 2 4 8 --model CompVis/stable-diffusion-v1-4 \\
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import time
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +43,9 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--shards-per-worker", type=int, default=4)
+    ap.add_argument("--scorers", default="clip,siglip", help="scorers timed over Ray ('' to skip scoring)")
     args = ap.parse_args()
+    tiny = args.model == TINY_SD14_ID
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per CPU worker, as Ray gives it
@@ -53,6 +60,9 @@ def main() -> int:
             "model": {"pretrained": args.model, "device": args.device},
             "sampling": {"num_inference_steps": args.steps, "height": args.size, "width": args.size},
             "batch_size": args.batch_size, "methods": [{"name": "sd-class"}],
+            # With the tiny pipeline, text scorers whose weights need no download.
+            "scoring": {"device": args.device, "batch_size": args.batch_size,
+                        "settings": {"clip": {"model": "tiny"}, "siglip": {"model": "tiny"}} if tiny else {}},
         })
         for n in args.workers:
             s = run_with_ray("generate", cfg, Path(tmp) / f"run-{n}", address=args.address, workers=n,
@@ -62,6 +72,20 @@ def main() -> int:
             print(f"{n} {s.worker_kind} worker(s): {s.images_per_second:.2f} images/s "
                   f"({s.written} images in {s.work_seconds:.1f} s), start-up: Ray {s.init_seconds:.1f} s + "
                   f"workers {s.ready_seconds:.1f} s", flush=True)
+        scorers = [n for n in args.scorers.split(",") if n]
+        scored = []
+        for n in args.workers if scorers else []:
+            out = Path(tmp) / f"score-{n}"
+            shutil.copytree(Path(tmp) / f"run-{args.workers[0]}", out,
+                            ignore=shutil.ignore_patterns("scores", "records.parquet", "table1.csv"))
+            t0 = time.perf_counter()
+            s = run_with_ray("score", cfg, out, address=args.address, workers=n, scorers=scorers,
+                             shards=args.shards_per_worker * n, progress=False)
+            assert s.complete and s.scored == s.expected, s.text()
+            assemble = time.perf_counter() - t0 - s.init_seconds - s.ready_seconds - s.work_seconds
+            scored.append((n, s, assemble))
+            print(f"score, {n} worker(s): {s.images_per_second:.2f} images/s ({s.scored} images in "
+                  f"{s.work_seconds:.1f} s), assembly {assemble:.1f} s", flush=True)
 
     base = next((s.images_per_second for n, s in rows if n == 1), None)
     print(f"\n{args.model}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
@@ -71,6 +95,15 @@ def main() -> int:
         eff = f"{100 * s.images_per_second / (n * base):.0f}%" if base else "-"
         print(f"{n:>7} {s.images_per_second:>9.2f} {eff:>10} {s.init_seconds:>10.1f} {s.ready_seconds:>15.1f} "
               f"{s.work_seconds:>7.1f}")
+    if scored:
+        base = next((s.images_per_second for n, s, _ in scored if n == 1), None)
+        print(f"\nscore --ray ({args.scorers}), {scored[0][1].expected} images per run")
+        print(f"{'workers':>7} {'images/s':>9} {'efficiency':>10} {'ray.init s':>10} {'workers ready s':>15} "
+              f"{'work s':>7} {'assembly s':>10}")
+        for n, s, assemble in scored:
+            eff = f"{100 * s.images_per_second / (n * base):.0f}%" if base else "-"
+            print(f"{n:>7} {s.images_per_second:>9.2f} {eff:>10} {s.init_seconds:>10.1f} {s.ready_seconds:>15.1f} "
+                  f"{s.work_seconds:>7.1f} {assemble:>10.1f}")
     return 0
 
 

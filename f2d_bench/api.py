@@ -21,10 +21,11 @@ from f2d_bench.grid import UNSHARDED, Shard
 from f2d_bench.upper_bound import upper_bound  # the best-of-N curve of Fig. 7 (its own module)
 
 if TYPE_CHECKING:
+    from f2d_bench.config import ScoringConfig
     from f2d_bench.engine import GenerationSummary, TuneSummary
     from f2d_bench.scoring import ScoreSummary
 
-__all__ = ["generate", "report", "resolve_config", "score", "upper_bound"]
+__all__ = ["generate", "report", "resolve_config", "score", "scoring_settings", "upper_bound"]
 
 
 def resolve_config(config: RunConfig | str | Path, *, faces: str | None = None, batch_size: int | None = None,
@@ -63,21 +64,35 @@ def tune(config: RunConfig | str | Path, *, out: str | Path | None = None, shard
     return tune_run(config, Path(out) if out else Path("runs") / config.name, shard=shard, progress=progress)
 
 
-def score(run_dir: str | Path, *, scorers: Sequence[str] | None = None, config: str | Path | None = None,
-          device: str | None = None, batch_size: int | None = None, fid_reference: str | None = None,
-          fid_backend: str | None = None, progress: bool = True) -> "ScoreSummary":
-    """Score every image of a run. Settings come from the run's own config (``config``: take the
-    ``scoring:`` section of another run config instead); the keyword arguments override them."""
+def scoring_settings(run_dir: str | Path, *, config: str | Path | None = None, device: str | None = None,
+                     batch_size: int | None = None, fid_reference: str | None = None,
+                     fid_backend: str | None = None) -> "ScoringConfig":
+    """The ScoringConfig a score of ``run_dir`` uses: the run's own (``config``: the ``scoring:`` section
+    of another run config instead), with the keyword arguments that are not None applied."""
     from f2d_bench.run_dir import RunDir
-    from f2d_bench.scoring import score_run
 
     scoring = load_config(config).scoring if config else RunDir(run_dir).config().scoring
     changes = {"device": device, "batch_size": batch_size, "fid_reference": fid_reference,
                "fid_backend": fid_backend}
     changes = {k: v for k, v in changes.items() if v is not None}
-    if changes:
-        scoring = scoring.replace(**changes)
-    return score_run(run_dir, scorers=scorers, scoring=scoring, progress=progress)
+    return scoring.replace(**changes) if changes else scoring
+
+
+def score(run_dir: str | Path, *, scorers: Sequence[str] | None = None, config: str | Path | None = None,
+          device: str | None = None, batch_size: int | None = None, fid_reference: str | None = None,
+          fid_backend: str | None = None, shard: Shard | str = UNSHARDED, progress: bool = True) -> "ScoreSummary":
+    """Score every image of a run (settings: see :func:`scoring_settings`).
+
+    ``shard`` (``i/N``): score only that shard's images into the caches; the shard that completes the
+    set of N writes records.parquet (FID over the whole run), else a later unsharded ``score`` does,
+    computing nothing twice.
+    """
+    from f2d_bench.scoring import score_run
+
+    scoring = scoring_settings(run_dir, config=config, device=device, batch_size=batch_size,
+                               fid_reference=fid_reference, fid_backend=fid_backend)
+    shard = Shard.parse(shard) if isinstance(shard, str) else shard
+    return score_run(run_dir, scorers=scorers, scoring=scoring, progress=progress, shard=shard)
 
 
 def report(run_dirs: str | Path | Sequence[str | Path], out: str | Path, *, grid_faces: int = 8,

@@ -43,11 +43,11 @@ def _shard(args: argparse.Namespace):
     return shard
 
 
-def _ray(args: argparse.Namespace, kind: str, config, out: Path) -> int:
+def _ray(args: argparse.Namespace, kind: str, config, out: Path, **more) -> int:
     from f2d_bench.launch.ray_executor import run_with_ray
 
     summary = run_with_ray(kind, config, out, address=args.ray, workers=args.workers, shards=args.ray_shards,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, **more)
     return _outcome(summary, out, "some work is missing (see above); re-run the same command to retry it")
 
 
@@ -69,9 +69,9 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
                              "running cluster (needs pip install 'f2d-bench[ray]')")
     parser.add_argument("--workers", type=int, metavar="N",
                         help="with --ray: number of workers (default: the cluster's GPUs, else its CPUs)")
+    earlier = "" if what == "score" else ", or the count an earlier --ray run of this run directory used"
     parser.add_argument("--ray-shards", type=int, metavar="N",
-                        help="with --ray: shards to split the run into (default: 4 per worker, or the "
-                             "count an earlier --ray run of this run directory used)")
+                        help=f"with --ray: shards to split the run into (default: 4 per worker{earlier})")
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -138,10 +138,16 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from f2d_bench import api
 
+    shard = _shard(args)
     names = [n.strip() for n in args.scorers.split(",") if n.strip()] if args.scorers else None
-    summary = api.score(args.run_dir, scorers=names, config=args.config, device=args.device,
-                        batch_size=args.batch_size, fid_reference=args.fid_ref, fid_backend=args.fid_backend,
-                        progress=not args.no_progress)
+    settings = dict(config=args.config, device=args.device, batch_size=args.batch_size,
+                    fid_reference=args.fid_ref, fid_backend=args.fid_backend)
+    if args.ray:
+        from f2d_bench.run_dir import RunDir
+
+        config = RunDir(args.run_dir).config().replace(scoring=api.scoring_settings(args.run_dir, **settings))
+        return _ray(args, "score", config, Path(args.run_dir), scorers=names)
+    summary = api.score(args.run_dir, scorers=names, shard=shard, progress=not args.no_progress, **settings)
     print(summary.text())
     print(f"outputs: {Path(args.run_dir).resolve()} (records.parquet, table1.csv, scores/)")
     return 0
@@ -255,7 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
             "face (AdaFace, SphereFace, FaceNet, dlib), text fidelity (CLIP, directional CLIP, SigLIP), "
             "and hMean/gMean per image. Values are cached per image hash and scorer version: re-running "
             "computes only what is missing, and a regenerated image is rescored. Scorer settings come "
-            "from the run config's `scoring:` section."
+            "from the run config's `scoring:` section. With --shard i/N (or auto, or --ray), processes "
+            "split the images by the same key hash as generate --shard and fill the same caches; a shard "
+            "writes no records.parquet: the shard that finishes the set of N assembles it from the caches "
+            "(FID over all of each method's images), or a plain `f2d-bench score RUN_DIR` afterwards does, "
+            "computing nothing twice; with --ray the driver does. Shards of one run may run at once."
         ),
     )
     sc.add_argument("run_dir", metavar="RUN_DIR")
@@ -269,7 +279,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reference statistics from `f2d-bench fid-ref build`: also compute FID per method")
     sc.add_argument("--fid-backend", choices=["pytorch-fid", "clean-fid-torchscript"],
                     help="Inception backend for FID (must match the reference's; default: the config's)")
+    sc.add_argument("--shard", metavar="i/N|auto",
+                    help="score only shard i of N (1-based; the images of generate --shard i/N); auto: i, N and "
+                         "the GPU from SLURM or torchrun, as for generate. The last shard to finish writes "
+                         "records.parquet")
     sc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_ray_arguments(sc, "score")
     sc.set_defaults(func=_cmd_score)
 
     scs = sub.add_parser("scorers", help="list installed scorers and their metrics",

@@ -111,9 +111,14 @@ class RunDir:
         """The chunk cache of one scoring stage, ``scores/<stage_id>/``."""
         return self.scores_dir / stage_id
 
+    #: Locks and finish marks of sharded `score` processes (no cache of values).
+    score_shards_dir = property(lambda self: self.scores_dir / "shards")
+
     def cache_dirs(self) -> list[Path]:
         """Every stage's cache folder, sorted by name."""
-        return sorted(p for p in self.scores_dir.iterdir() if p.is_dir()) if self.scores_dir.is_dir() else []
+        if not self.scores_dir.is_dir():
+            return []
+        return sorted(p for p in self.scores_dir.iterdir() if p.is_dir() and p != self.score_shards_dir)
 
     def upper_bound_child(self, n: int) -> "RunDir":
         """The child run that tops this run up to seeds ``0..n-1``."""

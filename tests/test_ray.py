@@ -203,3 +203,92 @@ def test_a_killed_driver_is_resumed_by_the_same_command(tmp_path):
     _exactly_once(out, expected)
     generate_run(config_from_dict(data), clean, progress=False)
     assert run_hashes(out) == run_hashes(clean)
+
+
+# --- score over Ray ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored_pair(tmp_path_factory):
+    """A generated run (scoring batch 1: every image scored alone, so values do not depend on the shard)
+    and a copy of it scored by one process."""
+    import shutil
+
+    tmp = tmp_path_factory.mktemp("ray-score")
+    data = _config(tmp, seeds=[0, 1], scoring=offline_scoring(scorers=["clip", "facenet"], batch_size=1,
+                                                                chunk_size=1))
+    out = tmp / "run"
+    generate_run(config_from_dict(data), out, progress=False)
+    clean = tmp / "clean"
+    shutil.copytree(out, clean)
+    score_run(clean, progress=False)
+    return out, clean, data
+
+
+def _unscored_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _scored_once(out: Path, clean: Path) -> None:
+    """Records equal to the single process's, every key once in every cache, no temporary file."""
+    from f2d_bench.scoring.cache import ChunkCache
+
+    run = RunDir(out)
+    assert run.records().equals(RunDir(clean).records())
+    for folder in run.cache_dirs():
+        chunks = ChunkCache(folder).read()
+        assert chunks is None or chunks["cache_key"].is_unique
+    assert not list(out.rglob("*.tmp")) and not list((out / "scores" / "shards").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_score_over_ray_equals_a_single_process_score(local_ray, scored_pair, tmp_path):
+    src, clean, data = scored_pair
+    out = _unscored_copy(src, tmp_path / "run")
+    workers: list[dict] = []
+    summary = run_with_ray("score", RunDir(out).config(), out, workers=2, shards=6, progress=False,
+                           on_worker=workers.append)
+    assert summary.complete and summary.scored == summary.expected == len(FACES) * 5 * 2
+    assert len({w["pid"] for w in workers}) == 2 and summary.shards == 6
+    assert summary.computed["clip"] == summary.expected  # by the workers ...
+    assert summary.score.computed["clip"] == summary.expected  # ... the driver's assembly added nothing
+    _scored_once(out, clean)
+    writers = {p.name.split("-of-6-")[0] for p in (out / "scores").glob("clip-*/chunk-*.parquet")}
+    assert writers == {f"chunk-shard-{i}" for i in range(1, 7)}
+    again = score_run(out, progress=False)
+    assert set(again.computed.values()) == {0}
+
+
+@pytest.mark.slow
+def test_a_killed_score_worker_is_replaced_and_every_key_is_scored_once(local_ray, scored_pair, tmp_path):
+    src, clean, _ = scored_pair
+    out = _unscored_copy(src, tmp_path / "run")
+    workers: list[dict] = []
+    result: dict = {}
+
+    def drive():
+        try:
+            result["summary"] = run_with_ray("score", RunDir(out).config(), out, workers=2, shards=8,
+                                             progress=False, on_worker=workers.append)
+        except BaseException as exc:  # re-raised in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=drive)
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and thread.is_alive():
+        if len(workers) >= 2 and len(list((out / "scores").glob("clip-*/chunk-*.parquet"))) >= 3:
+            break
+        time.sleep(0.02)
+    assert thread.is_alive() and len(workers) >= 2, result
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive() and "error" not in result, result
+    summary = result["summary"]
+    assert summary.worker_deaths >= 1 and summary.retried and summary.complete
+    assert len({w["pid"] for w in workers}) >= 3  # a new worker took the dead one's place
+    assert summary.scored == summary.expected
+    _scored_once(out, clean)

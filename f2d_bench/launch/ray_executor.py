@@ -3,7 +3,9 @@
 The driver cuts the run into ``4 x workers`` shards (the usual ``Shard(i, N)`` of ``--shard i/N``),
 starts one actor per worker (one GPU each, or one CPU where the cluster has no GPU) and hands each idle
 actor the next shard. An actor runs :func:`f2d_bench.engine.generate_run` (or ``tune_run``) on the shard
-with the pipeline it loaded once. When an actor dies (its process killed, its spot machine gone), the
+with the pipeline it loaded once; for ``score`` it keeps one :class:`~f2d_bench.scoring.ScoreSession`
+(scorers loaded once) and fills the caches with each shard's values, and the driver then assembles
+records.parquet (FID over the whole run included) as a plain ``score`` would, computing nothing twice. When an actor dies (its process killed, its spot machine gone), the
 driver starts a new one and gives it that shard again: the dead process's writer lock went with it,
 and the shard's next writer removes whatever it left half-written. Nothing is kept in the driver that
 the run directory does not hold, so a killed driver is resumed by running the same command again.
@@ -38,7 +40,9 @@ LOCK_WAIT_S = 120.0
 #: Environment variables (by prefix) a remote cluster's workers get from the driver: caches, offline
 #: switches. A local instance's workers inherit the whole environment anyway.
 FORWARDED_ENV_PREFIXES = ("F2D_BENCH_", "HF_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH_HOME")
-_BUSY = "another process is writing the images"  # RunStore.writer_lock's message
+#: Lock messages of a shard still held by a process of a killed driver: RunStore.writer_lock's, and
+#: ScoreSession's (f2d_bench.scoring.score.SCORE_BUSY, not imported here: it would load the scorers' stack).
+_BUSY = ("another process is writing the images", "another process is scoring")
 
 
 def import_ray():
@@ -55,29 +59,39 @@ def import_ray():
 class ShardWorker:
     """One Ray actor: runs shards of one run directory, with the base pipeline loaded once.
 
-    ``kind`` is ``generate`` or ``tune``; ``config`` the run config as a plain dict; ``cwd`` the driver's
-    working directory, entered when it exists here, so relative paths in the config mean the same.
+    ``kind`` is ``generate``, ``tune`` or ``score``; ``config`` the run config as a plain dict (for
+    ``score``: with the scoring settings to use); ``cwd`` the driver's working directory, entered when
+    it exists here, so relative paths in the config mean the same; ``scorers``: score's scorer names.
     """
 
-    def __init__(self, kind: str, config: dict, run_dir: str, cwd: str):
-        from f2d_bench.engine import PipelineProvider
-
+    def __init__(self, kind: str, config: dict, run_dir: str, cwd: str, scorers: list[str] | None = None):
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)
-        self.kind, self.run_dir = kind, run_dir
+        self.kind, self.run_dir, self.scorers = kind, run_dir, scorers
         self.config = config_from_dict(config, "the --ray driver's config")
-        self.pipeline = PipelineProvider(self.config)
+        self.session = None  # score's ScoreSession, made by ready()
+        if kind != "score":
+            from f2d_bench.engine import PipelineProvider
+
+            self.pipeline = PipelineProvider(self.config)
 
     def ready(self) -> dict:
-        """Load the base pipeline when a method renders with it; returns pid, host and GPU ids."""
+        """Load the base pipeline when a method renders with it (score: the scoring session); returns
+        pid, host and GPU ids."""
         import ray
 
-        from f2d_bench.engine import build_methods
-        from f2d_bench.prompts import load_prompt_set
+        if self.kind == "score":
+            from f2d_bench.scoring import ScoreSession
 
-        methods = build_methods(self.config, load_prompt_set(self.config.prompts), self.pipeline)
-        if any(m.uses_pipeline for m in methods):
-            self.pipeline()
+            self.session = ScoreSession(self.run_dir, scorers=self.scorers, scoring=self.config.scoring,
+                                        progress=False)
+        else:
+            from f2d_bench.engine import build_methods
+            from f2d_bench.prompts import load_prompt_set
+
+            methods = build_methods(self.config, load_prompt_set(self.config.prompts), self.pipeline)
+            if any(m.uses_pipeline for m in methods):
+                self.pipeline()
         return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def run(self, index: int, count: int) -> dict:
@@ -89,11 +103,13 @@ class ShardWorker:
                 return self._run(shard)
             except F2DBenchError as exc:
                 # A worker of a killed driver may still be finishing this shard: wait for its lock.
-                if _BUSY not in str(exc) or time.monotonic() > deadline:
+                if not any(b in str(exc) for b in _BUSY) or time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
 
     def _run(self, shard: Shard) -> dict:
+        if self.kind == "score":
+            return {**self.session.work(shard), "notes": []}
         from f2d_bench.engine import generate_run, tune_run
 
         if self.kind == "tune":
@@ -109,7 +125,8 @@ class ShardWorker:
 @dataclass
 class RaySummary:
     """What a ``--ray`` run did. Times in seconds: ``init`` (connecting to or starting Ray), ``ready``
-    (starting the workers and loading their pipelines), ``work`` (the shards, from the first handed out)."""
+    (starting the workers and loading their pipelines or scoring sessions), ``work`` (the shards, from the
+    first handed out; for score, the driver's assembly of the records is not part of it)."""
 
     kind: str
     run_dir: Path
@@ -119,10 +136,13 @@ class RaySummary:
     init_seconds: float
     ready_seconds: float
     work_seconds: float
-    expected: int = 0  # images of the grid (generate)
+    expected: int = 0  # images of the grid (generate); existing images (score)
     done: int = 0  # images present at the end (generate)
     written: int = 0  # images (generate) written by this run
     tuned: dict[str, list] = field(default_factory=dict)  # method id -> [label, faces, tuned now] (tune)
+    scored: int = 0  # images of the shards finished (score)
+    computed: dict[str, int] = field(default_factory=dict)  # scorer -> rows computed by the workers (score)
+    score: Any = None  # the driver's assembly: a ScoreSummary (score)
     worker_deaths: int = 0
     retried: list[str] = field(default_factory=list)  # shard tags handed out again after a death
     notes: list[str] = field(default_factory=list)
@@ -130,12 +150,15 @@ class RaySummary:
 
     @property
     def complete(self) -> bool:
+        if self.kind == "score":
+            return self.score is not None
         return self.kind == "tune" or self.done == self.expected
 
     @property
     def images_per_second(self) -> float:
-        """Images written per second of ``work`` (start-up excluded)."""
-        return self.written / self.work_seconds if self.work_seconds > 0 else 0.0
+        """Images written (score: scored) per second of ``work`` (start-up excluded)."""
+        n = self.scored if self.kind == "score" else self.written
+        return n / self.work_seconds if self.work_seconds > 0 else 0.0
 
     def text(self) -> str:
         lines = [f"run {self.run_dir} ({self.kind} over Ray: {self.workers} {self.worker_kind} workers, "
@@ -143,6 +166,9 @@ class RaySummary:
         if self.kind == "generate":
             lines.append(f"  {self.done}/{self.expected} images, {self.written} new "
                          f"({self.images_per_second:.2f} images/s while working)")
+        if self.kind == "score":
+            lines.append(f"  {self.scored}/{self.expected} images scored in shards "
+                         f"({self.images_per_second:.2f} images/s while working); records assembled by the driver")
         for mid, (label, faces, now) in self.tuned.items():
             lines.append(f"  {label} [{mid}]: {faces}/{faces} faces tuned, {now} now")
         lines += [f"  note: {n}" for n in self.notes[:10]]
@@ -153,6 +179,8 @@ class RaySummary:
             lines.append(f"  {self.worker_deaths} worker(s) died; shards handed out again: {', '.join(self.retried)}")
         lines.append(f"  Ray start {self.init_seconds:.1f} s, workers ready {self.ready_seconds:.1f} s, "
                      f"work {self.work_seconds:.1f} s")
+        if self.score is not None:
+            lines.append(self.score.text())
         return "\n".join(lines)
 
 
@@ -213,6 +241,14 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
     return True
 
 
+def _existing_images(run_dir: Path) -> int:
+    """Images of the run directory's grid that exist (what ``score`` scores)."""
+    from f2d_bench.run_dir import RunDir
+
+    run = RunDir(run_dir)
+    return sum(run.store.has_image(k) for k in run.keys())
+
+
 def _grid_size(config: RunConfig) -> int:
     """Images of the grid, counted without loading any model."""
     from f2d_bench.faces.source import resolve_face_set
@@ -225,18 +261,22 @@ def _grid_size(config: RunConfig) -> int:
 def run_with_ray(
     kind: str, config: RunConfig, run_dir: str | Path, *, address: str | None = None, workers: int | None = None,
     shards: int | None = None, progress: bool = True, max_tries: int = MAX_TRIES,
-    on_worker: Callable[[dict], Any] | None = None,
+    on_worker: Callable[[dict], Any] | None = None, scorers: list[str] | None = None,
 ) -> RaySummary:
-    """Run ``kind`` (``generate`` or ``tune``) of ``config`` in ``run_dir`` over Ray; safe to re-run.
+    """Run ``kind`` (``generate``, ``tune`` or ``score``) of ``config`` in ``run_dir`` over Ray; safe to re-run.
 
     address: None or ``local`` starts a local instance (all of this machine's GPUs and CPUs), ``auto``
     or ``host:port`` / ``ray://host:port`` joins a cluster; an already initialised Ray is used as is.
     workers: actors to start (default: the cluster's GPUs, else its CPUs). shards: how many shards to cut
     the run into (default: an earlier sharded run's N, else 4 per worker). on_worker: called with
     ``{"pid", "host", "gpus", "slot"}`` each time a worker is ready.
+
+    score: ``config`` is the run's config with the scoring settings to use (``config.scoring``; its
+    device decides GPU or CPU workers), ``scorers`` the scorer names (default: the settings'); shards
+    default to 4 per worker; the driver assembles records.parquet at the end (``summary.score``).
     """
-    if kind not in ("generate", "tune"):
-        raise ValueError(f"kind must be 'generate' or 'tune', not {kind!r}")
+    if kind not in ("generate", "tune", "score"):
+        raise ValueError(f"kind must be 'generate', 'tune' or 'score', not {kind!r}")
     ray = import_ray()
     from ray.exceptions import RayActorError, RayTaskError
     from tqdm.auto import tqdm
@@ -244,20 +284,25 @@ def run_with_ray(
     from f2d_bench.run_dir import RunDir
 
     run_dir = Path(run_dir).resolve()
-    expected = _grid_size(config) if kind == "generate" else 0  # config errors before Ray starts
+    # config errors before Ray starts
+    expected = _grid_size(config) if kind == "generate" else _existing_images(run_dir) if kind == "score" else 0
+    device = config.scoring.device if kind == "score" else config.model.device
+    setting = "scoring.device" if kind == "score" else "model.device"
     t0 = time.perf_counter()
     started = _connect(ray, address, workers)
     init_s = time.perf_counter() - t0
     try:
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0)) if config.model.device != "cpu" else 0
-        if gpus and config.model.device.startswith("cuda:"):
-            raise ConfigError(f"model.device {config.model.device!r}: each Ray worker sees only its own GPU; "
+        gpus = int(resources.get("GPU", 0)) if device != "cpu" else 0
+        if gpus and device.startswith("cuda:"):
+            raise ConfigError(f"{setting} {device!r}: each Ray worker sees only its own GPU; "
                               "use auto or cuda (--device cuda)")
         n_workers = workers or gpus or int(resources.get("CPU", 1))
         if n_workers < 1:
             raise ConfigError(f"--workers {n_workers}: need at least one worker")
-        n_shards = shards or previous_shard_count(run_dir) or SHARDS_PER_WORKER * n_workers
+        # Images' batches depend on N (generate keeps an earlier N); a score's values do not need to.
+        earlier = previous_shard_count(run_dir) if kind != "score" else None
+        n_shards = shards or earlier or SHARDS_PER_WORKER * n_workers
         if n_shards < 1:
             raise ConfigError(f"--ray-shards {n_shards}: need at least one shard")
         options = {"num_cpus": 1, "num_gpus": 1 if gpus else 0}
@@ -274,7 +319,7 @@ def run_with_ray(
         bar = None
 
         def start(slot: int) -> None:
-            actors[slot] = actor_cls.remote(kind, config.to_dict(), str(run_dir), os.getcwd())
+            actors[slot] = actor_cls.remote(kind, config.to_dict(), str(run_dir), os.getcwd(), scorers)
             inflight[actors[slot].ready.remote()] = ("ready", slot, None)
             busy[slot] = None
 
@@ -339,8 +384,9 @@ def run_with_ray(
                 if got is not None:
                     note_ready(got[1], got[3])
             summary.ready_seconds = time.perf_counter() - t0 - init_s
-            bar = tqdm(total=expected if kind == "generate" else n_shards,
-                       unit="img" if kind == "generate" else "shard", disable=not progress, dynamic_ncols=True,
+            in_images = kind in ("generate", "score")
+            bar = tqdm(total=expected if in_images else n_shards,
+                       unit="img" if in_images else "shard", disable=not progress, dynamic_ncols=True,
                        desc=f"{kind} on {n_workers} {summary.worker_kind} workers")
             bar.update(min(counter.count(), expected) if kind == "generate" else 0)
             work_start = time.perf_counter()
@@ -365,6 +411,11 @@ def run_with_ray(
                             row[1] += owned
                             row[2] += now
                         bar.update(1)
+                    elif kind == "score":
+                        summary.scored += result["images"]
+                        for name, n in result["computed"].items():
+                            summary.computed[name] = summary.computed.get(name, 0) + n
+                        bar.update(result["images"])
                     else:
                         summary.written += result["written"]
                         summary.skipped += result["skipped"]
@@ -379,6 +430,12 @@ def run_with_ray(
                     ray.kill(actor)
                 except Exception:
                     pass
+        if kind == "score":
+            from f2d_bench.scoring import score_run
+
+            # The whole run once: what a lost shard left missing, FID per method, records.parquet.
+            summary.score = score_run(run_dir, scorers=scorers, scoring=config.scoring, progress=progress,
+                                      computed=summary.computed)
         if kind == "generate":
             rows = RunDir(run_dir).status()
             summary.expected = sum(r.expected for r in rows)

@@ -1,5 +1,5 @@
 """Scoring a run: the face stage, one cached loop per scorer, the records and FID (see :mod:`.score`)."""
 
-from f2d_bench.scoring.score import ScoreSummary, score_run
+from f2d_bench.scoring.score import ScoreSession, ScoreSummary, score_run
 
-__all__ = ["ScoreSummary", "score_run"]
+__all__ = ["ScoreSession", "ScoreSummary", "score_run"]

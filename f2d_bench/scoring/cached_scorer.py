@@ -22,16 +22,17 @@ class CachedScorer:
     """``scorer``'s values for a run's images, cached in ``scores/<scorer.cache_id>/``.
 
     reference: the readable reference image of an entry, or None; face_sha: face id -> input photo hash;
-    face_stage: the face stage's id (part of the key of scorers that use faces).
+    face_stage: the face stage's id (part of the key of scorers that use faces); writer: the shard tag of
+    the chunks this object writes.
     """
 
     def __init__(self, scorer: Scorer, run: RunDir, *, reference: Callable[[ImageEntry], ImageEntry | None],
-                 face_sha: dict[str, str], face_stage: str):
+                 face_sha: dict[str, str], face_stage: str, writer: str = "all"):
         self.scorer = scorer
         self.reference = reference
         self.face_sha = face_sha
         self.faces_part = face_stage if scorer.uses_faces else "-"
-        self.cache = ChunkCache(run.cache_dir(scorer.cache_id))
+        self.cache = ChunkCache(run.cache_dir(scorer.cache_id), writer)
         self.cache.describe("scorer.json", scorer.describe())
 
     @property

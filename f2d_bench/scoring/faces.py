@@ -35,15 +35,18 @@ def face_stage_id(scoring: ScoringConfig) -> str:
 
 
 def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig, detector,
-                 progress: Callable) -> Any:
-    """Per image sha (the index): the chosen face (or none) and any read error, as a DataFrame."""
+                 progress: Callable, *, writer: str = "all") -> Any:
+    """Per image sha (the index): the chosen face (or none) and any read error, as a DataFrame of every
+    row of the cache (``entries``' and any other writer's). ``writer``: the shard tag of new chunks."""
+    import pandas as pd
+
     from f2d_bench.faces.imageio import read_image
 
-    cache = ChunkCache(run.cache_dir(face_stage_id(scoring)))
+    cache = ChunkCache(run.cache_dir(face_stage_id(scoring)), writer)
     cache.describe("stage.json", _stage_identity(scoring))
     have = cache.keys()
-    writer = cache.writer(scoring.chunk_size)
-    for e in progress([e for e in entries if e.sha256 not in have], "faces"):
+    rows = cache.writer(scoring.chunk_size)
+    for e in progress(list({e.sha256: e for e in entries if e.sha256 not in have}.values()), "faces"):
         row: dict[str, Any] = {"cache_key": e.sha256, "error": None, "face_detected": False,
                                "face_prob": np.nan, "n_faces": 0, "face_box": None, "face_landmarks": None}
         try:
@@ -56,9 +59,12 @@ def detect_faces(run: RunDir, entries: list[ImageEntry], scoring: ScoringConfig,
             if pick is not None:
                 row.update(face_detected=True, face_prob=pick.prob, face_box=list(pick.box),
                            face_landmarks=pick.landmarks.reshape(-1).tolist())
-        writer.add(row)
-    writer.close()
-    return cache.read().set_index("cache_key")
+        rows.add(row)
+    rows.close()
+    frame = cache.read()
+    if frame is None:  # a shard without images
+        return pd.DataFrame(columns=["cache_key", "error", "face_detected"]).set_index("cache_key")
+    return frame.set_index("cache_key")
 
 
 def detection_from_row(row):

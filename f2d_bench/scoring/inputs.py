@@ -10,7 +10,7 @@ from f2d_bench.errors import F2DBenchError
 from f2d_bench.faces.faceset import Face
 from f2d_bench.faces.source import resolve_face_set
 from f2d_bench.files import file_sha256
-from f2d_bench.grid import ItemKey
+from f2d_bench.grid import UNSHARDED, ItemKey, Shard
 from f2d_bench.run_dir import RunDir
 
 
@@ -22,14 +22,21 @@ class ImageEntry:
     reference_key: ItemKey | None
 
 
-def run_images(run: RunDir) -> list[ImageEntry]:
-    """Every existing image of the run with its hash and its reference image's key.
+def run_images(run: RunDir, shard: Shard = UNSHARDED) -> list[ImageEntry]:
+    """Every existing image of the run (of ``shard`` and their reference images: a prompt image's cache
+    key names its reference's hash) with its hash and its reference image's key, in grid order.
 
-    Hashes are taken from the files, not the manifest, so an image changed by any means is rescored.
+    Hashes are taken from the files, not the manifest, so an image changed by any means is rescored. A
+    shard hashes only its own images and their references, not the whole run.
     """
     ref_id = run.read_grid()["prompt_set"]["reference_id"]
+    keys = run.keys()
+    if shard.count > 1:
+        wanted = {k for k in keys if shard.owns(k)}
+        wanted |= {ItemKey(k.method_id, k.face_id, ref_id, k.seed) for k in wanted}
+        keys = [k for k in keys if k in wanted]
     entries = []
-    for key in run.keys():
+    for key in keys:
         path = run.image_path(key)
         if not path.is_file():
             continue

@@ -8,10 +8,21 @@ Stages, each cached under ``RUN/scores/`` by the hash of what went in:
 
 A score run killed at any moment leaves whole chunk files only; the next run computes what is missing
 and ends with the same table as an uninterrupted run.
+
+Sharded (``--shard i/N``, ``--shard auto``, ``--ray``): a shard computes stages 1 and 2 (and the FID
+features) for its own images, split by the key hash of ``generate --shard``, into the same caches (chunk
+names carry the writer, see :mod:`.cache`), and writes no records. Stage 3 is the *assembly*: it computes
+whatever the whole run still lacks (nothing, once every shard is done) and writes records.parquet,
+table1.csv, FID over all of each method's images and scoring.json. It runs in the shard that finishes the
+set of N (each finished shard leaves ``scores/shards/shard-i-of-N.json``; the one that finds all N
+assembles and clears them), in a plain ``score`` run afterwards, or in the ``--ray`` driver. Assemblies
+and unsharded scores of one run take turns on one lock; each shard has its own.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,15 +31,23 @@ from typing import Any, Sequence
 import numpy as np
 
 from f2d_bench.aggregate.metrics import MetricCatalog
-from f2d_bench.config import ScoringConfig
+from f2d_bench.config import ScoringConfig, canonical_hash
 from f2d_bench.devices import resolve_device
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.faces.choice import INPUT_FACE_RULE
-from f2d_bench.files import atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from f2d_bench.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_parquet,
+    exclusive_lock,
+    final_name,
+)
+from f2d_bench.grid import UNSHARDED, Shard
 from f2d_bench.run_dir import RunDir
+from f2d_bench.scoring.cache import ChunkCache
 from f2d_bench.scoring.cached_scorer import CachedScorer
 from f2d_bench.scoring.faces import detect_faces, detection_from_row, face_stage_id, input_face_detections
-from f2d_bench.scoring.fid import compute_fid
+from f2d_bench.scoring.fid import compute_fid, fid_features, make_fid_backend
 from f2d_bench.scoring.inputs import ImageEntry, run_faces, run_images
 from f2d_bench.scoring.records import assemble_records
 
@@ -47,9 +66,22 @@ class ScoreSummary:
     fid: dict = field(default_factory=dict)  # method_id -> FID result
     missing: list[str] = field(default_factory=list)  # keys the grid expects whose image does not exist
     no_face_rule: str = "identity metrics 0.0"  # what scoring.no_face did to those images
+    shard: str | None = None  # "i/N" of a sharded score
+    assembled: bool = True  # records.parquet written by this call (False: a shard that was not the last)
+    waiting: list[str] = field(default_factory=list)  # shards ("i/N") not finished yet, when not assembled
 
     def text(self) -> str:
+        if not self.assembled:
+            lines = [f"scored shard {self.shard}: {self.n_images} images of {self.run_dir} in {self.seconds:.1f} s"]
+            lines += [f"  {name}: {n} computed, {self.n_images - n} from cache" for name, n in self.computed.items()]
+            lines.append(f"records.parquet not written yet: shard(s) {', '.join(self.waiting[:8])}"
+                         f"{' ...' if len(self.waiting) > 8 else ''} still to finish; the last shard to finish "
+                         f"writes it (or run f2d-bench score {self.run_dir} once they are done)")
+            return "\n".join(lines)
         lines = [f"scored {self.n_images} images of {self.run_dir} in {self.seconds:.1f} s"]
+        if self.shard:
+            lines[0] += (f" (shard {self.shard} finished last and assembled every shard's cached values; "
+                         "computed counts are this shard's)")
         if self.missing:
             lines.append(
                 f"  warning: {len(self.missing)} image(s) the grid expects do not exist (e.g. {self.missing[0]}) and are "
@@ -106,97 +138,248 @@ def metric_declarations(scorers) -> list[dict]:
             for s in scorers for m in s.metrics]
 
 
+#: The lock's message when another process scores the same shard (RunStore's message for generate).
+SCORE_BUSY = "another process is scoring"
+#: Outputs of the assembly, written only under the assembly lock: their temporary files are removable there.
+_ASSEMBLED = ("records.parquet", "table1.csv", "scoring.json", "fid.json")
+
+
+class ScoreSession:
+    """A run's scoring with what it needs loaded once: input faces, face detector, scorer objects.
+
+    :meth:`work` computes and caches the missing values of one shard's images; :meth:`assemble` those of
+    the whole run and writes the records. A Ray worker keeps one session across its shards, so each
+    scorer's model loads once per worker. ``scorers``: names (default: the run config's, else all
+    built-ins); ``scoring``: the settings (default: the run config's).
+    """
+
+    def __init__(self, run_dir: str | Path, *, scorers: Sequence[str] | None = None,
+                 scoring: ScoringConfig | None = None, progress: bool = True):
+        from f2d_bench.faces.detect import FaceDetector
+        from f2d_bench.prompts import load_prompt_set
+        from f2d_bench.scorers import DEFAULT_SCORERS, SCORERS
+        from f2d_bench.scorers.base import ScoringContext
+
+        self.run = run = RunDir(run_dir)
+        self.run_dir = Path(run_dir)
+        self.grid = run.read_grid()
+        config = run.config()
+        self.scoring = scoring = scoring or config.scoring
+        self.names = list(dict.fromkeys(scorers or scoring.scorers or DEFAULT_SCORERS))  # each once, in order
+        self.prompt_set = load_prompt_set(run.prompts_yaml)
+        self.faces = run_faces(run, config)
+        if not any(run.store.has_image(k) for k in run.keys()):
+            raise F2DBenchError(f"{run.root} has no images yet; run f2d-bench generate first")
+        self.progress = progress
+        self.device = str(resolve_device(scoring.device))
+        self.detector = FaceDetector(device=self.device)
+        context = ScoringContext(prompt_set=self.prompt_set, device=self.device,
+                                 input_detections=input_face_detections(self.faces, self.detector))
+        # Scorers of earlier score calls keep their columns (from their caches) when --scorers names a subset.
+        previous = [str(s["name"]) for s in run.scoring_info().get("scorers", [])]
+        self.kept = [n for n in previous if n not in self.names and n in SCORERS.names()]
+        self.scorer_objs = load_scorers(self.names + self.kept, scoring, context)
+        self.face_sha = {f["face_id"]: f["sha256"] for f in self.grid["faces"]}
+        self.face_stage = face_stage_id(scoring)
+        self._fid_backend = None
+        self._can_read: dict[str, bool] = {}
+
+    @property
+    def settings_id(self) -> str:
+        """What a shard's mark must match to count towards the assembly: the caches it filled."""
+        fid = [self.scoring.fid_backend, self.scoring.fid_weights] if self.scoring.fid_reference else None
+        return canonical_hash({"faces": self.face_stage, "fid": fid,
+                               "scorers": [s.cache_id for s in self.scorer_objs if s.name in self.names]}, 10)
+
+    def _bar(self, seq, desc):
+        from tqdm.auto import tqdm
+
+        return tqdm(seq, desc=desc, unit="img", disable=not self.progress or not seq, dynamic_ncols=True)
+
+    def _lock(self, tag: str, *, wait: bool):
+        """The writer lock of ``tag`` (``all``: assemblies and unsharded scores, which wait for each other)."""
+        path = self.run.score_shards_dir / f"{tag}.lock"
+        if wait:
+            return exclusive_lock(path, waiting=lambda: print(
+                f"waiting for another score of {self.run.root} to finish", file=sys.stderr, flush=True))
+        return exclusive_lock(path, busy=f"{SCORE_BUSY} {tag} of {self.run.root}; wait for it to finish")
+
+    def _remove_temporary(self, tag: str) -> None:
+        """What a killed process holding ``tag``'s lock left half-written (call with that lock held)."""
+        for folder in self.run.cache_dirs():
+            ChunkCache(folder, tag).remove_temporary()
+        if tag != "all":
+            return
+        marks = self.run.score_shards_dir
+        for folder in (self.run.root, self.run.scores_dir, marks):
+            for path in folder.glob(".*.tmp") if folder.is_dir() else []:
+                name = final_name(path.name)
+                if name in _ASSEMBLED or (folder == marks and name and name.endswith(".json")):
+                    path.unlink(missing_ok=True)
+
+    def _fid(self):
+        if self._fid_backend is None:
+            self._fid_backend = make_fid_backend(self.scoring, self.device)
+        return self._fid_backend
+
+    def _readable(self, e: ImageEntry, detections) -> bool:
+        """Whether ``e`` can be read: the face stage's verdict, or (for a reference image of another shard
+        that has not reached it yet) the same test, reading the file."""
+        import pandas as pd
+
+        if e.sha256 in detections.index:
+            return bool(pd.isna(detections.loc[e.sha256, "error"]))
+        if e.sha256 not in self._can_read:
+            from f2d_bench.faces.imageio import read_image
+
+            try:
+                read_image(e.path)
+                self._can_read[e.sha256] = True
+            except F2DBenchError:
+                self._can_read[e.sha256] = False
+        return self._can_read[e.sha256]
+
+    def _compute(self, entries: Sequence[ImageEntry], owned: Sequence[ImageEntry], writer: str):
+        """Cache every missing value of ``owned`` (``entries``: those and their reference images).
+        Returns (detections, reference function, scorer -> rows computed)."""
+        from f2d_bench.faces.imageio import read_image
+        from f2d_bench.scorers.base import ScoreItem
+
+        by_key = {e.key: e for e in entries}
+        detections = detect_faces(self.run, list(owned), self.scoring, self.detector, self._bar, writer=writer)
+
+        def reference(e: ImageEntry) -> ImageEntry | None:
+            """The same method's reference image for this face and seed, if it exists and is readable."""
+            ref = by_key.get(e.reference_key) if e.reference_key else None
+            return ref if ref is not None and self._readable(ref, detections) else None
+
+        def item(e: ImageEntry) -> ScoreItem:
+            ref = reference(e)
+            return ScoreItem(key=e.key, image=read_image(e.path), prompt=self.prompt_set.by_id(e.key.prompt_id),
+                             face=self.faces[e.key.face_id], reference_path=ref.path if ref else None,
+                             detection=detection_from_row(detections.loc[e.sha256]))
+
+        computed: dict[str, int] = {}
+        for scorer in self.scorer_objs:
+            if scorer.name not in self.names:
+                continue  # a kept scorer: its values come from its cache only
+            cached = self._cached(scorer, reference, writer)
+            todo = cached.missing([e for e in owned if self._readable(e, detections)])
+            computed[scorer.name] = len(todo)
+            cached.compute(todo, item, batch_size=self.scoring.batch_size, chunk_size=self.scoring.chunk_size,
+                           progress=self._bar)
+        if self.scoring.fid_reference:
+            fid_features(self.run, owned, self.scoring, self._fid(), self._bar, writer=writer)
+        return detections, reference, computed
+
+    def _cached(self, scorer, reference, writer: str) -> CachedScorer:
+        return CachedScorer(scorer, self.run, reference=reference, face_sha=self.face_sha,
+                            face_stage=self.face_stage, writer=writer)
+
+    def work(self, shard: Shard) -> dict:
+        """Compute and cache what ``shard``'s images lack, holding its lock; writes no records.
+        Returns ``{"shard", "images", "computed", "seconds"}`` (computed: scorer -> rows)."""
+        start = time.perf_counter()
+        entries = run_images(self.run, shard)
+        owned = [e for e in entries if shard.owns(e.key)]
+        with self._lock(shard.tag, wait=False):
+            self._remove_temporary(shard.tag)
+            _, _, computed = self._compute(entries, owned, shard.tag)
+        return {"shard": shard.tag, "images": len(owned), "computed": computed,
+                "seconds": time.perf_counter() - start}
+
+    def finish_shard(self, shard: Shard, work: dict) -> ScoreSummary:
+        """Mark ``shard`` done; the shard that completes the set of N assembles the records and clears
+        the marks. Returns the assembled summary, or the shard's own."""
+        marks = self.run.score_shards_dir
+        with self._lock("all", wait=True):
+            atomic_write_json(marks / f"{shard.tag}.json", {"settings": self.settings_id, "images": work["images"]})
+            waiting = []
+            for i in range(1, shard.count + 1):
+                mark = marks / f"{Shard(i, shard.count).tag}.json"
+                try:
+                    done = json.loads(mark.read_text(encoding="utf-8")).get("settings") == self.settings_id
+                except (OSError, ValueError):
+                    done = False
+                if not done:
+                    waiting.append(f"{i}/{shard.count}")
+            if not waiting:
+                summary = self._assemble(computed=work["computed"])
+                for i in range(1, shard.count + 1):
+                    (marks / f"{Shard(i, shard.count).tag}.json").unlink(missing_ok=True)
+                summary.shard = f"{shard.index}/{shard.count}"
+                return summary
+        return ScoreSummary(self.run_dir, self.run.records_parquet, work["images"], computed=work["computed"],
+                            seconds=work["seconds"], shard=f"{shard.index}/{shard.count}", assembled=False,
+                            waiting=waiting)
+
+    def assemble(self, computed: dict[str, int] | None = None) -> ScoreSummary:
+        """Score the whole run (what is missing) and write the records, holding the assembly lock.
+        ``computed``: rows computed elsewhere for this run (Ray workers), added to the summary's counts."""
+        with self._lock("all", wait=True):
+            return self._assemble(computed)
+
+    def _assemble(self, computed: dict[str, int] | None = None) -> ScoreSummary:
+        start = time.perf_counter()
+        run, scoring = self.run, self.scoring
+        self._remove_temporary("all")
+        entries = run_images(run)
+        if not entries:
+            raise F2DBenchError(f"{run.root} has no images yet; run f2d-bench generate first")
+        by_key = {e.key: e for e in entries}
+        missing = [k.as_string() for k in run.keys() if k not in by_key]
+        detections, reference, now = self._compute(entries, entries, "all")
+        summary = ScoreSummary(self.run_dir, run.records_parquet, len(entries), missing=missing)
+        summary.computed = {name: now[name] + (computed or {}).get(name, 0) for name in now}
+        values: dict[str, Any] = {}
+        for scorer in self.scorer_objs:
+            summary.notes[scorer.name] = scorer.note() or ""
+            values.update(self._cached(scorer, reference, "all").values(entries))
+
+        declared = metric_declarations(self.scorer_objs)
+        catalog = MetricCatalog(tuple(declared))
+        identity = [m["name"] for m in declared if m["identity"]]
+        detected = np.array([bool(detections.loc[e.sha256, "face_detected"]) for e in entries], dtype=bool)
+        values = identity_conventions(values, identity, detected, scoring)
+        records = assemble_records(run, entries, detections, self.prompt_set, values, catalog)
+        atomic_write_parquet(run.records_parquet, records)
+        from f2d_bench.aggregate.tables import method_means
+
+        summary.table = method_means(records, catalog)
+        atomic_write_bytes(run.table1_csv, summary.table.to_csv().encode("utf-8"))
+        if scoring.fid_reference:
+            summary.fid = compute_fid(run, entries, scoring, self.device, self._bar, backend=self._fid())
+            atomic_write_json(run.fid_json, summary.fid)
+        atomic_write_json(run.scoring_json, {
+            "scoring": scoring.to_dict() | {"scorers": self.names + self.kept},
+            "scorers": [s.describe() for s in self.scorer_objs],
+            "face_detector": "facenet-pytorch MTCNN", "face_policy": scoring.face_policy,
+            "input_face_rule": INPUT_FACE_RULE, "min_face_prob": scoring.min_face_prob,
+            "identity_clamp": scoring.identity_clamp, "no_face": scoring.no_face, "metrics": declared,
+        })
+        summary.no_face_rule = ("identity metrics 0.0" if scoring.no_face == "zero"
+                                else "identity metrics empty, left out of the means")
+        summary.errors = int(records["error"].notna().sum())
+        summary.no_face = int((~records["face_detected"] & records["error"].isna()).sum())
+        summary.seconds = time.perf_counter() - start
+        return summary
+
+
 def score_run(
     run_dir: str | Path, *, scorers: Sequence[str] | None = None, scoring: ScoringConfig | None = None,
-    progress: bool = True,
+    progress: bool = True, shard: Shard = UNSHARDED, computed: dict[str, int] | None = None,
 ) -> ScoreSummary:
-    """Score every image of ``run_dir`` with ``scorers`` (default: the run config's, else all built-ins)."""
-    import pandas as pd
-    from tqdm.auto import tqdm
+    """Score the images of ``run_dir`` with ``scorers`` (default: the run config's, else all built-ins).
 
-    from f2d_bench.aggregate.tables import method_means
-    from f2d_bench.faces.detect import FaceDetector
-    from f2d_bench.faces.imageio import read_image
-    from f2d_bench.prompts import load_prompt_set
-    from f2d_bench.scorers import DEFAULT_SCORERS, SCORERS
-    from f2d_bench.scorers.base import ScoreItem, ScoringContext
-
+    Unsharded: everything, then records.parquet. ``shard`` (count > 1): only that shard's images, into
+    the caches; records.parquet only when this shard completes the set of N (see the module docstring).
+    ``computed``: rows computed elsewhere for this run (the Ray driver's workers), for the summary.
+    """
     start = time.perf_counter()
-    run = RunDir(run_dir)
-    grid = run.read_grid()
-    config = run.config()
-    scoring = scoring or config.scoring
-    names = list(dict.fromkeys(scorers or scoring.scorers or DEFAULT_SCORERS))  # each once, in order
-    prompt_set = load_prompt_set(run.prompts_yaml)
-    faces = run_faces(run, config)
-    entries = run_images(run)
-    if not entries:
-        raise F2DBenchError(f"{run.root} has no images yet; run f2d-bench generate first")
-    by_key = {e.key: e for e in entries}
-    missing = [k.as_string() for k in run.keys() if k not in by_key]
-
-    def bar(seq, desc):
-        return tqdm(seq, desc=desc, unit="img", disable=not progress or not seq, dynamic_ncols=True)
-
-    def readable(e: ImageEntry) -> bool:
-        return pd.isna(detections.loc[e.sha256, "error"])
-
-    def reference(e: ImageEntry) -> ImageEntry | None:
-        """The same method's reference image for this face and seed, if it exists and is readable."""
-        ref = by_key.get(e.reference_key) if e.reference_key else None
-        return ref if ref is not None and readable(ref) else None
-
-    def item(e: ImageEntry) -> ScoreItem:
-        ref = reference(e)
-        return ScoreItem(key=e.key, image=read_image(e.path), prompt=prompt_set.by_id(e.key.prompt_id),
-                         face=faces[e.key.face_id], reference_path=ref.path if ref else None,
-                         detection=detection_from_row(detections.loc[e.sha256]))
-
-    device = str(resolve_device(scoring.device))
-    detector = FaceDetector(device=device)
-    detections = detect_faces(run, entries, scoring, detector, bar)
-    input_det = input_face_detections(faces, detector)
-    context = ScoringContext(prompt_set=prompt_set, device=device, input_detections=input_det)
-    # Scorers of earlier score calls keep their columns (from their caches) when --scorers names a subset.
-    previous = [str(s["name"]) for s in run.scoring_info().get("scorers", [])]
-    kept = [n for n in previous if n not in names and n in SCORERS.names()]
-    scorer_objs = load_scorers(names + kept, scoring, context)
-
-    summary = ScoreSummary(Path(run_dir), run.records_parquet, len(entries), missing=missing)
-    face_sha = {f["face_id"]: f["sha256"] for f in grid["faces"]}
-    values: dict[str, Any] = {}
-    for scorer in scorer_objs:
-        cached = CachedScorer(scorer, run, reference=reference, face_sha=face_sha,
-                              face_stage=face_stage_id(scoring))
-        if scorer.name in names:
-            todo = cached.missing([e for e in entries if readable(e)])
-            summary.computed[scorer.name] = len(todo)
-            cached.compute(todo, item, batch_size=scoring.batch_size, chunk_size=scoring.chunk_size, progress=bar)
-        summary.notes[scorer.name] = scorer.note() or ""
-        values.update(cached.values(entries))
-
-    declared = metric_declarations(scorer_objs)
-    catalog = MetricCatalog(tuple(declared))
-    identity = [m["name"] for m in declared if m["identity"]]
-    detected = np.array([bool(detections.loc[e.sha256, "face_detected"]) for e in entries], dtype=bool)
-    values = identity_conventions(values, identity, detected, scoring)
-    records = assemble_records(run, entries, detections, prompt_set, values, catalog)
-    atomic_write_parquet(run.records_parquet, records)
-    summary.table = method_means(records, catalog)
-    atomic_write_bytes(run.table1_csv, summary.table.to_csv().encode("utf-8"))
-    if scoring.fid_reference:
-        summary.fid = compute_fid(run, entries, scoring, device, bar)
-        atomic_write_json(run.fid_json, summary.fid)
-    atomic_write_json(run.scoring_json, {
-        "scoring": scoring.to_dict() | {"scorers": names + kept},
-        "scorers": [s.describe() for s in scorer_objs],
-        "face_detector": "facenet-pytorch MTCNN", "face_policy": scoring.face_policy,
-        "input_face_rule": INPUT_FACE_RULE, "min_face_prob": scoring.min_face_prob,
-        "identity_clamp": scoring.identity_clamp, "no_face": scoring.no_face, "metrics": declared,
-    })
-    summary.no_face_rule = ("identity metrics 0.0" if scoring.no_face == "zero"
-                            else "identity metrics empty, left out of the means")
-    summary.errors = int(records["error"].notna().sum())
-    summary.no_face = int((~records["face_detected"] & records["error"].isna()).sum())
+    session = ScoreSession(run_dir, scorers=scorers, scoring=scoring, progress=progress)
+    if shard.count == 1:
+        summary = session.assemble(computed)
+    else:
+        summary = session.finish_shard(shard, session.work(shard))
     summary.seconds = time.perf_counter() - start
     return summary
