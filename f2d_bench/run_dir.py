@@ -236,7 +236,9 @@ class RunDir:
 
         run = cls(root)
         grid = {
-            "faces": [{"face_id": f.face_id, "sha256": file_sha256(f.path)} for f in faces],
+            # A face's class word (FastComposer's prompts) only where set: older grids stay equal.
+            "faces": [{"face_id": f.face_id, "sha256": file_sha256(f.path),
+                       **({"class_word": f.class_word} if f.class_word is not None else {})} for f in faces],
             "prompts": [{"id": p.id, "category": p.category, "template": p.template}
                         for p in prompt_set.all_prompts()],
             "prompt_set": {"name": prompt_set.name, "version": prompt_set.version,

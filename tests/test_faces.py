@@ -532,3 +532,66 @@ def test_cli_prepare(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["faces", "prepare", str(src), str(tmp_path / "x"), *bad])
     capsys.readouterr()
+
+
+# --- class words ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # about 15 s of MTCNN
+def test_class_words_through_prepare_and_the_manifest(tmp_path, detector):
+    import json
+    import shutil
+
+    from f2d_bench.faces.faceset import load_face_set
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("biden.jpg", "grace_hopper.jpg", "obama2.jpg"):
+        shutil.copy(TEST_PHOTOS / name, src / name)
+    (src / "class_words.json").write_text(json.dumps({"grace_hopper": "woman", "obama2": "boy"}))
+    report = prepare_faces(src, tmp_path / "dst", detector=detector, progress=False,
+                           class_words={"obama2": "man"}, class_word="man")
+    assert not any(s.source.name == "class_words.json" for s in report.skipped)
+    words = {f.face_id: f.class_word for f in load_face_set(tmp_path / "dst")}
+    # --class-word NAME=WORD > SRC/class_words.json > the default
+    assert words == {"biden": "man", "grace_hopper": "woman", "obama2": "man"}
+    manifest_path = tmp_path / "dst" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["faces"][0]["class_word"] = "woman"  # edited by hand
+    del manifest["faces"][1]["class_word"]  # as a manifest written before class words existed
+    manifest_path.write_text(json.dumps(manifest))
+    words = {f.face_id: f.class_word for f in load_face_set(tmp_path / "dst")}
+    assert words == {"biden": "woman", "grace_hopper": None, "obama2": "man"}
+    manifest["faces"][0]["class_word"] = "m4n"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(F2DBenchError, match=r"'biden'.*'m4n'"):
+        load_face_set(tmp_path / "dst")
+    with pytest.raises(F2DBenchError, match="'nobody'"):
+        prepare_faces(src, tmp_path / "dst2", detector=detector, progress=False, class_words={"nobody": "man"})
+    with pytest.raises(F2DBenchError, match="'7'"):
+        prepare_faces(src, tmp_path / "dst2", detector=detector, progress=False, class_word="7")
+
+
+def test_class_word_cli_option(tmp_path):
+    from f2d_bench.errors import ConfigError
+    from f2d_bench.faces import cli as faces_cli
+
+    from conftest import cli_parser
+
+    args = cli_parser(faces_cli.register).parse_args(
+        ["faces", "prepare", "a", "b", "--class-word", "obama=man", "--class-word", "woman"])
+    assert faces_cli._class_words(args.class_word) == ({"obama": "man"}, "woman")
+    with pytest.raises(ConfigError, match="'obama'"):
+        faces_cli._class_words([("obama", "man"), ("obama", "woman")])
+    with pytest.raises(SystemExit):
+        cli_parser(faces_cli.register).parse_args(["faces", "prepare", "a", "b", "--class-word", "=man"])
+
+
+@pytest.mark.slow  # about 14 s when the built-in set is not prepared yet
+def test_builtin_test_faces_carry_class_words():
+    from conftest import prepared_crops
+    from f2d_bench.faces.source import resolve_face_set
+
+    prepared_crops()
+    words = {f.face_id: f.class_word for f in resolve_face_set("builtin:test-faces")}
+    assert words["grace_hopper"] == "woman" and words["obama"] == "man" and None not in words.values()

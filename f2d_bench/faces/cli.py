@@ -19,7 +19,12 @@ when weak; manifest.json records them under "quality". --min-face-size skips fac
 --limit N uses N of the photos and videos, chosen by file name before any detection: the first N names in
 sorted (code point) order, or with --limit-seed S the N names with the smallest sha256 of "S/<name>". A
 chosen source without a usable face is skipped, not replaced, so the same folder always gives the same
-choice; manifest.json records it under "selection" (rule, limit, seed, chosen names, a hash of all names)."""
+choice; manifest.json records it under "selection" (rule, limit, seed, chosen names, a hash of all names).
+
+--class-word gives faces a class word ("man", "woman"; manifest.json's "class_word"), which methods such as
+FastComposer need: --class-word obama=man for one face (repeatable), --class-word man for every other face.
+SRC/class_words.json, a JSON object of face id -> class word, is read too (--class-word NAME=WORD wins over
+it, and it wins over the default). Class words can also be edited in manifest.json later."""
 
 
 def _probability(text: str) -> float:
@@ -49,8 +54,39 @@ def _number_at_least(minimum: float):
     return parse
 
 
+def _class_word_option(text: str) -> tuple[str | None, str]:
+    """``NAME=WORD`` -> (NAME, WORD); ``WORD`` -> (None, WORD), the default for every face."""
+    name, sep, word = text.partition("=")
+    if not sep:
+        name, word = None, text
+    if (name is not None and not name.strip()) or not word.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=WORD (e.g. obama=man) or WORD (e.g. man), got {text!r}")
+    return (name.strip() if name is not None else None), word.strip()
+
+
+def _class_words(options) -> tuple[dict[str, str], str | None]:
+    """The --class-word options as (face id -> word, default word); a face or the default given twice
+    with different words is an error naming it."""
+    from f2d_bench.errors import ConfigError
+
+    per_face: dict[str, str] = {}
+    default = None
+    for name, word in options or []:
+        if name is None:
+            if default is not None and default != word:
+                raise ConfigError(f"--class-word: two defaults given ({default!r} and {word!r}); give one")
+            default = word
+        else:
+            if per_face.get(name, word) != word:
+                raise ConfigError(f"--class-word: face {name!r} given {per_face[name]!r} and {word!r}; give one")
+            per_face[name] = word
+    return per_face, default
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from f2d_bench.faces.prepare import prepare_faces  # torch and MTCNN load only when used
+
+    class_words, class_word = _class_words(getattr(args, "class_word", None))
 
     report = prepare_faces(
         args.src,
@@ -62,6 +98,8 @@ def _prepare(args: argparse.Namespace) -> int:
         min_face_size=args.min_face_size,
         limit=getattr(args, "limit", None),
         limit_seed=getattr(args, "limit_seed", None),
+        class_words=class_words,
+        class_word=class_word,
         progress=True,  # prints one line per source, then the summary (stderr); not repeated here
     )
     print(f"output: {report.dst} (manifest: {report.manifest_path})")
@@ -97,4 +135,8 @@ def register(subparsers) -> None:
                          help="use N photos/videos, chosen by file name before detection (default: all)")
     prepare.add_argument("--limit-seed", type=_int_at_least(0), default=argparse.SUPPRESS, metavar="S",
                          help="with --limit: a sample seeded S instead of the first N sorted names")
+    prepare.add_argument("--class-word", type=_class_word_option, action="append", default=argparse.SUPPRESS,
+                         metavar="[NAME=]WORD",
+                         help="class word of face NAME (repeatable), or without NAME of every face not named "
+                              "(default: SRC/class_words.json where present, else none)")
     prepare.set_defaults(func=_prepare)

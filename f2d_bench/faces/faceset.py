@@ -23,12 +23,34 @@ _MAX_ID_LENGTH = 200
 _FALLBACK_ID = "face"
 
 
+#: Class words: letters (any script), then letters, spaces, hyphens or apostrophes; at most 40 characters.
+_CLASS_WORD = re.compile(r"[^\W\d_](?:[^\W\d_]|[ '-])*")
+_MAX_CLASS_WORD = 40
+
+
 @dataclass(frozen=True)
 class Face:
-    """One input identity: its id and the path of its (aligned) image."""
+    """One input identity: its id, the path of its (aligned) image, and optionally its class word.
+
+    class_word: the noun a method writes for the subject's class ("man", "woman"), which FastComposer and
+    PhotoMaker need per face; None when the face set does not give one (``manifest.json``'s
+    ``class_word``, set by ``f2d-bench faces prepare --class-word``).
+    """
 
     face_id: str
     path: Path
+    class_word: str | None = None
+
+
+def check_class_word(value, where: str) -> str:
+    """``value`` stripped when it is a valid class word, else F2DBenchError naming ``where`` and the value."""
+    word = value.strip() if isinstance(value, str) else value
+    if not isinstance(word, str) or not _CLASS_WORD.fullmatch(word) or len(word) > _MAX_CLASS_WORD:
+        raise F2DBenchError(
+            f"{where}: class word {value!r} is not valid; give a word such as 'man' or 'woman' (letters, then "
+            f"letters, spaces, hyphens or apostrophes, at most {_MAX_CLASS_WORD} characters)"
+        )
+    return word
 
 
 def sanitize_face_id(name: str) -> str:
@@ -48,14 +70,15 @@ def _from_manifest(directory: Path, manifest_path: Path) -> list[Face]:
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entries = manifest["faces"]
-        pairs = [(str(entry["face_id"]), str(entry["file"])) for entry in entries]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        # class_word is optional: manifests written before it existed have none.
+        pairs = [(str(entry["face_id"]), str(entry["file"]), entry.get("class_word")) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise F2DBenchError(
             f"face set manifest {manifest_path} is unreadable or malformed ({exc}); "
             "re-run `f2d-bench faces prepare` or delete it to use the images in the directory"
         ) from exc
     faces = []
-    for face_id, file_name in pairs:
+    for face_id, file_name, class_word in pairs:
         path = directory / file_name
         # A manifest must not point outside its directory.
         if sanitize_face_id(face_id) != face_id or Path(file_name).name != file_name:
@@ -64,7 +87,9 @@ def _from_manifest(directory: Path, manifest_path: Path) -> list[Face]:
             )
         if not path.is_file():
             raise F2DBenchError(f"face set manifest {manifest_path} lists {file_name}, which does not exist")
-        faces.append(Face(face_id, path))
+        if class_word is not None:
+            class_word = check_class_word(class_word, f"face set manifest {manifest_path}, face {face_id!r}")
+        faces.append(Face(face_id, path, class_word))
     return faces
 
 

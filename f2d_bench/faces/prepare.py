@@ -12,6 +12,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 from PIL import Image
 
@@ -21,11 +22,13 @@ from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.align import ffhq_align
 from f2d_bench.faces.choice import choose_face
 from f2d_bench.faces.detect import DETECTOR_NAME, Detection, FaceDetector
-from f2d_bench.faces.faceset import IMAGE_EXTENSIONS, MANIFEST_NAME, sanitize_face_id
+from f2d_bench.faces.faceset import IMAGE_EXTENSIONS, MANIFEST_NAME, check_class_word, sanitize_face_id
 from f2d_bench.faces.imageio import read_image, read_video_frame
 from f2d_bench.faces.quality import describe, input_quality, source_crop_size, thresholds
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+#: An optional file in SRC giving class words per face id ({"obama": "man", ...}); read by prepare_faces.
+CLASS_WORDS_FILE = "class_words.json"
 SEVERAL_POLICIES = ("skip", "largest")
 MANIFEST_VERSION = 1
 # Landmarks and boxes are stored rounded to 1/1000 pixel: exact enough, and a readable manifest.
@@ -45,6 +48,8 @@ class PreparedFace:
     n_other_faces: int = 0
     #: Input-quality measures and flags (:func:`f2d_bench.faces.quality.input_quality`).
     quality: dict | None = None
+    #: The face's class word ("man", "woman") or None (see :func:`prepare_faces`).
+    class_word: str | None = None
 
     @property
     def flags(self) -> list[str]:
@@ -62,6 +67,7 @@ class PreparedFace:
             "n_detections_ignored": self.n_detections_ignored,
             "n_other_faces": self.n_other_faces,
             "quality": self.quality,
+            "class_word": self.class_word,
         }
 
 
@@ -181,6 +187,8 @@ def _collect_sources(src: Path, dst: Path) -> tuple[list[tuple[str, Path, bool]]
             # OS metadata (.DS_Store) or a file someone hid: listed, so that no photo vanishes unseen.
             skipped.append(SkippedSource(path, "hidden file (its name starts with '.'); rename it to use it"))
             continue
+        if path.name == CLASS_WORDS_FILE and path.is_file():
+            continue  # face metadata, read by prepare_faces
         if path.is_dir():
             if path.resolve() != dst_resolved:
                 skipped.append(SkippedSource(path, "is a directory (sub-directories are not searched)"))
@@ -203,6 +211,36 @@ def _collect_sources(src: Path, dst: Path) -> tuple[list[tuple[str, Path, bool]]
         )
         raise F2DBenchError(f"face id collision in {src}: {details}. Rename the files so their ids differ.")
     return sources, skipped
+
+
+def _class_words(src: Path, face_ids: set[str], given: Mapping[str, str] | None,
+                 default: str | None) -> dict[str, str]:
+    """face id -> class word for the faces of ``src`` (see :func:`prepare_faces`); errors name the bad entry."""
+    layers = []
+    sidecar = src / CLASS_WORDS_FILE
+    if sidecar.is_file():
+        try:
+            data = json.loads(sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise F2DBenchError(f"{sidecar} is not readable JSON ({exc}); it must map face ids to class words") from exc
+        if not isinstance(data, dict):
+            raise F2DBenchError(f"{sidecar} must be a JSON object mapping face ids to class words, got "
+                                f"{type(data).__name__}")
+        layers.append((str(sidecar), data))
+    if given:
+        layers.append(("--class-word", dict(given)))
+    words: dict[str, str] = {}
+    if default is not None:
+        default = check_class_word(default, "--class-word (default for every face)")
+        words = dict.fromkeys(face_ids, default)
+    for where, mapping in layers:
+        unknown = sorted(str(k) for k in mapping if k not in face_ids)
+        if unknown:
+            raise ConfigError(f"{where}: class word given for {', '.join(map(repr, unknown))}, which no photo or "
+                              f"video of {src} gives (face ids: {', '.join(sorted(face_ids)) or 'none'})")
+        for face_id, word in mapping.items():
+            words[face_id] = check_class_word(word, f"{where}, face {face_id!r}")
+    return words
 
 
 def _previous_outputs(manifest_path: Path) -> set[str]:
@@ -252,6 +290,8 @@ def prepare_faces(
     limit_seed: int | None = None,
     detector: FaceDetector | None = None,
     progress: bool = True,
+    class_words: Mapping[str, str] | None = None,
+    class_word: str | None = None,
 ) -> PrepareReport:
     """Detect, FFHQ-align and write one face per source file of ``src`` into ``dst``.
 
@@ -272,6 +312,12 @@ def prepare_faces(
         is skipped with its reason and not replaced by another, so the same folder always gives the same
         choice. The manifest's ``selection`` records the rule, the chosen names and the candidates' hash.
     limit_seed: choose a seeded sample of ``limit`` sources instead of the first ``limit`` names.
+    class_words: face id -> class word ("man", "woman"), written into the manifest's ``class_word`` (methods
+        such as FastComposer need one per face). Ids must be face ids of SRC's sources.
+    class_word: the class word of every face that ``class_words`` and ``SRC/class_words.json`` leave out.
+        Per face, ``class_words`` wins over ``SRC/class_words.json`` (an optional JSON object of face id ->
+        class word kept beside the photos), which wins over ``class_word``; a face none of them names gets
+        no class word (``class_word`` null in the manifest; edit it there later if needed).
     progress: print one line per source and the summary to stderr.
     """
     src, dst = Path(src), Path(dst)
@@ -291,6 +337,7 @@ def prepare_faces(
         raise F2DBenchError(f"output path {dst} exists and is not a directory")
 
     sources, skipped = _collect_sources(src, dst)
+    words = _class_words(src, {face_id for face_id, _, _ in sources}, class_words, class_word)
     names = [path.name for _, path, _ in sources]
     chosen = select_sources(names, limit, limit_seed)
     keep = set(chosen)
@@ -347,7 +394,8 @@ def prepare_faces(
         # Detecting again in the crop shows what the methods and scorers will find there (e.g. a ghost).
         quality = input_quality(chosen, image.size, output_size, detector.detect(aligned), min_prob)
         report.faces.append(
-            PreparedFace(face_id, out, path, frame_index if is_video else None, chosen, ignored, others, quality)
+            PreparedFace(face_id, out, path, frame_index if is_video else None, chosen, ignored, others, quality,
+                         words.get(face_id))
         )
         note(index, path, f"face {face_id} ({describe(quality)})")
 

@@ -14,7 +14,7 @@ from f2d_bench.faces.faceset import Face, load_face_set
 from f2d_bench.paths import cache_root, cached_build
 
 TEST_FACE_PHOTOS = Path(__file__).resolve().parent.parent / "assets" / "faces"
-_BUILTIN_VERSION = "v2"  # bump when preparation changes so caches are rebuilt (v2: quality in manifest)
+_BUILTIN_VERSION = "v3"  # bump when preparation changes so caches are rebuilt (v2: quality in manifest, v3: class words)
 
 
 def builtin_test_faces_dir() -> Path:
