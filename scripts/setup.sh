@@ -23,9 +23,10 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 # torch first, pinned, so that no dependency pulls a different (multi-GB) build.
 pip install $TORCH_SPEC
 # The extras too, so that their tests run instead of being skipped.
-pip install -e '.[dev,ray,faceid]'
-# insightface (the faceid extra's package) requires opencv-python, a second cv2 over opencv-python-headless:
-# installed without its dependencies, which the faceid extra lists.
+pip install -e '.[dev,ray]'
+# The faceid extra by hand: insightface requires opencv-python, a second cv2 over opencv-python-headless,
+# so it goes in without its dependencies and the ones it uses are installed beside it.
+pip install 'onnxruntime>=1.16' 'onnx>=1.13' 'scikit-image>=0.21'
 pip install --no-deps insightface==2.1
 # facenet-pytorch 2.6.0 pins torch<2.3, numpy<2 and Pillow<10.3 but works with current versions;
 # installing it with its dependencies would downgrade torch.
