@@ -102,6 +102,14 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def folder_sha256s(folder: str | Path, suffixes: tuple[str, ...] = (".json", ".safetensors", ".bin")) -> dict[str, str]:
+    """File name -> sha256 of each file directly in ``folder`` ending in one of ``suffixes``: what identifies
+    a model folder (its config and weights) by content rather than by path."""
+    folder = Path(folder)
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(suffixes))
+    return {f.name: file_sha256(f) for f in files}
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     """Append one JSON line with a single ``write`` on an O_APPEND descriptor.
 

@@ -241,3 +241,15 @@ def test_random_stand_ins_run_offline_through_the_real_loaders():
     assert np.abs(a.astype(int) - b.astype(int)).max() > 0
     with pytest.raises(ConfigError, match="set detector: mtcnn"):
         _method({"name": "ip-adapter-faceid", "params": {**params, "detector": "scrfd"}})
+
+
+def test_negative_prompt_follows_the_sampling_mode_and_no_guidance_renders(files):
+    """Under the protocol every method's negative is the empty prompt; the demo's quality negative comes
+    with its native sampling. With CFG 1 diffusers runs the conditional rows only, and so do the face's."""
+    assert _method(_cfg(files)).negative_prompt == ""
+    native = _method({**_cfg(files), "sampling": "native"})
+    assert native.negative_prompt.startswith("monochrome, lowres") and native.context.sampling.guidance_scale == 7.5
+    assert _method(_cfg(files, negative_prompt="blurry")).negative_prompt == "blurry"
+    unguided = _method(_cfg(files), sampling={"guidance_scale": 1.0})
+    a, b = _render(unguided, [("obama", 0, 0), ("biden", 0, 0)])
+    assert a.shape == b.shape and np.abs(a - b).max() > 0

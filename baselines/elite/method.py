@@ -32,7 +32,7 @@ from baselines.elite.mappers import (
 )
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
 from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
-from f2d_bench.files import file_sha256
+from f2d_bench.files import file_sha256, folder_sha256s
 from f2d_bench.methods.base import GenerationRequest, MethodContext
 from f2d_bench.methods.stable_diffusion import StableDiffusionMethod
 from f2d_bench.methods.token_slots import single_token_ids, slot_positions, token_embedding_module, written_slots
@@ -178,8 +178,7 @@ class ELITEMethod(StableDiffusionMethod):
             return {"random_seed": RANDOM_SEED}
         if not path.is_dir():
             return source
-        files = sorted(f for f in path.iterdir() if f.suffix in (".json", ".safetensors", ".bin") and f.is_file())
-        return {"files": {f.name: file_sha256(f) for f in files}}
+        return {"files": folder_sha256s(path)}
 
     # -- identity and facts -----------------------------------------------------------------------------
     def identity(self) -> dict:

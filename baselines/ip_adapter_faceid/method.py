@@ -30,7 +30,7 @@ from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.faces.detect import Detection, FaceDetector
 from f2d_bench.faces.imageio import read_image
-from f2d_bench.files import file_sha256
+from f2d_bench.files import file_sha256, folder_sha256s
 from f2d_bench.methods.base import GenerationRequest, Method, MethodContext
 from f2d_bench.weights import WeightsLayoutError, read_torch_file
 
@@ -218,7 +218,8 @@ class IPAdapterFaceIDMethod(Method):
         "s_scale": 1.0,
         "lora": True,
         "lora_scale": 1.0,
-        "negative_prompt": NEGATIVE_PROMPT,
+        # None: "" under sampling: protocol (every method's negative), the demo's under sampling: native.
+        "negative_prompt": None,
         "crop_channels": "bgr",
     }
 
@@ -241,8 +242,12 @@ class IPAdapterFaceIDMethod(Method):
             raise ConfigError(f"params.det_size must be a multiple of 32 (SCRFD's largest stride), got {p['det_size']}")
         if not isinstance(p["lora"], bool):
             raise ConfigError(f"params.lora must be true or false, got {p['lora']!r}")
-        if not isinstance(p["negative_prompt"], str):
+        if p["negative_prompt"] is not None and not isinstance(p["negative_prompt"], str):
             raise ConfigError(f"params.negative_prompt must be text, got {p['negative_prompt']!r}")
+        # The paper's protocol gives every method the empty negative; the demo's quality negative comes
+        # with the rest of the method's own sampling.
+        self.negative_prompt = p["negative_prompt"] if p["negative_prompt"] is not None else (
+            NEGATIVE_PROMPT if context.sampling_mode == "native" else "")
         self.encoder_dir = self._encoder_dir()
         self.adapter_file = self._adapter_file()
         self.recognizer_file, self.detector_file = self._pack_files()
@@ -254,7 +259,7 @@ class IPAdapterFaceIDMethod(Method):
         if self.detector_file is not None:
             self._sha256["detector"] = file_sha256(self.detector_file)
         if self.encoder_dir is not None:
-            self._sha256["image_encoder_config"] = file_sha256(self.encoder_dir / "config.json")
+            self._sha256["image_encoder"] = folder_sha256s(self.encoder_dir)
         self.mtcnn = FaceDetector() if p["detector"] == "mtcnn" else None
         self._recognizer = None
         self._scrfd = None
@@ -324,7 +329,7 @@ class IPAdapterFaceIDMethod(Method):
         params["adapter"] = {"sha256": self._sha256["adapter"]}
         params["model_root"] = {k: self._sha256[k] for k in ("recognizer", "detector") if k in self._sha256}
         if self.encoder_dir is not None:
-            params["image_encoder"] = {"config_sha256": self._sha256["image_encoder_config"]}
+            params["image_encoder"] = {"files": self._sha256["image_encoder"]}
         ident["params"] = params
         ident["subject"] = "class phrase"
         ident["face_input"] = f"{self.params['detector']}-5pt/{INPUT_FACE_RULE}-face/insightface-norm_crop/normed"
@@ -526,19 +531,22 @@ class IPAdapterFaceIDMethod(Method):
         sampling = self.context.sampling
         dtype, device = pipe.unet.dtype, pipe.device
         n = len(requests)
+        # Without guidance (CFG <= 1) diffusers runs the conditional rows only.
+        guided = sampling.guidance_scale > 1
         ids = torch.stack([r.prepared.id_embed for r in requests])[:, None]  # (n, 1, 512)
         # Negative first: diffusers splits the CFG embeddings in two halves, unconditional then conditional.
-        image_embeds = torch.cat([torch.zeros_like(ids), ids]).to(device, dtype)
+        image_embeds = (torch.cat([torch.zeros_like(ids), ids]) if guided else ids).to(device, dtype)
         if self.variant != "faceid":
             layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
             clip = torch.stack([r.prepared.clip_embeds for r in requests])
             negative = self.negative_clip()[None].expand_as(clip)
-            layer.clip_embeds = torch.cat([negative, clip])[:, None].to(device, dtype)  # (2n, 1, tokens, width)
+            rows = torch.cat([negative, clip]) if guided else clip
+            layer.clip_embeds = rows[:, None].to(device, dtype)  # (2n or n, 1, tokens, width)
             layer.shortcut = self.variant == "plusv2"
             layer.shortcut_scale = float(self.params["s_scale"])
         prompt_embeds, _ = pipe.encode_prompt([self.prompt_text(r) for r in requests], device, 1,
                                               do_classifier_free_guidance=False)
-        negative_embeds, _ = pipe.encode_prompt([self.params["negative_prompt"]] * n, device, 1,
+        negative_embeds, _ = pipe.encode_prompt([self.negative_prompt] * n, device, 1,
                                                 do_classifier_free_guidance=False)
         # diffusers' pipeline repeats ip_adapter_image_embeds for every prompt of the call (one face per
         # call); to batch different faces, this private pipeline gets each request's embeddings as they are,
