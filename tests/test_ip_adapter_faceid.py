@@ -253,3 +253,17 @@ def test_negative_prompt_follows_the_sampling_mode_and_no_guidance_renders(files
     unguided = _method(_cfg(files), sampling={"guidance_scale": 1.0})
     a, b = _render(unguided, [("obama", 0, 0), ("biden", 0, 0)])
     assert a.shape == b.shape and np.abs(a - b).max() > 0
+
+
+def test_face_tokens_equal_the_official_projection_by_hand(method, files):
+    """The installed projection is the official MLPProjModel: Linear (512 -> 1024), GELU, Linear (-> 4
+    tokens x cross-attention width), each token layer-normalised; computed here from the file's tensors."""
+    import torch.nn.functional as F
+
+    state = torch.load(files / ADAPTER_FILES["faceid"], weights_only=True)["image_proj"]
+    layer = method.adapter_pipeline().unet.encoder_hid_proj.image_projection_layers[0]
+    face = torch.randn(3, 512, generator=torch.Generator().manual_seed(1))
+    hidden = F.gelu(face @ state["proj.0.weight"].T + state["proj.0.bias"])
+    tokens = (hidden @ state["proj.2.weight"].T + state["proj.2.bias"]).reshape(3, 4, -1)
+    expected = F.layer_norm(tokens, tokens.shape[-1:], state["norm.weight"], state["norm.bias"])
+    assert torch.allclose(layer(face), expected, atol=1e-5)
