@@ -305,6 +305,17 @@ def test_rendering_batches_faces_and_leaves_the_shared_pipeline_alone(files, pre
     assert np.abs(before_sd - alone[0]).max() > 10  # ELITE's own image is not the plain one
 
 
+def test_the_loaded_mapper_files_decide_the_images(files, prepared):
+    """The global mapper's word and K/V come from the file: other weights (seeded random) give other images."""
+    loaded = _elite(files)
+    other = _elite({**files, "global_mapper": "random", "local_mapper": "random"})
+    images = []
+    for m in (loaded, other):
+        face = m.prepare(_face("obama"))
+        images.append(_pixels(m.generate([_request(m, _face("obama"), face, 1, 0)])[0]))
+    assert np.abs(images[0] - images[1]).max() > 10
+
+
 def test_llambda_weights_the_local_term(files, prepared):
     images = {}
     for lam in (0.0, 0.8):

@@ -268,6 +268,16 @@ def test_batch_equals_alone_and_faces_differ(provider, official_file):
     assert np.abs(_pixels(diff) - _pixels(alone[0])).max() > 0
 
 
+def test_the_loaded_file_decides_the_images(provider, official_file):
+    """The file's UNet, text encoder and fusion MLP replace the base's: its images are not weights: random's."""
+    face = _face()
+    loaded, random = _method(provider, weights=str(official_file[0]), alpha=1.0), _method(provider, weights="random", alpha=1.0)
+    images = [m.generate([_request(m, face, m.prepare(face))])[0] for m in (loaded, random)]
+    assert np.abs(_pixels(images[0]) - _pixels(images[1])).max() > 10
+    unet = loaded.load().unet
+    assert torch.equal(unet.conv_in.weight, official_file[1]["unet.conv_in.weight"].to(unet.conv_in.weight.dtype))
+
+
 def test_delayed_conditioning_switches_after_the_text_only_steps(provider):
     method = _method(provider, weights="random", alpha=0.0)
     assert method.merge_step() == 4  # 4 steps: every step text-only
