@@ -3,9 +3,13 @@
 
 The naive loop makes one pipeline call per (face, prompt) with ``num_images_per_prompt`` = number of
 seeds, as official inference scripts do, and saves each PNG. The engine batches across faces, prompts
-and seeds (``--batch-size``) with one generator per image and writes atomically with manifests. Both
-render the same grid; the ratio engine/naive is the figure to read (absolute numbers on a shared CPU
-mean little).
+and seeds (``--batch-size``) with one generator per image (noise drawn ahead) and writes atomically with
+manifests; "engine + compile" is ``generate --compile`` after a warm-up run that compiles (its time is
+printed apart). All render the same grid; the ratios to naive are the figures to read (absolute numbers on
+a shared CPU mean little). Also printed: UNet MFU (CUDA), where the engine's wall time goes (a separate
+pass with synchronised timers around text encoding, UNet, VAE decode, noise and the writer's waits), the
+max pixel difference of each engine run against the naive images, and the estimated wall time of one
+method's full protocol (16,400 images) at each rate.
 
     python benchmarks/generate_throughput.py                       # CPU, tiny pipeline
     python benchmarks/generate_throughput.py --unet-config sd14 --device cuda --size 512 --faces 2
@@ -14,19 +18,28 @@ mean little).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import generate_run
 from f2d_bench.faces.source import resolve_face_set
 from f2d_bench.pipelines.loading import TINY_SD14_ID, load_sd_pipeline
+from f2d_bench.pipelines import noise
 from f2d_bench.prompts import load_prompt_set
+from f2d_bench.run_dir import RunDir
+from f2d_bench.store import BackgroundWriter
+
+#: Images of one method's full protocol: 100 faces x 41 prompts x 4 seeds.
+PROTOCOL_IMAGES = 16_400
 
 # Dense fp16/bf16 tensor-core peak (no sparsity), FLOP/s, by device name.
 PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
@@ -78,9 +91,63 @@ def naive_loop(pipe, faces, prompt_set, seeds, steps, size, out: Path) -> int:
             images = pipe(prompt=prompt.render(subject), num_images_per_prompt=len(seeds), generator=gens,
                           num_inference_steps=steps, guidance_scale=7.0, height=size, width=size).images
             for seed, image in zip(seeds, images):
-                image.save(out / f"{face.face_id}-{prompt.id}-{seed}.png")
+                image.save(out / f"{face.face_id}-{prompt.id}-{seed}.png")  # same names as _run_pixels
                 n += 1
     return n
+
+
+@contextlib.contextmanager
+def wall_breakdown(pipe, sync):
+    """Seconds spent (main thread, device synchronised) in text encoding, UNet, VAE decode, noise drawing
+    and waiting on the PNG writer, while the block runs; yields the dict it fills."""
+    seconds = {"text encoding": 0.0, "UNet": 0.0, "VAE decode": 0.0, "noise": 0.0, "writing (waits)": 0.0}
+    patched = []
+
+    def timed(owner, attr, name):
+        inner = getattr(owner, attr)
+        had_own = attr in vars(owner)
+
+        def wrapper(*args, **kwargs):
+            sync(); t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                sync(); seconds[name] += time.perf_counter() - t0
+
+        setattr(owner, attr, wrapper)
+        patched.append((owner, attr, inner, had_own))
+
+    timed(pipe.text_encoder, "forward", "text encoding")
+    timed(pipe.unet, "forward", "UNet")
+    timed(pipe.vae, "decode", "VAE decode")
+    timed(noise, "draw_ahead", "noise")
+    for attr in ("submit", "flush", "close"):
+        timed(BackgroundWriter, attr, "writing (waits)")
+    try:
+        yield seconds
+    finally:
+        for owner, attr, inner, had_own in reversed(patched):
+            if had_own or isinstance(owner, type) or owner is noise:
+                setattr(owner, attr, inner)
+            else:
+                delattr(owner, attr)  # the instance attribute shadowed the class's method
+
+
+def _run_pixels(run_dir: Path) -> dict[str, np.ndarray]:
+    run = RunDir(run_dir)
+    return {f"{k.face_id}-{k.prompt_id}-{k.seed}": np.asarray(Image.open(run.store.image_path(k)))
+            for k in run.store.manifest_records()}
+
+
+def max_pixel_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> int:
+    """Largest |a - b| over every pixel of the images both hold (0-255); both must hold the same names."""
+    assert a.keys() == b.keys(), (len(a), len(b))
+    return max(int(np.abs(a[k].astype(np.int16) - b[k].astype(np.int16)).max()) for k in a)
+
+
+def protocol_time(ips: float) -> str:
+    seconds = PROTOCOL_IMAGES / ips
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
 def main() -> int:
@@ -95,6 +162,7 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--prompts", default="smoke")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[16], help="engine batch size(s) to compare")
+    ap.add_argument("--no-compile", action="store_true", help="leave out engine + compile (minutes of compiling)")
     args = ap.parse_args()
 
     pipe = benchmark_pipeline(args.unet_config, dtype=args.dtype, device=args.device)
@@ -106,6 +174,10 @@ def main() -> int:
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
           f"dtype {pipe.unet.dtype}, unet {args.unet_config}, {args.size}x{args.size}, {args.steps} steps, "
           f"{len(faces)} faces x {len(prompt_set.all_prompts())} prompts x {len(seeds)} seeds = {n_images} images")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     with tempfile.TemporaryDirectory() as tmp:
         face_dir = Path(tmp) / "faces"
@@ -122,41 +194,64 @@ def main() -> int:
         pipe(prompt=["warm up"] * 2, num_inference_steps=2, height=args.size, width=args.size,
              generator=[torch.Generator("cpu").manual_seed(0)] * 2)
 
-        def sync():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-
         naive_dir = Path(tmp) / "naive"
         naive_dir.mkdir()
         sync(); t0 = time.perf_counter()
         n_naive = naive_loop(pipe, faces, prompt_set, seeds, args.steps, args.size, naive_dir)
         sync(); t_naive = time.perf_counter() - t0
+        naive_pixels = {p.stem: np.asarray(Image.open(p)) for p in naive_dir.glob("*.png")}
 
-        engine_ips = {}
-        for bs in args.batch_size:
-            cfg = config_from_dict({**cfg.to_dict(), "batch_size": bs})
+        def engine(bs: int, name: str, compile: bool = False) -> tuple[float, dict]:
+            config = config_from_dict({**cfg.to_dict(), "batch_size": bs})
             sync(); t0 = time.perf_counter()
-            summary = generate_run(cfg, Path(tmp) / f"run-{bs}", progress=False, pipeline=lambda: pipe)
-            sync(); engine_ips[bs] = n_images / (time.perf_counter() - t0)
+            summary = generate_run(config, Path(tmp) / name, progress=False, pipeline=lambda: pipe, compile=compile)
+            sync(); seconds = time.perf_counter() - t0
             assert summary.written == n_images == n_naive, (summary.written, n_images, n_naive)
+            return seconds, _run_pixels(Path(tmp) / name)
+
+        engine_runs = {bs: engine(bs, f"run-{bs}") for bs in args.batch_size}
+        best_bs = min(engine_runs, key=lambda bs: engine_runs[bs][0])
+        with wall_breakdown(pipe, sync) as breakdown:
+            t_profiled, _ = engine(best_bs, "profiled")
+        compiled = None
+        if not args.no_compile:
+            # Padding makes every call the same shape: one compile (the warm-up run), none in the timed run.
+            t_first, _ = engine(best_bs, "compile-warm-up", compile=True)
+            compiled = (t_first, *engine(best_bs, "compiled", compile=True))
 
     naive_ips = n_naive / t_naive
-    print(f"naive loop (1 call per face x prompt, {len(seeds)} images/call): {naive_ips:8.3f} images/s  ({t_naive:.1f} s)")
-    for bs, ips in engine_ips.items():
-        print(f"engine batch {bs:3d} (prompt_embeds, atomic writes): {ips:8.3f} images/s   ratio engine/naive: {ips / naive_ips:.2f}x")
+    print(f"naive loop (1 call per face x prompt, {len(seeds)} images/call): {naive_ips:8.3f} images/s  ({t_naive:.1f} s)"
+          f"   full protocol ({PROTOCOL_IMAGES} images): {protocol_time(naive_ips)}")
+    rates = {}
+    for bs, (seconds, pixels) in engine_runs.items():
+        rates[f"engine batch {bs}"] = ips = n_images / seconds
+        print(f"engine batch {bs:3d} (prompt_embeds, noise drawn ahead, background writes): {ips:8.3f} images/s   "
+              f"ratio to naive: {ips / naive_ips:.2f}x   max pixel diff vs naive: "
+              f"{max_pixel_difference(pixels, naive_pixels)}   full protocol: {protocol_time(ips)}")
+    if compiled:
+        t_first, seconds, pixels = compiled
+        rates[f"engine + compile batch {best_bs}"] = ips = n_images / seconds
+        print(f"engine + compile batch {best_bs:3d} (after a {t_first:.1f} s run that compiled): {ips:8.3f} images/s   "
+              f"ratio to naive: {ips / naive_ips:.2f}x   max pixel diff vs naive: "
+              f"{max_pixel_difference(pixels, naive_pixels)}, vs eager engine: "
+              f"{max_pixel_difference(pixels, engine_runs[best_bs][1])}   full protocol: {protocol_time(ips)}")
+
+    print(f"wall time of the engine (batch {best_bs}, a separate pass with synchronising timers: {t_profiled:.1f} s):")
+    for name, seconds in breakdown.items():
+        print(f"  {name:18s} {seconds:8.2f} s  {100 * seconds / t_profiled:5.1f}%")
+    rest = t_profiled - sum(breakdown.values())
+    print(f"  {'other':18s} {rest:8.2f} s  {100 * rest / t_profiled:5.1f}%  (scheduler, guidance, uint8, run bookkeeping)")
 
     if device.type == "cuda":
         flops = unet_flops_per_image_step(pipe, args.size)
         name = torch.cuda.get_device_name(device)
-        best_bs = max(engine_ips, key=engine_ips.get)
-        achieved = engine_ips[best_bs] * args.steps * flops
-        print(f"UNet: {flops / 1e9:.1f} GFLOP per image-step with CFG; engine (batch {best_bs}) achieves "
-              f"{achieved / 1e12:.1f} TFLOP/s counting UNet work only")
         peak = peak_for(name)
-        if peak:
-            print(f"UNet share of the {peak[0]} dense fp16 peak ({peak[1] / 1e12:.0f} TFLOP/s): {100 * achieved / peak[1]:.1f}%")
-        else:
-            print(f"no peak figure known for {name!r}; share not computed")
+        print(f"UNet: {flops / 1e9:.1f} GFLOP per image-step with CFG")
+        for label, ips in rates.items():
+            achieved = ips * args.steps * flops
+            share = f", {100 * achieved / peak[1]:.1f}% of the {peak[0]} dense fp16 peak ({peak[1] / 1e12:.0f} TFLOP/s)" \
+                if peak else f" (no peak figure known for {name!r})"
+            print(f"  {label}: {achieved / 1e12:.1f} TFLOP/s of UNet work{share}")
     return 0
 
 

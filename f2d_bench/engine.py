@@ -3,11 +3,14 @@
 For each method the engine lists the keys its shard owns in canonical order (face, prompt, seed), cuts
 them into fixed batches, skips batches whose images all exist, calls ``prepare`` once per face and
 ``generate`` once per batch with one seeded CPU generator per image, and writes each new image
-atomically. Running the same command again continues where a killed run stopped.
+atomically. Running the same command again continues where a killed run stopped. With ``compile``
+(``generate --compile``) the UNet and VAE decoder are compiled and every pipeline call is padded to the
+batch size (padding requests whose images are discarded), so no shape is compiled twice.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ class GenerationSummary:
     shard: Shard
     methods: list[MethodProgress]
     seconds: float
+    compile: bool = False  # the UNet and VAE decoder ran compiled (generate --compile)
 
     @property
     def written(self) -> int:
@@ -58,6 +62,8 @@ class GenerationSummary:
 
     def text(self) -> str:
         lines = [f"run {self.run_dir} (shard {self.shard.index}/{self.shard.count})"]
+        if self.compile:
+            lines.append("  torch.compile: UNet and VAE decoder, every call padded to the batch size")
         for m in self.methods:
             lines.append(f"  {m.label} [{m.method_id}]: {m.done}/{m.expected} images, {m.written} new")
             for reason in m.problems[:10]:
@@ -77,14 +83,26 @@ class PipelineProvider:
     One model (its id and revision) is loaded once; methods that need another scheduler get a pipeline
     sharing the same modules (``with_scheduler``). ``loader``: a callable returning a ready pipeline for
     the run's own ``model`` (benchmarks, Ray workers and tests pass one); other base models always load
-    through ``load_sd_pipeline``.
+    through ``load_sd_pipeline``. ``compile``: compile each model's UNet and VAE decoder once loaded
+    (``f2d_bench.pipelines.compile``; ``use_compile`` turns it on later).
     """
 
-    def __init__(self, config: RunConfig, loader: Callable[[], Any] | None = None):
+    def __init__(self, config: RunConfig, loader: Callable[[], Any] | None = None, compile: bool = False):
         self._config = config
         self._loader = loader
+        self.compile = False
         self._models: dict[tuple, Any] = {}  # (pretrained, revision) -> the pipeline loaded first
         self._pipes: dict[tuple, Any] = {}   # (pretrained, revision, scheduler) -> pipeline
+        if compile:
+            self.use_compile()
+
+    def use_compile(self) -> None:
+        """Compile the models loaded so far and every one loaded later (the scheduler views share them)."""
+        from f2d_bench.pipelines.compile import compile_pipeline
+
+        self.compile = True
+        for pipe in self._models.values():
+            compile_pipeline(pipe)
 
     def __call__(self):
         """The run's own base pipeline with the run's scheduler."""
@@ -103,6 +121,10 @@ class PipelineProvider:
             else:
                 self._models[key] = load_sd_pipeline(model.pretrained, revision=model.revision, dtype=model.dtype,
                                                      device=model.device, scheduler=scheduler)
+            if self.compile:
+                from f2d_bench.pipelines.compile import compile_pipeline
+
+                compile_pipeline(self._models[key])
         pipe = self._models[key]
         if type(pipe.scheduler).__name__ != scheduler:
             pipe = with_scheduler(pipe, scheduler)
@@ -128,12 +150,15 @@ def method_context(config: RunConfig, prompt_set: PromptSet, mc: MethodConfig, c
                          sampling_mode=mc.sampling, pipeline=lambda: provider.get(model, sampling.scheduler))
 
 
-def build_methods(config: RunConfig, prompt_set: PromptSet, pipeline=None) -> list[Method]:
+def build_methods(config: RunConfig, prompt_set: PromptSet, pipeline=None, *, compile: bool = False) -> list[Method]:
     """Instantiate the config's methods; two entries with the same settings are an error.
 
-    ``pipeline``: a PipelineProvider to share, or a callable returning the run's base pipeline.
+    ``pipeline``: a PipelineProvider to share, or a callable returning the run's base pipeline;
+    ``compile``: render with compiled UNets and VAE decoders (PipelineProvider).
     """
     provider = pipeline if isinstance(pipeline, PipelineProvider) else PipelineProvider(config, pipeline)
+    if compile and not provider.compile:
+        provider.use_compile()
     methods: list[Method] = []
     seen: dict[str, int] = {}
     for i, mc in enumerate(config.methods):
@@ -172,23 +197,25 @@ class OpenedRun:
     methods: list[Method]
 
 
-def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=None) -> OpenedRun:
+def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=None,
+             compile: bool = False) -> OpenedRun:
     """Resolve prompts, faces, scorers, methods and the model, then create or open ``run_dir``.
 
     Everything is resolved before the run directory is created: a start that fails on a missing model,
     face set or a misspelled name leaves nothing behind that would block the corrected config.
+    ``compile`` is recorded in the run's environment record (it changes float rounding, not the method ids).
     """
     from f2d_bench.scorers import DEFAULT_SCORERS, check_scoring
 
     prompt_set = load_prompt_set(config.prompts)
     faces = resolve_face_set(config.faces)
     check_scoring(config.scoring.scorers or DEFAULT_SCORERS, config.scoring.settings)
-    methods = build_methods(config, prompt_set, pipeline)
+    methods = build_methods(config, prompt_set, pipeline, compile=compile)
     for method in methods:
         if method.uses_pipeline:
             method.context.pipeline()  # loads each base model (once) before the run directory exists
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
-    run.record_environment({"writer": shard.tag, **environment()})
+    run.record_environment({"writer": shard.tag, **environment(compile=compile)})
     for method in methods:
         method.shared_dir = run.method_shared_dir(method.method_id)
     return OpenedRun(run, prompt_set, faces, methods)
@@ -196,16 +223,17 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
 
 def generate_run(
     config: RunConfig, run_dir: str | Path, *, shard: Shard = UNSHARDED, progress: bool = True,
-    pipeline: Callable[[], Any] | None = None,
+    pipeline: Callable[[], Any] | None = None, compile: bool = False,
 ) -> GenerationSummary:
     """Generate (or complete) the grid of ``config`` in ``run_dir``. Safe to re-run and to kill.
 
     Tuning methods tune each face (once per run) before its first image. ``pipeline`` replaces the
     loading of ``config.model`` by a callable returning a ready pipeline (benchmarks pass full-size
-    random-weight components this way).
+    random-weight components this way). ``compile``: torch.compile the UNet and VAE decoder, with every
+    pipeline call padded to ``config.batch_size`` (images within float noise of eager ones).
     """
     start = time.perf_counter()
-    opened = open_run(config, run_dir, shard=shard, pipeline=pipeline)
+    opened = open_run(config, run_dir, shard=shard, pipeline=pipeline, compile=compile)
     run, prompt_set, faces = opened.run, opened.prompt_set, opened.faces
     face_ids = [f.face_id for f in faces]
     prompt_ids = [p.id for p in prompt_set.all_prompts()]
@@ -220,10 +248,11 @@ def generate_run(
             prog.problems = base_model_notes(method) + method.preflight(face_ids, prompt_ids, config.seeds)
             if repaired["damaged_removed"]:
                 prog.problems.append(f"{repaired['damaged_removed']} damaged image(s) removed and generated again")
-            _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress)
+            _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress,
+                        pad=compile and method.uses_pipeline)
             prog.done = sum(run.store.has_image(k) for k in keys)
             results.append(prog)
-    return GenerationSummary(Path(run_dir), shard, results, time.perf_counter() - start)
+    return GenerationSummary(Path(run_dir), shard, results, time.perf_counter() - start, compile=compile)
 
 
 @dataclass
@@ -280,8 +309,10 @@ def tune_run(
 
 def _run_method(
     method: Method, keys: list[ItemKey], faces: list[Face], prompt_set: PromptSet, run: "RunDir",
-    config: RunConfig, shard: Shard, config_hash: str, prog: MethodProgress, progress: bool,
+    config: RunConfig, shard: Shard, config_hash: str, prog: MethodProgress, progress: bool, *, pad: bool = False,
 ) -> None:
+    """Render and write the missing images of ``keys``. ``pad``: fill every call up to the batch size with
+    copies of its last request (same key, a fresh generator), whose images are discarded."""
     import torch
     from tqdm.auto import tqdm
 
@@ -325,9 +356,14 @@ def _run_method(
                 )
                 for k in batch
             ]
+            if pad:  # static shapes for compiled modules: the last, smaller batch and filtered ones too
+                last = requests[-1]
+                requests += [dataclasses.replace(last, generator=torch.Generator("cpu").manual_seed(last.key.seed))
+                             for _ in range(config.batch_size - len(requests))]
             images = method.generate(requests)
-            if len(images) != len(batch):
-                raise RuntimeError(f"method {method.name} returned {len(images)} images for {len(batch)} requests")
+            if len(images) != len(requests):
+                raise RuntimeError(f"method {method.name} returned {len(images)} images for {len(requests)} requests")
+            images = images[: len(batch)]  # the padding's images are never written
             now = utc_now()
             for key, image in zip(batch, images):
                 if store.has_image(key):  # a resumed, partly finished batch: keep what exists

@@ -54,5 +54,9 @@ def hardware() -> dict:
     return info
 
 
-def environment() -> dict:
-    return {"time": utc_now(), "packages": package_versions(), "hardware": hardware()}
+def environment(*, compile: bool = False) -> dict:
+    """Where and how a command ran. ``compile``: ``generate --compile`` (the modules it compiled are named)."""
+    from f2d_bench.pipelines.compile import COMPILED_MODULES
+
+    return {"time": utc_now(), "packages": package_versions(), "hardware": hardware(),
+            "compile": list(COMPILED_MODULES) if compile else None}

@@ -162,6 +162,19 @@ def test_kill_9_and_restart_completes_exactly_once(tmp_path):
     # Fixed batches: the resumed run's images are bit-identical to an uninterrupted run's.
     subprocess.run([*cmd, str(clean)], cwd=REPO, env=env, check=True, capture_output=True, timeout=400)
     assert _hashes(out) == _hashes(clean)
+    # ... and to the plain diffusers loop's with CPU generators (the path before noise was drawn ahead).
+    from f2d_bench.config import load_config
+    from f2d_bench.engine import build_methods
+    from f2d_bench.faces.source import resolve_face_set
+    from f2d_bench.prompts import load_prompt_set
+    from test_fast_path import _plain_loop
+
+    config = load_config(cfg)
+    [method] = build_methods(config, load_prompt_set(config.prompts))
+    keys = run.keys()  # canonical order: the engine's batches
+    plain = _plain_loop(method, keys, {f.face_id: f for f in resolve_face_set(str(faces))}, config.batch_size)
+    resumed = _pixels(out)
+    assert all(np.array_equal(resumed[k.as_string().split("/", 1)[1]], plain[k]) for k in keys)
 
 
 def test_status_json(reference_run, capsys):

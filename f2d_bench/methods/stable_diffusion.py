@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from f2d_bench.methods.base import GenerationRequest, Method
+from f2d_bench.pipelines import noise  # a module reference: benchmarks time noise.draw_ahead
 
 
 class StableDiffusionMethod(Method):
@@ -62,7 +63,14 @@ class StableDiffusionMethod(Method):
 @torch.inference_mode()
 def pipeline_images(pipe, **call) -> list[Image.Image]:
     """``pipe(**call)``'s images with the float-to-uint8 step on the pipeline's device: the pixels of
-    ``output_type="pil"`` (the same multiply, round half to even and cast), moving a quarter of the bytes."""
+    ``output_type="pil"`` (the same multiply, round half to even and cast), moving a quarter of the bytes.
+
+    With one CPU generator per image, each image's noise is drawn ahead and copied to the device once
+    (``f2d_bench.pipelines.noise``: the same values as the generator path, which unsupported schedulers keep).
+    """
+    feed = noise.draw_ahead(pipe, call)
+    if feed is not None:
+        call = {**call, "latents": feed.initial, "generator": feed}
     images = pipe(**call, output_type="pt").images  # (batch, 3, H, W) in [0, 1], as "pil" has before numpy
     pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
