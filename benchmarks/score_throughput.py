@@ -14,6 +14,16 @@ not timed. Absolute numbers on a shared CPU mean little; read the shares.
 
     python benchmarks/score_throughput.py --n 16 --size 256 --device cpu      # smoke settings, CPU
     python3 benchmarks/score_throughput.py --device cuda --full-size           # real architectures
+
+``--command`` measures the real ``score`` command instead (``f2d_bench.api.score``): the same images
+are written as PNG files into an ``external`` run in a temporary directory, and each variant
+(``--precision``, ``--workers``) scores a fresh copy of it from nothing, decoding the PNGs from disk.
+Per stage, the wall time of the scoring thread (exclusive: decoding waited for inside the face stage
+counts as decoding), images/s, the estimated wall time of one method's full protocol (16,400 images:
+the fixed cost, i.e. setup and each stage's first batch with its model load, plus the rest at the
+measured rate) and, per precision, the max/mean |delta| of every metric against fp32:
+
+    python benchmarks/score_throughput.py --command --n 48 --size 512 --device cpu --precision fp32 bf16
 """
 
 from __future__ import annotations
@@ -229,6 +239,178 @@ def describe_model(name: str, scorer) -> str:
     return f"{type(model).__name__}{extra}, {params / 1e6:.1f}M params"
 
 
+# -- the real score command -------------------------------------------------------------------------------
+
+#: Images of one method's full protocol: 41 prompts (40 + the reference) x 100 faces x 4 seeds.
+PROTOCOL_IMAGES = 16_400
+
+
+class StageClock:
+    """Exclusive wall time per stage of the scoring thread: a stage's time excludes the stages it calls
+    (decoding waited for inside the face stage counts as decoding). A scorer's first batch (model load
+    and warm-up) is kept apart, in ``first``, with its image count in ``first_images``."""
+
+    def __init__(self, timer: Timer):
+        self.timer = timer
+        self.seconds: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+        self.first_images: dict[str, int] = {}
+        self.images: dict[str, int] = {}  # images of the batches in ``seconds`` (scorers only)
+        self._stack: list[float] = []
+
+    def wrap(self, owner, attr: str, name) -> None:
+        """Time ``owner.attr`` as stage ``name`` (a string, or a function of the call's self giving
+        (stage, images in this call))."""
+        inner = getattr(owner, attr)
+        clock = self
+
+        def timed(*args, **kwargs):
+            stage, n = (name, 0) if isinstance(name, str) else name(args[0])
+            clock.timer.sync()
+            start, clock._stack = time.perf_counter(), clock._stack + [0.0]
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                clock.timer.sync()
+                elapsed = time.perf_counter() - start
+                children = clock._stack.pop()
+                if clock._stack:
+                    clock._stack[-1] += elapsed
+                own = elapsed - children
+                if n and stage not in clock.first:
+                    clock.first[stage], clock.first_images[stage] = own, n
+                else:
+                    clock.seconds[stage] = clock.seconds.get(stage, 0.0) + own
+                    clock.images[stage] = clock.images.get(stage, 0) + n
+
+        setattr(owner, attr, timed)
+
+    def fixed_seconds(self) -> float:
+        """Setup, plus each scorer's first batch beyond what its images cost at the stage's later rate."""
+        extra = 0.0
+        for stage, sec in self.first.items():
+            later = self.seconds.get(stage, 0.0) / self.images[stage] if self.images.get(stage) else 0.0
+            extra += max(0.0, sec - later * self.first_images[stage])
+        return self.seconds.get(SETUP, 0.0) + extra
+
+
+SETUP = "setup (input faces, scorer objects)"
+
+
+def instrument(timer: Timer) -> StageClock:
+    from f2d_bench.scoring import score as score_module
+    from f2d_bench.scoring.cached_scorer import ScoreBatcher
+    from f2d_bench.scoring.decode import ImageDecoder
+    from f2d_bench.scoring.faces import FaceStage
+
+    clock = StageClock(timer)
+    clock.wrap(score_module.ScoreSession, "__init__", SETUP)
+    clock.wrap(FaceStage, "add", "faces (MTCNN)")
+    clock.wrap(ScoreBatcher, "flush", lambda b: (f"scorer {b.cached.scorer.name}", len(b._queue)))
+    clock.wrap(ImageDecoder, "load", "decode (scoring thread's share)")
+    clock.wrap(ImageDecoder, "get", "decode (scoring thread's share)")
+    return clock
+
+
+def write_external_run(root: Path, images, faces, prompt_set, settings_table, args, device) -> Path:
+    """An ``external`` run of ``images`` laid out like build_items' grid, imported with `generate`."""
+    import yaml
+
+    from f2d_bench.api import generate
+
+    prompts = (prompt_set.reference,) + tuple(prompt_set.prompts)
+    per_seed = len(faces) * len(prompts)
+    source = root / "source"
+    for i, image in enumerate(images):
+        block = i % per_seed
+        face, prompt, seed = faces[block % len(faces)], prompts[block // len(faces)], i // per_seed
+        folder = source / face.face_id / prompt.id
+        folder.mkdir(parents=True, exist_ok=True)
+        image.save(folder / f"{seed}.png")
+    n_seeds = -(-len(images) // per_seed)
+    config = {"name": "score-bench", "faces": "builtin:test-faces", "prompts": args.prompts,
+              "seeds": list(range(n_seeds)), "methods": [{"name": "external", "params": {"source": str(source)}}],
+              "scoring": {"scorers": list(args.scorers), "device": str(device), "batch_size": args.batch_size,
+                          "settings": {k: settings_table[k] for k in args.scorers}}}
+    path = root / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    generate(path, out=root / "run", progress=False)
+    return root / "run"
+
+
+def command_main(args, images, faces, prompt_set, settings_table, timer, device) -> int:
+    import shutil
+
+    import pandas as pd
+    import yaml
+
+    from f2d_bench.api import score
+    from f2d_bench.scoring.decode import default_workers
+
+    clock = instrument(timer)
+    workers = args.workers if args.workers is not None else [default_workers()]
+    variants = [(p, w) for p in args.precision for w in workers]
+    if ("fp32", workers[0]) not in variants:
+        variants.insert(0, ("fp32", workers[0]))  # the deltas' baseline
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = write_external_run(tmp, images, faces, prompt_set, settings_table, args, device)
+        base_config = yaml.safe_load((tmp / "run.yaml").read_text(encoding="utf-8"))
+        results = {}
+        for precision, w in variants:
+            copy = tmp / f"run-{precision}-{w}"
+            shutil.copytree(run, copy, ignore=shutil.ignore_patterns("scores", "records.parquet", "table1.csv"))
+            cfg = dict(base_config, scoring=dict(base_config["scoring"], precision=precision, workers=w,
+                                                 block_size=args.block_size))
+            cfg_path = tmp / f"score-{precision}-{w}.yaml"
+            cfg_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+            clock.__init__(timer)
+            start = time.perf_counter()
+            score(copy, config=cfg_path, progress=False)
+            wall = time.perf_counter() - start
+            records = pd.read_parquet(copy / "records.parquet")
+            results[(precision, w)] = (wall, dict(clock.seconds), dict(clock.first), records, clock.fixed_seconds(),
+                                       dict(clock.images))
+        n = len(results[variants[0]][3])
+        print(f"\nthe score command on {n} PNG files on disk ({args.size}x{args.size}), block {args.block_size}, "
+              f"batch {args.batch_size}; each variant scores a fresh copy from nothing (models load each time)")
+        base = results[("fp32", workers[0])]
+        for (precision, w), (wall, seconds, first, records, fixed, images_done) in results.items():
+            rate = n / max(wall - fixed, 1e-9)
+            estimate = fixed + PROTOCOL_IMAGES / rate
+            print(f"\n[precision {precision}, workers {w}] wall {wall:.2f} s, {n / wall:.2f} images/s "
+                  f"({wall / base[0]:.2f}x the fp32 wall); fixed cost (setup, model loads) {fixed:.1f} s, "
+                  f"the rest at {rate:.2f} images/s")
+            print(f"  estimated wall time of one method's full protocol ({PROTOCOL_IMAGES} images) here: "
+                  f"{estimate / 60:.1f} min ({estimate / 3600:.2f} h)")
+            accounted = sum(seconds.values()) + sum(first.values())
+            width = 40
+            print(f"  {'stage':<{width}}{'seconds':>9}{'share':>8}{'images/s':>10}{'first batch s':>15}"
+                  "   (images/s: of the later batches)")
+            for stage in sorted(set(seconds) | set(first), key=lambda k: -(seconds.get(k, 0) + first.get(k, 0))):
+                sec = seconds.get(stage, 0.0)
+                share = 100 * (sec + first.get(stage, 0.0)) / wall
+                imgs = images_done.get(stage) if stage in first else (0 if stage == SETUP else n)
+                ips = f"{imgs / sec:>10.2f}" if sec > 0 and imgs else f"{'':>10}"
+                fb = f"{first[stage]:>15.2f}" if stage in first else ""
+                print(f"  {stage:<{width}}{sec:>9.2f}{share:>7.1f}%{ips}{fb}")
+            other = wall - accounted
+            print(f"  {'other (hashing, caches, records, table)':<{width}}{other:>9.2f}{100 * other / wall:>7.1f}%")
+            if (precision, w) != ("fp32", workers[0]):
+                metrics = [c for c in records.columns if c in base[3].columns and records[c].dtype.kind == "f"
+                           and c not in ("face_prob",)]
+                deltas = []
+                for m in metrics:
+                    d = (records[m] - base[3][m]).abs()
+                    if d.notna().any():
+                        deltas.append(f"{m} max {d.max():.3g} mean {d.mean():.3g}")
+                print(f"  |{precision} - fp32| per metric: " + ("; ".join(deltas) or "no metric"))
+                same = all(np.array_equal(records[m].to_numpy(), base[3][m].to_numpy(), equal_nan=True)
+                           for m in metrics)
+                print(f"  records bit-identical to [fp32, workers {workers[0]}]: {same}")
+    return 0
+
+
 # -- main -----------------------------------------------------------------------------------------------
 
 
@@ -245,6 +427,13 @@ def main() -> int:
     ap.add_argument("--clip-model", help="override CLIP's open_clip model (random weights; 'tiny': the tiny model)")
     ap.add_argument("--siglip-model", help="override SigLIP's open_clip model (random weights; 'tiny': the tiny model)")
     ap.add_argument("--scorers", nargs="+", default=list(DEFAULT_SCORERS), choices=list(DEFAULT_SCORERS))
+    ap.add_argument("--command", action="store_true",
+                    help="measure the real score command on PNG files on disk (see the module docstring)")
+    ap.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "tf32", "bf16"],
+                    help="--command: scoring.precision variants (deltas printed against fp32)")
+    ap.add_argument("--workers", nargs="+", type=int, default=None,
+                    help="--command: scoring.workers variants (default: the machine's default)")
+    ap.add_argument("--block-size", type=int, default=256, help="--command: scoring.block_size")
     args = ap.parse_args()
     if args.n < 1 or args.batch_size < 1 or args.size < 32:
         ap.error("--n and --batch-size must be >= 1, --size >= 32")
@@ -276,9 +465,13 @@ def main() -> int:
     n_prompts = min(-(-args.n // len(faces)), len(prompt_set.prompts) + 1)
     print(f"images: {args.n} ({distinct} distinct sha256) from the {len(faces)} shipped test faces, "
           f"{args.size}x{args.size}; grid: {len(faces)} faces x {n_prompts} prompts of {prompt_set.name!r} "
-          f"(reference first) x seeds; batch {args.batch_size}, 1 warm-up batch per stage not counted")
+          f"(reference first) x seeds; batch {args.batch_size}"
+          + ("" if args.command else ", 1 warm-up batch per stage not counted"))
     print(f"settings: {'--full-size (real architectures, random weights)' if args.full_size else 'smoke preset'}: "
           + ", ".join(f"{k} {settings_table[k]}" for k in args.scorers))
+
+    if args.command:
+        return command_main(args, images, faces, prompt_set, settings_table, timer, device)
 
     rows: list[tuple[str, float | None, float | None, str]] = []  # stage, seconds, load seconds, note
     failed = []

@@ -28,6 +28,8 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 #: The face-set value that names the photos shipped in ``f2d_bench/assets/faces`` (prepared on first use).
 BUILTIN_TEST_FACES = "builtin:test-faces"
+#: ``scoring.precision`` (and ``scoring.settings.<scorer>.precision``) values.
+PRECISIONS = ("fp32", "tf32", "bf16")
 #: ``scoring.no_face`` values: an image without a face scores 0.0, or is left out of identity means.
 NO_FACE_POLICIES = ("zero", "drop")
 #: ``methods[].sampling`` values: the run's sampling settings, or the method's official ones.
@@ -59,12 +61,13 @@ class _Section(BaseModel):
         except ValidationError as exc:
             raise _config_error(exc, cls) from None
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, complete: bool = False) -> dict[str, Any]:
         """Plain, JSON/YAML-serialisable form: fields in declaration order, tuples as lists.
 
-        Hashes of it identify grids and methods, so its form must never change.
+        Hashes of it identify grids and methods, so its form must never change: keys added later appear
+        only once set. ``complete``: every key, set or not (records of what ran, never hashed).
         """
-        return _to_plain(self)
+        return _to_plain(self, complete)
 
 
 class ModelConfig(_Section):
@@ -175,6 +178,24 @@ class ScoringConfig(_Section):
     fid_backend: str = "pytorch-fid"
     #: Local Inception weights for the backend (None: the backend's published file).
     fid_weights: str | None = None
+    #: Arithmetic of every scorer's model unless ``settings.<scorer>.precision`` says otherwise: ``fp32``
+    #: (exact: TF32 off for matmuls and cuDNN), ``tf32`` (TF32 on; a no-op on the CPU) or ``bf16``
+    #: (bfloat16 autocast, CPU and CUDA). Part of the cache key of each scorer it changes; scorers
+    #: without a torch model (dlib, deepface) stay fp32. The face detector and FID are always fp32.
+    precision: str = "fp32"
+    #: Threads that decode the run's PNGs for scoring (0: in the scoring thread; None: one per core but
+    #: one, at most 4; Pillow decodes without the GIL). Decoding is the same either way: it changes no value.
+    workers: int | None = None
+    #: Images decoded and held at once; each is decoded once and shared by every stage.
+    block_size: int = 256
+
+    _LATER_KEYS: ClassVar[tuple[str, ...]] = ("precision", "workers", "block_size")
+
+    def resolved_workers(self) -> int:
+        """``workers``, with None resolved for this machine."""
+        from f2d_bench.scoring.decode import default_workers
+
+        return default_workers() if self.workers is None else self.workers
 
     @model_validator(mode="after")
     def _check(self) -> ScoringConfig:
@@ -182,6 +203,11 @@ class ScoringConfig(_Section):
         _check_choice("scoring.no_face", self.no_face, NO_FACE_POLICIES)
         if not 0.0 <= self.min_face_prob <= 1.0:
             raise ValueError(f"scoring.min_face_prob must be in [0, 1], got {self.min_face_prob}")
+        _check_choice("scoring.precision", self.precision, PRECISIONS)
+        if self.workers is not None and self.workers < 0:
+            raise ValueError(f"scoring.workers must be >= 0 (0: decode in-process), got {self.workers}")
+        if self.block_size < 1:
+            raise ValueError(f"scoring.block_size must be >= 1, got {self.block_size}")
         if self.batch_size < 1 or self.chunk_size < 1:
             raise ValueError(f"scoring.batch_size and scoring.chunk_size must be >= 1, got "
                              f"{self.batch_size} and {self.chunk_size}")
@@ -256,18 +282,18 @@ def canonical_hash(data: Any, length: int = 12) -> str:
     return hashlib.sha256(blob).hexdigest()[:length]
 
 
-def _to_plain(value: Any) -> Any:
+def _to_plain(value: Any, complete: bool = False) -> Any:
     if isinstance(value, BaseModel):
         fields = type(value).model_fields
         # Keys added after a section's form was fixed are written only when set, so configs and hashes of
         # runs that do not use them keep the form they always had.
-        later = getattr(type(value), "_LATER_KEYS", ())
-        return {name: _to_plain(getattr(value, name)) for name in fields
+        later = () if complete else getattr(type(value), "_LATER_KEYS", ())
+        return {name: _to_plain(getattr(value, name), complete) for name in fields
                 if name not in later or getattr(value, name) != fields[name].default}
     if isinstance(value, Mapping):
-        return {str(k): _to_plain(v) for k, v in value.items()}
+        return {str(k): _to_plain(v, complete) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
+        return [_to_plain(v, complete) for v in value]
     return value
 
 

@@ -141,9 +141,9 @@ def test_int_for_a_float_becomes_a_float():
 @pytest.mark.parametrize("overrides, message", [
     # unknown keys at a nested path, the alphabetically first one
     ({"methods": [{"name": "a", "nam": "b"}]}, "unknown key methods[0].nam; allowed keys here: base, base_revision, label, name, params, sampling"),
-    ({"scoring": {"zz": 1, "bogus": 2}}, "unknown key scoring.bogus; allowed keys here: batch_size, chunk_size, "
-     "device, face_policy, fid_backend, fid_reference, fid_weights, identity_clamp, min_face_prob, no_face, "
-     "scorers, settings"),
+    ({"scoring": {"zz": 1, "bogus": 2}}, "unknown key scoring.bogus; allowed keys here: batch_size, block_size, "
+     "chunk_size, device, face_policy, fid_backend, fid_reference, fid_weights, identity_clamp, min_face_prob, "
+     "no_face, precision, scorers, settings, workers"),
     # wrong types, with list indices in the path
     ({"methods": [{"name": "a"}, {"name": 3}]}, "methods[1].name: expected a string, got 3"),
     ({"seeds": [0, "x"]}, "seeds[1]: expected an integer, got 'x'"),
@@ -215,3 +215,18 @@ def test_params_settings_and_lists_stay_immutable():
         cfg.scoring.replace(settings={"clip": {}}).settings["siglip"] = {}  # type: ignore[index]
     with pytest.raises(Exception):
         cfg.sampling.height = 128  # type: ignore[misc]
+
+
+def test_keys_added_later_are_written_only_when_set():
+    """Sections keep the plain form runs were made with: a later key appears only once it is set."""
+    plain = config_from_dict(small_config_dict()).to_dict()
+    assert not {"precision", "workers", "block_size"} & set(plain["scoring"])
+    assert not {"base", "base_revision", "sampling"} & set(plain["methods"][0])
+    changed = config_from_dict(small_config_dict(scoring={"precision": "bf16", "workers": 0},
+                                                 methods=[{"name": "sd-class", "sampling": "protocol",
+                                                           "base": "f2d-bench/tiny-sd14"}])).to_dict()
+    assert changed["scoring"]["precision"] == "bf16" and changed["scoring"]["workers"] == 0
+    assert "block_size" not in changed["scoring"] and "sampling" not in changed["methods"][0]
+    assert changed["methods"][0]["base"] == "f2d-bench/tiny-sd14"
+    assert config_from_dict(changed) == config_from_dict(small_config_dict(
+        scoring={"precision": "bf16", "workers": 0}, methods=[{"name": "sd-class", "base": "f2d-bench/tiny-sd14"}]))

@@ -275,8 +275,10 @@ def _metadata_view(data: ReportData) -> list[dict]:
         scoring = run.scoring
         scorers = []
         for s in scoring.get("scorers", []):
-            rest = {k: v for k, v in s.items() if k not in ("name", "note", "version", "settings")}
+            rest = {k: v for k, v in s.items() if k not in ("name", "note", "version", "settings", "precision")}
+            # Scores made before precision was recorded were fp32.
             scorers.append({"name": s.get("name"), "version": s.get("version"), "note": s.get("note"),
+                            "precision": s.get("precision", "fp32"),
                             "settings": json.dumps(s.get("settings", {}), sort_keys=True),
                             "extra": json.dumps(rest, sort_keys=True) if rest else ""})
         fid_backends = sorted({f"{r.get('backend')} (reference: {r.get('reference')}, "

@@ -44,7 +44,7 @@ def check_scoring(names, settings) -> None:
         raise ConfigError(f"scoring.settings.{unknown[0]}: no such scorer; installed: {', '.join(installed)}")
     for name in dict.fromkeys([*names, *settings]):
         cls = SCORERS.load(name)  # an unknown name: a ConfigError with the closest names
-        extra = sorted(set(settings.get(name, {})) - set(cls.defaults))
+        extra = sorted(set(settings.get(name, {})) - set(cls.defaults) - {"precision"})  # every scorer's
         if extra:
             raise ConfigError(f"scoring.settings.{name}.{extra[0]}: scorer {name} has no such setting; "
                               f"allowed: {', '.join(sorted(cls.defaults)) or '(none)'}")

@@ -7,12 +7,14 @@ of metric values per item. Scorers never see a method.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
-from f2d_bench.config import canonical_hash
+from f2d_bench.config import PRECISIONS, canonical_hash
 from f2d_bench.errors import ConfigError
+from f2d_bench.faces.imageio import read_image
 from f2d_bench.grid import ItemKey
 
 if TYPE_CHECKING:
@@ -61,6 +63,31 @@ class ScoringContext:
     device: str
     #: face_id -> the chosen detection in the input face image (None: no face found there).
     input_detections: Mapping[str, "Detection | None"]
+    #: ``scoring.precision``: the default of scorers that support it (see :attr:`Scorer.precisions`).
+    precision: str = "fp32"
+    #: Reads a run image as 8-bit RGB (`score` passes the images it has already decoded).
+    read_image: Callable[[Path], "Image.Image"] = read_image
+
+
+@contextmanager
+def precision_scope(precision: str, device: str) -> Iterator[None]:
+    """Run torch models under ``precision``: ``fp32`` turns TF32 off for CUDA matmuls and cuDNN (exact
+    float32), ``tf32`` turns it on (no effect on the CPU), ``bf16`` adds bfloat16 autocast on ``device``.
+    The process's previous TF32 switches are restored on exit."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 class Scorer:
@@ -77,8 +104,19 @@ class Scorer:
     #: Whether values depend on the face chosen in the generated image (then the face stage's
     #: settings are part of the cache key).
     uses_faces: ClassVar[bool] = False
+    #: The ``precision`` values this scorer's model runs in (fp32 only: no torch model to change).
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
 
     def __init__(self, settings: Mapping[str, Any], context: ScoringContext):
+        # ``precision`` is a setting of every scorer, kept apart from ``settings`` so that an fp32 scorer
+        # keeps the cache key it had before precision was a setting.
+        settings = dict(settings)
+        asked = settings.pop("precision", None)
+        if asked is not None and asked not in self.precisions:
+            raise ConfigError(f"scorer {self.name}: precision {asked!r} is not one of "
+                              f"{', '.join(self.precisions)}" + (" (it runs no torch model)"
+                                                                 if self.precisions == ("fp32",) else ""))
+        self.precision = asked or (context.precision if context.precision in self.precisions else "fp32")
         unknown = sorted(set(settings) - set(self.defaults))
         if unknown:
             raise ConfigError(
@@ -88,7 +126,14 @@ class Scorer:
         self.context = context
 
     def cache_identity(self) -> dict:
-        return {"scorer": self.name, "version": self.version, "settings": self.settings}
+        ident = {"scorer": self.name, "version": self.version, "settings": self.settings}
+        if self.precision != "fp32":  # fp32 keys are those from before precision was a setting
+            ident["precision"] = self.precision
+        return ident
+
+    def precision_scope(self):
+        """The context :meth:`score` runs in: this scorer's precision on its device."""
+        return precision_scope(self.precision, self.context.device)
 
     @property
     def cache_id(self) -> str:
@@ -97,7 +142,8 @@ class Scorer:
 
     def describe(self) -> dict:
         """Recorded in the run and shown in reports: checkpoint, backend, weight status."""
-        return {"name": self.name, "version": self.version, "settings": self.settings, "note": self.note()}
+        return {"name": self.name, "version": self.version, "settings": self.settings, "note": self.note(),
+                "precision": self.precision}
 
     def note(self) -> str | None:
         """A caveat for reports, e.g. RANDOM_WEIGHTS_NOTE. None when the values are meaningful."""

@@ -52,21 +52,19 @@ class CachedScorer:
     def compute(self, entries: Sequence[ImageEntry], make_item: Callable[[ImageEntry], ScoreItem], *,
                 batch_size: int, chunk_size: int, progress) -> None:
         """Score ``entries`` in batches and add their rows to the cache (whole chunks as they fill)."""
-        writer = self.cache.writer(chunk_size)
         bar = progress(entries, self.scorer.name)
+        batcher = self.batcher(batch_size, chunk_size, on_batch=bar.update)
         try:
-            for start in range(0, len(entries), batch_size):
-                batch = entries[start:start + batch_size]
-                values = self.scorer.score([make_item(e) for e in batch])
-                if len(values) != len(batch):
-                    raise RuntimeError(f"scorer {self.scorer.name} returned {len(values)} rows for {len(batch)} images")
-                for e, v in zip(batch, values):
-                    writer.add({"cache_key": self.cache_key(e),
-                                **{name: _as_float(v.get(name)) for name in self.metric_names}})
-                bar.update(len(batch))
+            for e in entries:
+                batcher.add(e, make_item(e))
+            batcher.flush()
         finally:
-            writer.close()
+            batcher.close()
             bar.close()
+
+    def batcher(self, batch_size: int, chunk_size: int, on_batch: Callable[[int], object] = lambda n: None):
+        """A :class:`ScoreBatcher` that scores items ``batch_size`` at a time into this cache."""
+        return ScoreBatcher(self, batch_size, self.cache.writer(chunk_size), on_batch)
 
     def values(self, entries: Sequence[ImageEntry]) -> dict[str, np.ndarray]:
         """metric -> one value per entry (NaN where nothing is cached, e.g. an unreadable image)."""
@@ -81,3 +79,35 @@ class CachedScorer:
 
 def _as_float(value) -> float:
     return np.nan if value is None else float(value)
+
+
+class ScoreBatcher:
+    """Items queued one at a time and scored ``batch_size`` at a time, in the order queued, under the
+    scorer's precision (so a batch holds the same images however the caller walks the run)."""
+
+    def __init__(self, cached: CachedScorer, batch_size: int, writer, on_batch: Callable[[int], object]):
+        self.cached, self.batch_size, self.writer, self.on_batch = cached, batch_size, writer, on_batch
+        self._queue: list[tuple[ImageEntry, ScoreItem]] = []
+
+    def add(self, e: ImageEntry, item: ScoreItem) -> None:
+        self._queue.append((e, item))
+        if len(self._queue) >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Score what is queued (a batch shorter than ``batch_size`` at the end of the run)."""
+        scorer, batch, self._queue = self.cached.scorer, self._queue, []
+        if not batch:
+            return
+        with scorer.precision_scope():
+            values = scorer.score([item for _, item in batch])
+        if len(values) != len(batch):
+            raise RuntimeError(f"scorer {scorer.name} returned {len(values)} rows for {len(batch)} images")
+        for (e, _), v in zip(batch, values):
+            self.writer.add({"cache_key": self.cached.cache_key(e),
+                             **{name: _as_float(v.get(name)) for name in self.cached.metric_names}})
+        self.on_batch(len(batch))
+
+    def close(self) -> None:
+        """Write the rows of whole batches not written yet (queued items are dropped: call flush first)."""
+        self.writer.close()

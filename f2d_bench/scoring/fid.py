@@ -17,36 +17,66 @@ from f2d_bench.scoring.cache import ChunkCache
 from f2d_bench.scoring.inputs import ImageEntry
 
 
+class FidStage:
+    """The Inception-feature cache of one writer, filled image by image (:meth:`add`); features are
+    computed ``scoring.chunk_size`` images at a time and each such set is one chunk."""
+
+    def __init__(self, run: RunDir, scoring: ScoringConfig, backend, *, writer: str = "all"):
+        ident = {"stage": "fid-features", "backend": backend.describe()}
+        self.cache = ChunkCache(run.cache_dir(f"fid-{canonical_hash(ident, 10)}"), writer)
+        self.cache.describe("stage.json", ident)
+        self.backend, self.size = backend, scoring.chunk_size
+        self.ref_id = run.read_grid()["prompt_set"]["reference_id"]
+        self._have = self.cache.keys()
+        self._pending: list = []  # (entry, image or None)
+
+    def todo(self, entries: Sequence[ImageEntry]) -> list[ImageEntry]:
+        """``entries``' prompt images without features yet, each image sha once, in order."""
+        return list({e.sha256: e for e in entries if self.wants(e)}.values())
+
+    def wants(self, e: ImageEntry) -> bool:
+        """Whether ``e`` is a prompt image without features yet."""
+        return e.key.prompt_id != self.ref_id and e.sha256 not in self._have
+
+    def add(self, e: ImageEntry, read) -> None:
+        """Queue ``e`` (``read(path)``: its decoded image, or F2DBenchError: then it is in no FID; the
+        faces stage records the error)."""
+        try:
+            image = read(e.path)
+        except F2DBenchError:
+            image = None
+        self._have.add(e.sha256)
+        self._pending.append((e, image))
+        if len(self._pending) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        import pandas as pd
+
+        if not self._pending:
+            return
+        keep = [(e, im) for e, im in self._pending if im is not None]
+        feats = self.backend.features([im for _, im in keep]) if keep else np.zeros((0, 2048))
+        self.cache.write(pd.DataFrame({"cache_key": [e.sha256 for e, _ in keep],
+                                       "features": [f.astype(np.float32).tolist() for f in feats]}))
+        self._pending = []
+
+
 def fid_features(run: RunDir, entries: Sequence[ImageEntry], scoring: ScoringConfig, backend, progress, *,
                  writer: str = "all") -> ChunkCache:
     """Cache the Inception features of ``entries``' prompt images that are not cached yet; returns the
     cache. ``backend``: from :func:`make_fid_backend`; ``writer``: the shard tag its chunks carry."""
-    import pandas as pd
-
     from f2d_bench.faces.imageio import read_image
 
-    ident = {"stage": "fid-features", "backend": backend.describe()}
-    cache = ChunkCache(run.cache_dir(f"fid-{canonical_hash(ident, 10)}"), writer)
-    cache.describe("stage.json", ident)
-    ref_id = run.read_grid()["prompt_set"]["reference_id"]
-    have = cache.keys()
-    todo = list({e.sha256: e for e in entries if e.key.prompt_id != ref_id and e.sha256 not in have}.values())
+    stage = FidStage(run, scoring, backend, writer=writer)
+    todo = stage.todo(entries)
     bar = progress(todo, "fid")
-    for start in range(0, len(todo), scoring.chunk_size):
-        chunk = todo[start:start + scoring.chunk_size]
-        images, keep = [], []
-        for e in chunk:
-            try:
-                images.append(read_image(e.path))
-                keep.append(e)
-            except F2DBenchError:
-                continue  # recorded as an error by the faces stage; not part of any FID
-        feats = backend.features(images) if images else np.zeros((0, 2048))
-        cache.write(pd.DataFrame({"cache_key": [e.sha256 for e in keep],
-                                  "features": [f.astype(np.float32).tolist() for f in feats]}))
-        bar.update(len(chunk))
+    for e in todo:
+        stage.add(e, read_image)
+        bar.update(1)
+    stage.flush()
     bar.close()
-    return cache
+    return stage.cache
 
 
 def make_fid_backend(scoring: ScoringConfig, device: str):

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.config import PRECISIONS
 from f2d_bench.scorers.base import MetricSpec, ScoreItem, Scorer
 
 #: Identity models built with random weights are seeded so that smoke runs are reproducible.
@@ -96,6 +97,7 @@ class AdaFaceScorer(IdentityScorer):
     metric = "adaface"
     metrics = (_identity_metric("adaface", "AdaFace IR-101"),)
     defaults = {"weights": "official", "checkpoint": None, "arch": "ir_101", "layout": "lightning"}
+    precisions = PRECISIONS
 
     def _load_official(self):
         from f2d_bench.scorers.identity.adaface import load_adaface
@@ -123,6 +125,7 @@ class SphereFaceScorer(IdentityScorer):
     metric = "sphereface"
     metrics = (_identity_metric("sphereface", "SphereFace"),)
     defaults = {"weights": "official", "checkpoint": None, "variant": None, "crop": None}
+    precisions = PRECISIONS
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
@@ -161,6 +164,7 @@ class FaceNetScorer(IdentityScorer):
     metric = "facenet"
     metrics = (_identity_metric("facenet", "FaceNet (InceptionResnetV1, VGGFace2)"),)
     defaults = {"weights": "official", "checkpoint": None, "pretrained": "vggface2", "allow_download": True}
+    precisions = PRECISIONS
 
     def _load_official(self):
         from f2d_bench.scorers.identity.facenet import load_facenet

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from f2d_bench.config import PRECISIONS
 from f2d_bench.errors import ConfigError
 from f2d_bench.scorers.base import RANDOM_WEIGHTS_NOTE, MetricSpec, ScoreItem, Scorer
 
@@ -26,6 +27,8 @@ class _OpenClipScorer(Scorer):
     ``model: tiny`` selects the project's tiny model, for offline smoke runs whose tokenizer cannot
     be fetched).
     """
+
+    precisions = PRECISIONS
 
     def __init__(self, settings, context):
         super().__init__(settings, context)
@@ -119,12 +122,12 @@ class ClipScorer(_OpenClipScorer):
     def _reference_embeddings(self, paths: Sequence[Path]):
         import torch
 
-        from f2d_bench.faces.imageio import read_image
         from f2d_bench.scorers.text.clip_models import image_embeds
 
         missing = sorted({p for p in paths if p not in self._ref_images})
         if missing:
-            for p, emb in zip(missing, image_embeds(self.bundle(), [read_image(p) for p in missing])):
+            read = self.context.read_image
+            for p, emb in zip(missing, image_embeds(self.bundle(), [read(p) for p in missing])):
                 self._ref_images[p] = emb
         return torch.stack([self._ref_images[p] for p in paths])
 
