@@ -102,7 +102,8 @@ def read_torch_file(file: Path, *, metadata: Iterable[str] = (), error: type[Exc
         raise error(f"{str(file)!r} is not a readable PyTorch file: {exc}") from exc
 
 
-def _listing(keys: Iterable[str]) -> str:
+def key_listing(keys: Iterable[str]) -> str:
+    """``"<count>: 'a', 'b', ... and N more"``: the first ``KEYS_SHOWN`` keys (sorted) of a layout error."""
     keys = sorted(keys)
     shown = ", ".join(repr(k) for k in keys[:KEYS_SHOWN])
     more = f" and {len(keys) - KEYS_SHOWN} more" if len(keys) > KEYS_SHOWN else ""
@@ -150,11 +151,11 @@ def check_state_dict(
     if missing or unexpected or wrong_shape:
         parts = []
         if missing:
-            parts.append(f"missing keys {_listing(missing)}")
+            parts.append(f"missing keys {key_listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {_listing(unexpected)}")
+            parts.append(f"unexpected keys {key_listing(unexpected)}")
         if wrong_shape:
-            parts.append(f"wrong shapes {_listing(wrong_shape)}")
+            parts.append(f"wrong shapes {key_listing(wrong_shape)}")
         hint = _prefix_hint(missing, unexpected)
         raise error(
             f"{source} does not match the {type(model).__name__} architecture "

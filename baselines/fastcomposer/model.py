@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from f2d_bench.errors import ModelUnavailableError
-from f2d_bench.weights import KEYS_SHOWN, read_torch_file
+from f2d_bench.weights import key_listing, read_torch_file
 
 #: Where the released weights are published (one file holding the whole model).
 PUBLISHED = ("FastComposer's weights are published as pytorch_model.bin (4.5 GB) in the Hugging Face repository "
@@ -218,12 +218,6 @@ def official_layout(model: FastComposerModel) -> dict[str, tuple[tuple[int, ...]
     return layout
 
 
-def _listing(keys) -> str:
-    keys = sorted(keys)
-    more = f" and {len(keys) - KEYS_SHOWN} more" if len(keys) > KEYS_SHOWN else ""
-    return f"{len(keys)}: " + ", ".join(repr(k) for k in keys[:KEYS_SHOWN]) + more
-
-
 def check_official(state: Mapping[str, Any], model: FastComposerModel, source: str) -> dict[str, torch.Tensor]:
     """The model's tensors (project keys) from a state dict in the released layout, after checking that
     no key is missing or extra and every shape fits; CheckpointLayoutError names the offending keys as
@@ -246,11 +240,11 @@ def check_official(state: Mapping[str, Any], model: FastComposerModel, source: s
     if missing or unexpected or wrong:
         parts = []
         if missing:
-            parts.append(f"missing keys {_listing(missing)}")
+            parts.append(f"missing keys {key_listing(missing)}")
         if unexpected:
-            parts.append(f"unexpected keys {_listing(unexpected)}")
+            parts.append(f"unexpected keys {key_listing(unexpected)}")
         if wrong:
-            parts.append(f"wrong tensors {_listing(wrong)}")
+            parts.append(f"wrong tensors {key_listing(wrong)}")
         raise CheckpointLayoutError(
             f"{source} is not the released FastComposer model for this base ({len(layout)} tensors expected: "
             f"{', '.join(p + '.*' for p in PARTS)}): " + "; ".join(parts))

@@ -32,7 +32,7 @@ from f2d_bench.faces.detect import Detection, FaceDetector
 from f2d_bench.faces.imageio import read_image
 from f2d_bench.files import file_sha256, folder_sha256s
 from f2d_bench.methods.base import GenerationRequest, Method, MethodContext
-from f2d_bench.weights import WeightsLayoutError, read_torch_file
+from f2d_bench.weights import WeightsLayoutError, key_listing, read_torch_file
 
 from baselines.ip_adapter_faceid.random_weights import (RANDOM_LORA_RANK, RANDOM_SEED, cached_random_adapter,
                                                         cached_random_pack)
@@ -136,12 +136,6 @@ def layout_parameter_count(layout: Mapping[str, Mapping[str, tuple[int, ...]]]) 
     return sum(int(np.prod(shape)) for part in layout.values() for shape in part.values())
 
 
-def _listing(items: Sequence[str], shown: int = 6) -> str:
-    items = sorted(items)
-    more = f" and {len(items) - shown} more" if len(items) > shown else ""
-    return f"{len(items)}: " + ", ".join(repr(i) for i in items[:shown]) + more
-
-
 def _variant_hint(image_proj_keys, variant: str | None) -> str:
     """A sentence when the file is evidently another variant's than ``variant``."""
     plus = "perceiver_resampler.proj_in.weight" in image_proj_keys
@@ -174,7 +168,7 @@ def check_adapter_state(state: Any, layout: Mapping[str, Mapping[str, tuple[int,
                  if k in want and (not isinstance(v, torch.Tensor) or tuple(v.shape) != want[k])]
         for what, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
             if items:
-                problems.append(f"{part}: {what} {_listing(items)}")
+                problems.append(f"{part}: {what} {key_listing(items)}")
     if problems:
         raise WeightsLayoutError(f"{source} does not match this UNet's IP-Adapter-FaceID layout: "
                                  + "; ".join(problems) + "." + _variant_hint(state["image_proj"], variant))
