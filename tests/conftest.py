@@ -214,3 +214,14 @@ def pytest_collection_modifyitems(config, items):
         import warnings
 
         warnings.warn(pytest.PytestWarning(f"conftest.SLOW_ELSEWHERE lists {entry!r}, which does not exist"))
+
+
+#: The environments two processes see under a simulated launcher: a SLURM array of 2 tasks, and torchrun
+#: with 2 ranks on one node (``--shard auto`` reads them).
+TWO_PROCESS_LAUNCHERS = [
+    ("SLURM array", [{"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
+                      "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_PROCID": "0",
+                      "SLURM_NTASKS": "1"} for i in range(2)]),
+    ("torchrun", [{"RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "2"}
+                  for i in range(2)]),
+]

@@ -17,7 +17,7 @@ from f2d_bench.grid import Shard
 from f2d_bench.launch.environment import LAUNCH_VARIABLES, detect_launch, pin_device, pinned_devices
 from f2d_bench.run_dir import RunDir
 
-from conftest import REPO, face_dir, run_hashes, small_config_dict
+from conftest import REPO, TWO_PROCESS_LAUNCHERS, face_dir, run_hashes, small_config_dict
 
 
 @pytest.mark.parametrize("env, shard, local, launcher", [
@@ -151,13 +151,7 @@ def _launch_all(cmd: list[str], envs: list[dict], tmp_path) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, envs", [
-    ("SLURM array", [{"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
-                      "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_PROCID": "0",
-                      "SLURM_NTASKS": "1"} for i in range(2)]),
-    ("torchrun", [{"RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "2"}
-                  for i in range(2)]),
-])
+@pytest.mark.parametrize("launcher, envs", TWO_PROCESS_LAUNCHERS)
 def test_shard_auto_processes_together_make_the_unsharded_set(launcher, envs, tmp_path):
     faces = face_dir(tmp_path / "faces", ["obama", "biden", "grace_hopper"])
     # Batch 1: every image is its own batch in any shard, so sharded pixels equal unsharded ones exactly.

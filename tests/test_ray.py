@@ -117,18 +117,15 @@ def test_ray_run_equals_a_single_process_run(local_ray, tmp_path, capsys):
     assert again.complete and again.written == 0 and again.shards == 6
 
 
-@pytest.mark.slow
-def test_a_killed_worker_is_replaced_and_the_run_completes_once(local_ray, tmp_path):
-    data = _config(tmp_path, seeds=[0, 1, 2], sampling={"num_inference_steps": 30})
-    cfg = config_from_dict(data)
-    out, clean = tmp_path / "ray", tmp_path / "clean"
-    expected = len(FACES) * 5 * 3
+def _kill_a_worker_midway(kind: str, cfg, out, started):
+    """Run ``kind`` over Ray with 2 workers and 8 shards in a thread, SIGKILL one worker once both are up
+    and ``started()`` holds, and wait for the run; returns its summary and every worker that came up."""
     workers: list[dict] = []
     result: dict = {}
 
     def drive():
         try:
-            result["summary"] = run_with_ray("generate", cfg, out, workers=2, shards=8, progress=False,
+            result["summary"] = run_with_ray(kind, cfg, out, workers=2, shards=8, progress=False,
                                              on_worker=workers.append)
         except BaseException as exc:  # re-raised in the test's thread
             result["error"] = exc
@@ -137,16 +134,30 @@ def test_a_killed_worker_is_replaced_and_the_run_completes_once(local_ray, tmp_p
     thread.start()
     deadline = time.time() + 300
     while time.time() < deadline and thread.is_alive():
-        if len(workers) >= 2 and len(list((out / "images").rglob("*.png"))) >= 4:
+        if len(workers) >= 2 and started():
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert thread.is_alive() and len(workers) >= 2, result
-    at_kill = len(list((out / "images").rglob("*.png")))
     os.kill(workers[0]["pid"], signal.SIGKILL)
     thread.join(timeout=400)
     assert not thread.is_alive() and "error" not in result, result
-    summary = result["summary"]
-    assert at_kill < expected, "the run ended before the kill"
+    return result["summary"], workers
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_the_run_completes_once(local_ray, tmp_path):
+    data = _config(tmp_path, seeds=[0, 1, 2], sampling={"num_inference_steps": 30})
+    cfg = config_from_dict(data)
+    out, clean = tmp_path / "ray", tmp_path / "clean"
+    expected = len(FACES) * 5 * 3
+    at_kill: list[int] = []
+
+    def started() -> bool:
+        at_kill[:] = [len(list((out / "images").rglob("*.png")))]
+        return at_kill[0] >= 4
+
+    summary, workers = _kill_a_worker_midway("generate", cfg, out, started)
+    assert at_kill[0] < expected, "the run ended before the kill"
     assert summary.worker_deaths >= 1 and summary.retried and summary.complete
     assert len({w["pid"] for w in workers}) >= 3  # a new worker took the dead one's place
     _exactly_once(out, expected)
@@ -266,28 +277,8 @@ def test_score_over_ray_equals_a_single_process_score(local_ray, scored_pair, tm
 def test_a_killed_score_worker_is_replaced_and_every_key_is_scored_once(local_ray, scored_pair, tmp_path):
     src, clean, _ = scored_pair
     out = _unscored_copy(src, tmp_path / "run")
-    workers: list[dict] = []
-    result: dict = {}
-
-    def drive():
-        try:
-            result["summary"] = run_with_ray("score", RunDir(out).config(), out, workers=2, shards=8,
-                                             progress=False, on_worker=workers.append)
-        except BaseException as exc:  # re-raised in the test's thread
-            result["error"] = exc
-
-    thread = threading.Thread(target=drive)
-    thread.start()
-    deadline = time.time() + 300
-    while time.time() < deadline and thread.is_alive():
-        if len(workers) >= 2 and len(list((out / "scores").glob("clip-*/chunk-*.parquet"))) >= 3:
-            break
-        time.sleep(0.02)
-    assert thread.is_alive() and len(workers) >= 2, result
-    os.kill(workers[0]["pid"], signal.SIGKILL)
-    thread.join(timeout=400)
-    assert not thread.is_alive() and "error" not in result, result
-    summary = result["summary"]
+    summary, workers = _kill_a_worker_midway(
+        "score", RunDir(out).config(), out, lambda: len(list((out / "scores").glob("clip-*/chunk-*.parquet"))) >= 3)
     assert summary.worker_deaths >= 1 and summary.retried and summary.complete
     assert len({w["pid"] for w in workers}) >= 3  # a new worker took the dead one's place
     assert summary.scored == summary.expected

@@ -21,7 +21,7 @@ from f2d_bench.scoring import score_run
 from f2d_bench.scoring.cache import ChunkCache
 from f2d_bench.scoring.inputs import run_images
 
-from conftest import face_dir, offline_scoring, prepared_crops, small_config_dict
+from conftest import TWO_PROCESS_LAUNCHERS, face_dir, offline_scoring, prepared_crops, small_config_dict
 from test_launch import _launch_all
 
 FACES = ["biden", "grace_hopper", "obama"]
@@ -168,13 +168,7 @@ def test_sharded_in_process_scores_then_a_plain_score_computes_nothing(generated
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher, envs", [
-    ("SLURM array", [{"SLURM_ARRAY_TASK_ID": str(i), "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_MAX": "1",
-                      "SLURM_ARRAY_TASK_STEP": "1", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_PROCID": "0",
-                      "SLURM_NTASKS": "1"} for i in range(2)]),
-    ("torchrun", [{"RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "2"}
-                  for i in range(2)]),
-])
+@pytest.mark.parametrize("launcher, envs", TWO_PROCESS_LAUNCHERS)
 def test_concurrent_shard_processes_make_the_unsharded_records(launcher, envs, generated, unsharded, tmp_path,
                                                                capsys):
     out = _copy_run(generated[0], tmp_path / "run")
