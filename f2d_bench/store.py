@@ -267,7 +267,9 @@ class BackgroundWriter:
         """Queue ``image`` for ``key``; ``record_fields``: those of :meth:`RunStore.record`."""
         future = self._pool.submit(self._store.write_png, key, image, record_fields["config_hash"])
         self._pending.append((key, future, record_fields, on_done))
-        while len(self._pending) > self._max_pending:
+        # Lines of the writes already done go in now, so the manifest (status, progress) trails the files
+        # by the writes in flight only; then wait while too many are in flight.
+        while self._pending and (self._pending[0][1].done() or len(self._pending) > self._max_pending):
             self._finish_oldest()
 
     def _finish_oldest(self) -> None:

@@ -133,11 +133,18 @@ def test_background_writer_records_every_image_in_order_and_raises_a_failed_writ
     mid = run.read_grid()["methods"][0]["method_id"]
     keys = [ItemKey(mid, "obama", "ref", s) for s in range(5)]
     pixels = [np.full((8, 8, 3), 40 * s, dtype=np.uint8) for s in range(5)]
-    writer = BackgroundWriter(run.store, threads=3, max_pending=2)
+    writer = BackgroundWriter(run.store, threads=3, max_pending=64)
     fields = dict(config_hash="h", batch_size=5, writer="all", written_at="now")
-    for key, p in zip(keys, pixels):
-        writer.submit(key, Image.fromarray(p), **fields)
+    writer.submit(keys[0], Image.fromarray(pixels[0]), **fields)
+    writer._pending[0][1].result()  # the first write is done ...
+    writer.submit(keys[1], Image.fromarray(pixels[1]), **fields)
+    assert keys[0] in run.store.manifest_records()  # ... so its line is in before the pool fills or closes
     writer.close()
+    bounded = BackgroundWriter(run.store, threads=3, max_pending=2)
+    for key, p in zip(keys[2:], pixels[2:]):
+        bounded.submit(key, Image.fromarray(p), **fields)
+        assert len(bounded._pending) <= 2  # bounded memory: at most max_pending images in flight
+    bounded.close()
     records = run.store.manifest_records()
     assert list(records) == keys  # manifest lines in submission order
     for key, p in zip(keys, pixels):
