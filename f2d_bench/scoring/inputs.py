@@ -35,14 +35,17 @@ def run_images(run: RunDir, shard: Shard = UNSHARDED) -> list[ImageEntry]:
         wanted = {k for k in keys if shard.owns(k)}
         wanted |= {ItemKey(k.method_id, k.face_id, ref_id, k.seed) for k in wanted}
         keys = [k for k in keys if k in wanted]
-    entries = []
-    for key in keys:
-        path = run.image_path(key)
-        if not path.is_file():
-            continue
-        ref = None if key.prompt_id == ref_id else ItemKey(key.method_id, key.face_id, ref_id, key.seed)
-        entries.append(ImageEntry(key, path, file_sha256(path), ref))
-    return entries
+    return [e for e in (image_entry(run, key, ref_id) for key in keys) if e is not None]
+
+
+def image_entry(run: RunDir, key: ItemKey, ref_id: str) -> ImageEntry | None:
+    """The entry of ``key``'s image (hashed from the file), or None when it does not exist.
+    ``ref_id``: the prompt set's reference prompt id."""
+    path = run.image_path(key)
+    if not path.is_file():
+        return None
+    ref = None if key.prompt_id == ref_id else ItemKey(key.method_id, key.face_id, ref_id, key.seed)
+    return ImageEntry(key, path, file_sha256(path), ref)
 
 
 def run_faces(run: RunDir, config: RunConfig) -> dict[str, Face]:

@@ -36,7 +36,6 @@ from f2d_bench.config import ScoringConfig, canonical_hash
 from f2d_bench.devices import resolve_device
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.faces.choice import INPUT_FACE_RULE
-from f2d_bench.faces.imageio import read_image
 from f2d_bench.files import (
     atomic_write_bytes,
     atomic_write_json,
@@ -48,10 +47,11 @@ from f2d_bench.grid import UNSHARDED, Shard
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring.cache import ChunkCache
 from f2d_bench.scoring.cached_scorer import CachedScorer
-from f2d_bench.scoring.faces import FaceStage, detection_from_row, face_stage_id, input_face_detections
-from f2d_bench.scoring.fid import FidStage, compute_fid, make_fid_backend
+from f2d_bench.scoring.faces import face_stage_id, input_face_detections
+from f2d_bench.scoring.fid import compute_fid, make_fid_backend
 from f2d_bench.scoring.inputs import ImageEntry, run_faces, run_images
 from f2d_bench.scoring.records import assemble_records
+from f2d_bench.scoring.walk import StageWalk
 
 
 @dataclass
@@ -152,11 +152,12 @@ class ScoreSession:
     :meth:`work` computes and caches the missing values of one shard's images; :meth:`assemble` those of
     the whole run and writes the records. A Ray worker keeps one session across its shards, so each
     scorer's model loads once per worker. ``scorers``: names (default: the run config's, else all
-    built-ins); ``scoring``: the settings (default: the run config's).
+    built-ins); ``scoring``: the settings (default: the run config's); ``require_images``: refuse a run
+    without images (``generate --score`` opens its session before the first image).
     """
 
     def __init__(self, run_dir: str | Path, *, scorers: Sequence[str] | None = None,
-                 scoring: ScoringConfig | None = None, progress: bool = True):
+                 scoring: ScoringConfig | None = None, progress: bool = True, require_images: bool = True):
         from f2d_bench.faces.detect import FaceDetector
         from f2d_bench.prompts import load_prompt_set
         from f2d_bench.scorers import DEFAULT_SCORERS, SCORERS
@@ -170,7 +171,7 @@ class ScoreSession:
         self.names = list(dict.fromkeys(scorers or scoring.scorers or DEFAULT_SCORERS))  # each once, in order
         self.prompt_set = load_prompt_set(run.prompts_yaml)
         self.faces = run_faces(run, config)
-        if not any(run.store.has_image(k) for k in run.keys()):
+        if require_images and not any(run.store.has_image(k) for k in run.keys()):
             raise F2DBenchError(f"{run.root} has no images yet; run f2d-bench generate first")
         self.progress = progress
         self.device = str(resolve_device(scoring.device))
@@ -229,105 +230,25 @@ class ScoreSession:
         """Cache every missing value of ``owned`` (``entries``: those and their reference images).
         Returns (detections, reference function, scorer -> rows computed).
 
-        The images are walked in blocks of ``scoring.block_size``: each image of a block that any stage
-        still needs is decoded once (in ``scoring.workers`` threads, ahead of its turn) and given to the face stage, every
-        scorer and the FID features; scorers still see the same batches, in the same order, as a walk of
-        one stage at a time over all images, so the values are the same.
+        The images are walked in blocks of ``scoring.block_size`` (:class:`~.walk.StageWalk`): each
+        image of a block that any stage still needs is decoded once (in ``scoring.workers`` threads,
+        while the previous block is scored) and given to the face stage, every scorer and the FID
+        features.
         """
-        import pandas as pd
-
-        from f2d_bench.scorers.base import ScoreItem
-        from f2d_bench.scoring.decode import ImageDecoder
-
-        by_key = {e.key: e for e in entries}
-        owned_keys = {e.key for e in owned}
-        faces = FaceStage(self.run, self.scoring, self.detector, writer=writer)
-        decoder = ImageDecoder(self.scoring.resolved_workers())
-
-        def readable(e: ImageEntry) -> bool:
-            """The face stage's verdict, or (for a reference image whose row is not there yet) the same
-            test, decoding the file (kept when this shard owns it: its own block will need it)."""
-            row = faces.row(e.sha256)
-            if row is not None:
-                return bool(pd.isna(row["error"]))
-            if e.sha256 not in self._can_read:
-                try:
-                    decoder.get(e.path)
-                    self._can_read[e.sha256] = True
-                except F2DBenchError:
-                    self._can_read[e.sha256] = False
-                if e.key not in owned_keys:
-                    decoder.release([e.path])
-            return self._can_read[e.sha256]
-
-        def reference(e: ImageEntry) -> ImageEntry | None:
-            """The same method's reference image for this face and seed, if it exists and is readable."""
-            ref = by_key.get(e.reference_key) if e.reference_key else None
-            return ref if ref is not None and readable(ref) else None
-
-        def item(e: ImageEntry) -> ScoreItem:
-            ref = reference(e)
-            return ScoreItem(key=e.key, image=decoder.get(e.path), prompt=self.prompt_set.by_id(e.key.prompt_id),
-                             face=self.faces[e.key.face_id], reference_path=ref.path if ref else None,
-                             detection=detection_from_row(faces.row(e.sha256)))
-
-        cached = {s.name: self._cached(s, reference, writer) for s in self.scorer_objs if s.name in self.names}
-        have = {name: c.cache.keys() for name, c in cached.items()}  # kept scorers: values from cache only
-        batchers = {name: c.batcher(self.scoring.batch_size, self.scoring.chunk_size) for name, c in cached.items()}
-        computed = dict.fromkeys(cached, 0)
-        fid = FidStage(self.run, self.scoring, self._fid(), writer=writer) if self.scoring.fid_reference else None
-        self.context.read_image = decoder.get  # dCLIP's reference images come from the same decodes
-        ref_id = self.prompt_set.reference.id
-
-        def wanted(block: Sequence[ImageEntry]) -> list[Path]:
-            """The images of ``block`` that some stage still needs."""
-            return [e.path for e in block if faces.row(e.sha256) is None or (readable(e) and (
-                (fid is not None and fid.wants(e)) or any(c.cache_key(e) not in have[n] for n, c in cached.items())))]
-
         size = self.scoring.block_size
         blocks = [owned[i:i + size] for i in range(0, len(owned), size)]
-        bar = self._bar(list(owned), "score")
+        walk = StageWalk(self, writer, progress=True, total=len(owned))
+        walk.know(entries, owned)
+        finished = False
         try:
             if blocks:
-                decoder.load(wanted(blocks[0]))
+                walk.prefetch(blocks[0])
             for k, block in enumerate(blocks):
-                new_faces = faces.todo(block)
-                # Reference images of later blocks (or other shards) whose verdict a cache key needs now.
-                new_keys = {e.key for e in new_faces}
-                refs = {e.reference_key: by_key[e.reference_key] for e in block if e.reference_key in by_key}
-                unknown = [r for r in refs.values() if faces.row(r.sha256) is None
-                           and r.sha256 not in self._can_read and r.key not in new_keys]
-                decoder.load([e.path for e in new_faces] + [r.path for r in unknown])
-                for e in new_faces:
-                    faces.add(e, decoder.get)
-                ok = [e for e in block if readable(e)]
-                todo = {name: [e for e in ok if c.cache_key(e) not in have[name]] for name, c in cached.items()}
-                fid_todo = fid.todo(block) if fid else []
-                if k + 1 < len(blocks):
-                    decoder.load(wanted(blocks[k + 1]))  # decodes in the workers while the models run
-                for name, t in todo.items():
-                    computed[name] += len(t)
-                    for e in t:
-                        batchers[name].add(e, item(e))
-                for e in fid_todo:
-                    fid.add(e, decoder.get)
-                bar.update(len(block))
-                # Held on: the next block's images (decoding now) and this block's reference images (dCLIP
-                # of the next block's images reads them); with block_size >= prompts x seeds, that is
-                # every image a later stage asks for, so each image is decoded once per call.
-                following = blocks[k + 1] if k + 1 < len(blocks) else []
-                decoder.keep_only([e.path for e in block if e.key.prompt_id == ref_id] + [e.path for e in following])
-            for b in batchers.values():
-                b.flush()
-            if fid:
-                fid.flush()
+                walk.step(block, blocks[k + 1] if k + 1 < len(blocks) else [])
+            finished = True
         finally:
-            for b in batchers.values():
-                b.close()
-            bar.close()
-            decoder.close()
-            self.context.read_image = read_image
-        return faces.close(), reference, computed
+            detections = walk.close(finished=finished)
+        return detections, walk.reference, walk.computed
 
     def _cached(self, scorer, reference, writer: str) -> CachedScorer:
         return CachedScorer(scorer, self.run, reference=reference, face_sha=self.face_sha,
