@@ -45,16 +45,17 @@ def resolve_config(config: RunConfig | str | Path, *, faces: str | None = None, 
 
 def generate(config: RunConfig | str | Path, *, out: str | Path | None = None, shard: Shard | str = UNSHARDED,
              faces: str | None = None, batch_size: int | None = None, device: str | None = None,
-             progress: bool = True, compile: bool = False) -> "GenerationSummary":
+             progress: bool = True, compile: bool = False, score: bool = False) -> "GenerationSummary":
     """Generate (or complete) a run's grid; ``out`` defaults to ``runs/<config name>``.
 
-    ``compile``: torch.compile the UNet and VAE decoder (images within float noise of eager ones)."""
+    ``compile``: torch.compile the UNet and VAE decoder (images within float noise of eager ones);
+    ``score``: score each image as it is written (the summary's ``score``: the ScoreSummary)."""
     from f2d_bench.engine import generate_run
 
     config = resolve_config(config, faces=faces, batch_size=batch_size, device=device)
     shard = Shard.parse(shard) if isinstance(shard, str) else shard
     return generate_run(config, Path(out) if out else Path("runs") / config.name, shard=shard, progress=progress,
-                        compile=compile)
+                        compile=compile, score=score)
 
 
 def tune(config: RunConfig | str | Path, *, out: str | Path | None = None, shard: Shard | str = UNSHARDED,

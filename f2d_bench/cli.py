@@ -82,11 +82,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                 device=args.device)
     out = Path(args.out) if args.out else Path("runs") / config.name
     if args.ray:
-        if args.compile:
-            raise F2DBenchError("--compile does not reach Ray workers yet; "
-                             "drop --ray (or --shard i/N per process) or drop --compile")
-        return _ray(args, "generate", config, out)
-    summary = api.generate(config, out=out, shard=shard, progress=not args.no_progress, compile=args.compile)
+        status = _ray(args, "generate", config, out, compile=args.compile)
+        if args.score and status == 0:
+            # Scored by the workers once every image exists: under Ray most images' reference images
+            # come from other shards, so scoring beside generation would leave most of them waiting.
+            from f2d_bench.run_dir import RunDir
+
+            return _ray(args, "score", RunDir(out).config().replace(scoring=config.scoring), out)
+        return status
+    summary = api.generate(config, out=out, shard=shard, progress=not args.no_progress, compile=args.compile,
+                           score=args.score)
     return _outcome(summary, out, "some images are missing (see above); re-run the same command to retry them")
 
 
@@ -232,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "size; compiled kernels cached under the f2d-bench cache folder for later runs). "
                           "Images agree with eager ones within float noise, not bit for bit; method ids stay "
                           "the same and the run's environment record notes it")
+    gen.add_argument("--score", action="store_true",
+                     help="score each image while the next ones render (the run config's scoring: section), so "
+                          "a finished generate leaves records.parquet; the score caches are the same as "
+                          "f2d-bench score's, which then computes nothing again. With --shard, the shard that "
+                          "finishes last writes the records; with --ray, the workers score after generating")
     _add_ray_arguments(gen, "generate")
     gen.set_defaults(func=_cmd_generate)
 

@@ -51,6 +51,7 @@ class GenerationSummary:
     methods: list[MethodProgress]
     seconds: float
     compile: bool = False  # the UNet and VAE decoder ran compiled (generate --compile)
+    score: Any = None  # generate --score: the ScoreSummary of the images scored while generating
 
     @property
     def written(self) -> int:
@@ -74,6 +75,8 @@ class GenerationSummary:
                 lines.append(f"    ... and {len(m.skipped) - 10} more not generated")
         rate = self.written / self.seconds if self.seconds > 0 else 0.0
         lines.append(f"  {self.written} images written in {self.seconds:.1f} s ({rate:.2f} images/s)")
+        if self.score is not None:
+            lines.append(self.score.text())
         return "\n".join(lines)
 
 
@@ -223,17 +226,42 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
 
 def generate_run(
     config: RunConfig, run_dir: str | Path, *, shard: Shard = UNSHARDED, progress: bool = True,
-    pipeline: Callable[[], Any] | None = None, compile: bool = False,
+    pipeline: Callable[[], Any] | None = None, compile: bool = False, score: bool = False,
 ) -> GenerationSummary:
     """Generate (or complete) the grid of ``config`` in ``run_dir``. Safe to re-run and to kill.
 
     Tuning methods tune each face (once per run) before its first image. ``pipeline`` replaces the
     loading of ``config.model`` by a callable returning a ready pipeline (benchmarks pass full-size
     random-weight components this way). ``compile``: torch.compile the UNet and VAE decoder, with every
-    pipeline call padded to ``config.batch_size`` (images within float noise of eager ones).
+    pipeline call padded to ``config.batch_size`` (images within float noise of eager ones). ``score``:
+    score each image while the next ones render, with ``config.scoring`` (:mod:`f2d_bench.scoring.live`);
+    the summary's ``score`` then holds what ``score`` would have printed.
     """
     start = time.perf_counter()
     opened = open_run(config, run_dir, shard=shard, pipeline=pipeline, compile=compile)
+    live = _live_score(run_dir, config, shard, progress) if score else None
+    try:
+        results = _generate_methods(opened, config, shard, progress, compile, live)
+    except BaseException:
+        if live is not None:
+            live.abort()
+        raise
+    scored = live.finish() if live is not None else None
+    return GenerationSummary(Path(run_dir), shard, results, time.perf_counter() - start, compile=compile,
+                             score=scored)
+
+
+def _live_score(run_dir, config: RunConfig, shard: Shard, progress: bool):
+    """The scoring side of ``generate --score``, its scorers loaded before the first image renders."""
+    from f2d_bench.scoring.live import LiveScore
+    from f2d_bench.scoring.score import ScoreSession
+
+    session = ScoreSession(run_dir, scoring=config.scoring, progress=progress, require_images=False)
+    return LiveScore(session, shard)
+
+
+def _generate_methods(opened: OpenedRun, config: RunConfig, shard: Shard, progress: bool, compile: bool,
+                      live) -> list[MethodProgress]:
     run, prompt_set, faces = opened.run, opened.prompt_set, opened.faces
     face_ids = [f.face_id for f in faces]
     prompt_ids = [p.id for p in prompt_set.all_prompts()]
@@ -249,10 +277,10 @@ def generate_run(
             if repaired["damaged_removed"]:
                 prog.problems.append(f"{repaired['damaged_removed']} damaged image(s) removed and generated again")
             _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress,
-                        pad=compile and method.uses_pipeline)
+                        pad=compile and method.uses_pipeline, live=live)
             prog.done = sum(run.store.has_image(k) for k in keys)
             results.append(prog)
-    return GenerationSummary(Path(run_dir), shard, results, time.perf_counter() - start, compile=compile)
+    return results
 
 
 @dataclass
@@ -310,9 +338,11 @@ def tune_run(
 def _run_method(
     method: Method, keys: list[ItemKey], faces: list[Face], prompt_set: PromptSet, run: "RunDir",
     config: RunConfig, shard: Shard, config_hash: str, prog: MethodProgress, progress: bool, *, pad: bool = False,
+    live=None,
 ) -> None:
     """Render and write the missing images of ``keys``. ``pad``: fill every call up to the batch size with
-    copies of its last request (same key, a fresh generator), whose images are discarded."""
+    copies of its last request (same key, a fresh generator), whose images are discarded. ``live``: a
+    LiveScore told of each key once its image is final (written, existing or skipped)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -324,8 +354,14 @@ def _run_method(
     bar = tqdm(total=missing, unit="img", desc=method.label, disable=not progress or missing == 0,
                dynamic_ncols=True)
     writer = BackgroundWriter(store)  # PNGs are written while the next batch renders
+    settle = live.settle if live is not None else lambda key, image=None: None
+    for key in keys:
+        if store.has_image(key):
+            settle(key)
     try:
         for batch in batches:
+            if live is not None:
+                live.check()
             if method.tunes and not method.keeps_weights():
                 # Such a method renders each face in a pipeline call of its own (see Method.keeps_weights):
                 # leaving out the faces whose images all exist changes no pixel and spares re-tuning them.
@@ -370,11 +406,18 @@ def _run_method(
                     continue
                 if isinstance(image, Skipped):
                     prog.skipped.append((key.as_string(), image.reason))
+                    settle(key)
                 elif not isinstance(image, Image.Image):
                     raise RuntimeError(f"method {method.name} returned {type(image).__name__} for {key.as_string()}")
                 else:
-                    writer.submit(key, image.convert("RGB"), config_hash=config_hash, batch_size=len(batch),
-                                  writer=shard.tag, written_at=now, on_done=lambda: bar.update(1))
+                    rgb = image.convert("RGB")
+
+                    def done(key=key, rgb=rgb):
+                        bar.update(1)
+                        settle(key, rgb)
+
+                    writer.submit(key, rgb, config_hash=config_hash, batch_size=len(batch),
+                                  writer=shard.tag, written_at=now, on_done=done)
                     prog.written += 1
                     continue
                 bar.update(1)

@@ -18,6 +18,7 @@ from f2d_bench.cli import main
 from f2d_bench.config import config_from_dict
 from f2d_bench.engine import generate_run
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.grid import Shard
 from f2d_bench.launch.ray_executor import ManifestLines, import_ray, previous_shard_count, run_with_ray
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring import score_run
@@ -283,3 +284,41 @@ def test_a_killed_score_worker_is_replaced_and_every_key_is_scored_once(local_ra
     assert len({w["pid"] for w in workers}) >= 3  # a new worker took the dead one's place
     assert summary.scored == summary.expected
     _scored_once(out, clean)
+
+
+@pytest.mark.slow
+def test_generate_ray_score_leaves_the_records_of_a_single_process(local_ray, scored_pair, tmp_path, capsys):
+    src, clean, data = scored_pair
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert main(["generate", "--config", str(config), "--out", str(out), "--ray", "--workers", "2",
+                 "--ray-shards", "4", "--score", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "generate over Ray" in text and "score over Ray" in text, text
+    assert run_hashes(out) == run_hashes(clean)
+    _scored_once(out, clean)
+
+
+@pytest.mark.slow
+def test_a_shard_worker_generates_compiled_when_asked(tmp_path, monkeypatch):
+    """--compile reaches Ray's workers: the actor's pipeline is compiled and its calls padded (the
+    compilation itself left out here; tests/test_fast_path.py compiles for real)."""
+    import f2d_bench.pipelines.compile as compile_module
+    from f2d_bench.launch.ray_executor import ShardWorker
+
+    from f2d_bench.methods.stable_diffusion import StableDiffusionMethod
+
+    compiled, sizes = [], []
+    monkeypatch.setattr(compile_module, "compile_pipeline", compiled.append)
+    original = StableDiffusionMethod.generate
+    monkeypatch.setattr(StableDiffusionMethod, "generate", lambda self, r: sizes.append(len(r)) or original(self, r))
+    data = {**_config(tmp_path, seeds=[0]), "batch_size": 4}
+    out = tmp_path / "run"
+    worker = ShardWorker("generate", data, str(out), str(tmp_path), compile=True)
+    result = worker.run(1, 2)
+    owned = sum(Shard(1, 2).owns(k) for k in RunDir(out).keys())
+    assert len(compiled) == 1 and result["written"] == owned
+    assert set(sizes) == {4} and len(sizes) == -(-owned // 4)  # every call padded to the batch size
+    env = RunDir(out).environment()[-1]
+    assert env["writer"] == "shard-1-of-2" and env["compile"] == ["unet", "vae.decoder"]

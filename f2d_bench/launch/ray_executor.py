@@ -61,19 +61,21 @@ class ShardWorker:
 
     ``kind`` is ``generate``, ``tune`` or ``score``; ``config`` the run config as a plain dict (for
     ``score``: with the scoring settings to use); ``cwd`` the driver's working directory, entered when
-    it exists here, so relative paths in the config mean the same; ``scorers``: score's scorer names.
+    it exists here, so relative paths in the config mean the same; ``scorers``: score's scorer names;
+    ``compile``: generate with compiled modules (``generate --compile``; each worker compiles once).
     """
 
-    def __init__(self, kind: str, config: dict, run_dir: str, cwd: str, scorers: list[str] | None = None):
+    def __init__(self, kind: str, config: dict, run_dir: str, cwd: str, scorers: list[str] | None = None,
+                 compile: bool = False):
         if cwd and os.path.isdir(cwd):
             os.chdir(cwd)
-        self.kind, self.run_dir, self.scorers = kind, run_dir, scorers
+        self.kind, self.run_dir, self.scorers, self.compile = kind, run_dir, scorers, compile
         self.config = config_from_dict(config, "the --ray driver's config")
         self.session = None  # score's ScoreSession, made by ready()
         if kind != "score":
             from f2d_bench.engine import PipelineProvider
 
-            self.pipeline = PipelineProvider(self.config)
+            self.pipeline = PipelineProvider(self.config, compile=compile)
 
     def ready(self) -> dict:
         """Load the base pipeline when a method renders with it (score: the scoring session); returns
@@ -116,7 +118,8 @@ class ShardWorker:
             s = tune_run(self.config, self.run_dir, shard=shard, progress=False, pipeline=self.pipeline)
             return {"shard": shard.tag, "methods": [list(m) for m in s.methods], "notes": s.notes,
                     "seconds": s.seconds}
-        s = generate_run(self.config, self.run_dir, shard=shard, progress=False, pipeline=self.pipeline)
+        s = generate_run(self.config, self.run_dir, shard=shard, progress=False, pipeline=self.pipeline,
+                         compile=self.compile)
         return {"shard": shard.tag, "written": s.written, "seconds": s.seconds,
                 "notes": [f"{m.label}: {r}" for m in s.methods for r in m.problems],
                 "skipped": [f"{key}: {why}" for m in s.methods for key, why in m.skipped]}
@@ -261,7 +264,7 @@ def _grid_size(config: RunConfig) -> int:
 def run_with_ray(
     kind: str, config: RunConfig, run_dir: str | Path, *, address: str | None = None, workers: int | None = None,
     shards: int | None = None, progress: bool = True, max_tries: int = MAX_TRIES,
-    on_worker: Callable[[dict], Any] | None = None, scorers: list[str] | None = None,
+    on_worker: Callable[[dict], Any] | None = None, scorers: list[str] | None = None, compile: bool = False,
 ) -> RaySummary:
     """Run ``kind`` (``generate``, ``tune`` or ``score``) of ``config`` in ``run_dir`` over Ray; safe to re-run.
 
@@ -274,6 +277,7 @@ def run_with_ray(
     score: ``config`` is the run's config with the scoring settings to use (``config.scoring``; its
     device decides GPU or CPU workers), ``scorers`` the scorer names (default: the settings'); shards
     default to 4 per worker; the driver assembles records.parquet at the end (``summary.score``).
+    compile: generate with compiled UNets and VAE decoders (``generate --compile``).
     """
     if kind not in ("generate", "tune", "score"):
         raise ValueError(f"kind must be 'generate', 'tune' or 'score', not {kind!r}")
@@ -319,7 +323,7 @@ def run_with_ray(
         bar = None
 
         def start(slot: int) -> None:
-            actors[slot] = actor_cls.remote(kind, config.to_dict(), str(run_dir), os.getcwd(), scorers)
+            actors[slot] = actor_cls.remote(kind, config.to_dict(), str(run_dir), os.getcwd(), scorers, compile)
             inflight[actors[slot].ready.remote()] = ("ready", slot, None)
             busy[slot] = None
 

@@ -58,6 +58,11 @@ class ImageDecoder:
                 self._held[path] = self._pool.submit(decode_file, path) if self._pool else decode_file(path)
                 self.decoded += 1
 
+    def put(self, path: Path, image) -> None:
+        """Hold ``image`` as the decoded file at ``path`` (``generate --score``: the pixels just written
+        there, which equal what decoding the PNG gives)."""
+        self._held[Path(path)] = image
+
     def get(self, path: Path):
         """The image at ``path`` (decoded now if not held); raises F2DBenchError for an unreadable file."""
         path = Path(path)
