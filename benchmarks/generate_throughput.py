@@ -9,16 +9,23 @@ printed apart). All render the same grid; the ratios to naive are the figures to
 a shared CPU mean little). Also printed: UNet MFU (CUDA), where the engine's wall time goes (a separate
 pass with synchronised timers around text encoding, UNet, VAE decode, noise and the writer's waits), the
 max pixel difference of each engine run against the naive images, and the estimated wall time of one
-method's full protocol (16,400 images) at each rate.
+method's full protocol (16,400 images) at each rate. ``--score`` adds, at the best batch size, ``score``
+of the engine's run alone and ``generate --score`` on a fresh run (scoring overlapped with generation):
+the ratio of the latter to generation alone is the overhead of scoring while generating, and its
+protocol time is the end-to-end figure (``--full-size-scorers``: the paper's scorer architectures with
+random weights, else the smoke preset's).
 
     python benchmarks/generate_throughput.py                       # CPU, tiny pipeline
     python benchmarks/generate_throughput.py --unet-config sd14 --device cuda --size 512 --faces 2
+    python benchmarks/generate_throughput.py --unet-config sd14 --device cuda --size 512 --faces 2 \
+        --no-compile --score --full-size-scorers
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 import tempfile
@@ -150,6 +157,21 @@ def protocol_time(ips: float) -> str:
     return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
 
 
+def scoring_section(full_size: bool) -> dict:
+    """The run config's ``scoring:`` for --score: every default scorer the machine can run, offline."""
+    from score_throughput import FULL_SETTINGS, SMOKE_SETTINGS, allow_standin_siglip_tokenizer
+
+    from f2d_bench.scorers import DEFAULT_SCORERS
+
+    settings = FULL_SETTINGS if full_size else SMOKE_SETTINGS
+    allow_standin_siglip_tokenizer()  # the real SigLIP tokenizer is a Hub download
+    names = list(DEFAULT_SCORERS)
+    if importlib.util.find_spec("dlib") is None:  # a pip build some GPU machines lack: said and left out
+        names.remove("dlib")
+        print("--score: dlib is not installed; its scorer is left out")
+    return {"device": "auto", "scorers": names, "settings": {n: settings[n] for n in names if n in settings}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--unet-config", choices=["tiny", "sd14"], default="tiny",
@@ -163,6 +185,10 @@ def main() -> int:
     ap.add_argument("--prompts", default="smoke")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[16], help="engine batch size(s) to compare")
     ap.add_argument("--no-compile", action="store_true", help="leave out engine + compile (minutes of compiling)")
+    ap.add_argument("--score", action="store_true",
+                    help="also time score alone and generate --score at the best batch size")
+    ap.add_argument("--full-size-scorers", action="store_true",
+                    help="with --score: the paper's scorer architectures, random weights (else the smoke preset's)")
     args = ap.parse_args()
 
     pipe = benchmark_pipeline(args.unet_config, dtype=args.dtype, device=args.device)
@@ -189,6 +215,7 @@ def main() -> int:
             "model": {"pretrained": f"benchmark/{args.unet_config}", "dtype": "auto", "device": "auto"},
             "sampling": {"num_inference_steps": args.steps, "height": args.size, "width": args.size},
             "batch_size": args.batch_size[0], "methods": [{"name": "sd-class"}],
+            **({"scoring": scoring_section(args.full_size_scorers)} if args.score else {}),
         })
         # warm-up: kernels, allocator, first-call overheads (not counted)
         pipe(prompt=["warm up"] * 2, num_inference_steps=2, height=args.size, width=args.size,
@@ -218,6 +245,20 @@ def main() -> int:
             # Padding makes every call the same shape: one compile (the warm-up run), none in the timed run.
             t_first, _ = engine(best_bs, "compile-warm-up", compile=True)
             compiled = (t_first, *engine(best_bs, "compiled", compile=True))
+        overlap = None
+        if args.score:
+            from f2d_bench.scoring import score_run
+
+            sync(); t0 = time.perf_counter()
+            alone = score_run(Path(tmp) / f"run-{best_bs}", progress=False)
+            sync(); t_score = time.perf_counter() - t0
+            config = config_from_dict({**cfg.to_dict(), "batch_size": best_bs})
+            sync(); t0 = time.perf_counter()
+            both = generate_run(config, Path(tmp) / "scored", progress=False, pipeline=lambda: pipe, score=True)
+            sync(); t_both = time.perf_counter() - t0
+            assert both.written == n_images and both.score.assembled
+            same = both.score.table.drop(columns=["label"]).equals(alone.table.drop(columns=["label"]))
+            overlap = (t_score, t_both, same)
 
     naive_ips = n_naive / t_naive
     print(f"naive loop (1 call per face x prompt, {len(seeds)} images/call): {naive_ips:8.3f} images/s  ({t_naive:.1f} s)"
@@ -235,6 +276,16 @@ def main() -> int:
               f"ratio to naive: {ips / naive_ips:.2f}x   max pixel diff vs naive: "
               f"{max_pixel_difference(pixels, naive_pixels)}, vs eager engine: "
               f"{max_pixel_difference(pixels, engine_runs[best_bs][1])}   full protocol: {protocol_time(ips)}")
+
+    if overlap:
+        t_score, t_both, same = overlap
+        t_gen = engine_runs[best_bs][0]
+        print(f"score alone (batch {best_bs}'s run): {n_images / t_score:8.3f} images/s  ({t_score:.1f} s)   "
+              f"generate then score: {t_gen + t_score:.1f} s")
+        print(f"generate --score batch {best_bs:3d}: {t_both:.1f} s = {t_both / t_gen:.2f}x generation alone "
+              f"({t_gen:.1f} s), {t_both / (t_gen + t_score):.2f}x generate then score; per-method means "
+              f"{'equal to' if same else 'DIFFERENT from'} score's   full protocol, scored: "
+              f"{protocol_time(n_images / t_both)}")
 
     print(f"wall time of the engine (batch {best_bs}, a separate pass with synchronising timers: {t_profiled:.1f} s):")
     for name, seconds in breakdown.items():
