@@ -102,12 +102,31 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+#: (device, inode, size, mtime, ctime) of a weights file -> its sha256, for this process.
+_WEIGHTS_SHA256: dict[tuple, str] = {}
+
+
+def weights_sha256(path: str | Path) -> str:
+    """:func:`file_sha256` of a model file, hashed once per process while the file stays as it was.
+
+    Methods identify their checkpoints by content each time they are built (once per shard under Ray,
+    1-2 s per GB). The key holds the inode change time, which every write moves and no tool sets back,
+    so a file rewritten in place is hashed again. Not for run images: the store's damage checks read
+    their bytes every time.
+    """
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _WEIGHTS_SHA256:
+        _WEIGHTS_SHA256[key] = file_sha256(path)
+    return _WEIGHTS_SHA256[key]
+
+
 def folder_sha256s(folder: str | Path, suffixes: tuple[str, ...] = (".json", ".safetensors", ".bin")) -> dict[str, str]:
     """File name -> sha256 of each file directly in ``folder`` ending in one of ``suffixes``: what identifies
     a model folder (its config and weights) by content rather than by path."""
     folder = Path(folder)
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(suffixes))
-    return {f.name: file_sha256(f) for f in files}
+    return {f.name: weights_sha256(f) for f in files}
 
 
 def append_jsonl(path: str | Path, record: dict) -> None:

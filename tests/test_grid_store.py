@@ -1,4 +1,7 @@
 import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +115,30 @@ def test_append_after_a_partial_line_keeps_the_new_record(tmp_path):
         fh.write('{"b": ')  # a writer killed mid-line
     append_jsonl(path, {"c": 3})
     assert read_jsonl(path) == [{"a": 1}, {"c": 3}]
+
+
+def test_weights_are_hashed_once_while_the_file_stays_the_same(tmp_path, monkeypatch):
+    import hashlib
+
+    import f2d_bench.files as files
+
+    reads = []
+    original = files.file_sha256
+    monkeypatch.setattr(files, "file_sha256", lambda p: reads.append(Path(p).name) or original(p))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"a" * 1000)
+    first = files.weights_sha256(path)
+    assert first == hashlib.sha256(b"a" * 1000).hexdigest()
+    assert files.weights_sha256(path) == first and reads == ["model.safetensors"]  # once
+    # Rewritten in place with the same size and its modification time set back: hashed again.
+    stat = path.stat()
+    time.sleep(0.05)  # file times tick coarsely (a few ms): a rewrite in the same tick would keep them
+    path.write_bytes(b"b" * 1000)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert files.weights_sha256(path) == hashlib.sha256(b"b" * 1000).hexdigest()
+    assert len(reads) == 2
+    # A model folder's files go through the same memo.
+    (tmp_path / "config.json").write_text("{}")
+    assert files.folder_sha256s(tmp_path) == {"config.json": hashlib.sha256(b"{}").hexdigest(),
+                                              "model.safetensors": hashlib.sha256(b"b" * 1000).hexdigest()}
+    assert reads == ["model.safetensors", "model.safetensors", "config.json"]

@@ -38,7 +38,7 @@ from baselines.celeb_basis.basis import (
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
 from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.faces.detect import FaceDetector
-from f2d_bench.files import file_sha256
+from f2d_bench.files import weights_sha256
 from f2d_bench.methods.base import MethodContext
 from f2d_bench.methods.token_slots import token_embedding_module
 from f2d_bench.methods.word_vectors import TOKEN, WordVectorMethod, WordVectors
@@ -163,7 +163,7 @@ class CelebBasisMethod(WordVectorMethod):
             ("backbone", "CelebBasis face-recognition backbone (arcface_torch IResNet-100)", BACKBONE_PUBLISHED),
             ("names", "CelebBasis celebrity names list", NAMES_PUBLISHED))}
         # Content hashes, not paths, identify the files: the same files elsewhere give the same method id.
-        self._sha256 = {key: file_sha256(path) for key, path in self.files.items() if path is not None}
+        self._sha256 = {key: weights_sha256(path) for key, path in self.files.items() if path is not None}
         self._basis: Basis | None = None
         self._backbone: IResNet | None = None
         self._features: dict[tuple[str, str], torch.Tensor] = {}

@@ -32,7 +32,7 @@ from baselines.elite.mappers import (
 )
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
 from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
-from f2d_bench.files import file_sha256, folder_sha256s
+from f2d_bench.files import folder_sha256s, weights_sha256
 from f2d_bench.methods.base import GenerationRequest, MethodContext
 from f2d_bench.methods.stable_diffusion import StableDiffusionMethod
 from f2d_bench.methods.token_slots import single_token_ids, slot_positions, token_embedding_module, written_slots
@@ -146,7 +146,7 @@ class ELITEMethod(StableDiffusionMethod):
             raise ConfigError(f"param image_encoder must be a Hugging Face id or a local directory, got {encoder!r}")
         self.files = {key: self._file_param(key) for key in ("global_mapper", "local_mapper")}
         # Content hashes, not paths, identify the files: the same files elsewhere give the same method id.
-        self._sha256 = {key: file_sha256(path) for key, path in self.files.items() if path is not None}
+        self._sha256 = {key: weights_sha256(path) for key, path in self.files.items() if path is not None}
         self._encoder_id = self._encoder_identity(encoder)
         self._local = LocalContext(llambda=float(p["llambda"]))
         self._models: _Models | None = None

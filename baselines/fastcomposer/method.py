@@ -30,7 +30,7 @@ from baselines.fastcomposer.model import (
 )
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
 from f2d_bench.faces.imageio import read_image
-from f2d_bench.files import file_sha256
+from f2d_bench.files import weights_sha256
 from f2d_bench.methods.base import GenerationRequest, Method, MethodContext
 from f2d_bench.weights import require_file
 
@@ -111,7 +111,7 @@ class FastComposerMethod(Method):
                                                  "models/fastcomposer/pytorch_model.bin.")
             except ModelUnavailableError as exc:
                 raise ConfigError(f"params.weights: {exc}") from None
-        self._sha256 = file_sha256(self.weights_file) if self.weights_file is not None else None
+        self._sha256 = weights_sha256(self.weights_file) if self.weights_file is not None else None
         self._model: FastComposerModel | None = None
         self._renderer = None
         self._tokenizer = None

@@ -30,7 +30,7 @@ from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.faces.detect import Detection, FaceDetector
 from f2d_bench.faces.imageio import read_image
-from f2d_bench.files import file_sha256, folder_sha256s
+from f2d_bench.files import folder_sha256s, weights_sha256
 from f2d_bench.methods.base import GenerationRequest, Method, MethodContext
 from f2d_bench.weights import WeightsLayoutError, key_listing, read_torch_file
 
@@ -248,10 +248,10 @@ class IPAdapterFaceIDMethod(Method):
         # Content hashes, not paths, identify the files: the same files elsewhere give the same method id
         # (the random stand-ins by their seed: every machine builds the same ones).
         self._sha256 = {
-            "adapter": f"random-{RANDOM_SEED}" if p["adapter"] == "random" else file_sha256(self.adapter_file),
-            "recognizer": f"random-{RANDOM_SEED}" if p["model_root"] == "random" else file_sha256(self.recognizer_file)}
+            "adapter": f"random-{RANDOM_SEED}" if p["adapter"] == "random" else weights_sha256(self.adapter_file),
+            "recognizer": f"random-{RANDOM_SEED}" if p["model_root"] == "random" else weights_sha256(self.recognizer_file)}
         if self.detector_file is not None:
-            self._sha256["detector"] = file_sha256(self.detector_file)
+            self._sha256["detector"] = weights_sha256(self.detector_file)
         if self.encoder_dir is not None:
             self._sha256["image_encoder"] = folder_sha256s(self.encoder_dir)
         self.mtcnn = FaceDetector() if p["detector"] == "mtcnn" else None

@@ -30,7 +30,7 @@ from f2d_bench.faces.align import arcface_align
 from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.faces.detect import FaceDetector
 from f2d_bench.faces.imageio import read_image
-from f2d_bench.files import file_sha256
+from f2d_bench.files import weights_sha256
 from f2d_bench.methods.base import GenerationRequest, MethodContext
 from f2d_bench.methods.f2d.checkpoints import (
     CheckpointError,
@@ -119,12 +119,12 @@ class F2DMethod(StableDiffusionMethod):
                     f"params.{given[0]} is not used with weights: random; remove it or set weights: official"
                 )
         # Content hashes, not paths, identify the weights: the same files elsewhere give the same method id.
-        self._checkpoint_sha256 = {param: file_sha256(path) for param, path in self.checkpoints.items()}
+        self._checkpoint_sha256 = {param: weights_sha256(path) for param, path in self.checkpoints.items()}
         self.expression: torch.Tensor | None = None
         self._expression_sha256 = None
         if self.params["expression"] is not None:
             self.expression = load_expression(self.params["expression"])
-            self._expression_sha256 = file_sha256(Path(self.params["expression"]).expanduser())
+            self._expression_sha256 = weights_sha256(Path(self.params["expression"]).expanduser())
         device = self.params["device"] if self.params["device"] is not None else context.config.model.device
         self.device = resolve_device(device)
         # On the CPU whatever the device: same landmarks on every machine, and MTCNN is fast enough.
