@@ -150,6 +150,7 @@ class RaySummary:
     retried: list[str] = field(default_factory=list)  # shard tags handed out again after a death
     notes: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    compile: bool = False  # generate --compile: every worker compiled its UNet and VAE decoder
 
     @property
     def complete(self) -> bool:
@@ -169,6 +170,8 @@ class RaySummary:
         if self.kind == "generate":
             lines.append(f"  {self.done}/{self.expected} images, {self.written} new "
                          f"({self.images_per_second:.2f} images/s while working)")
+            if self.compile:
+                lines.append("  torch.compile in every worker: UNet and VAE decoder, every call padded to the batch size")
         if self.kind == "score":
             lines.append(f"  {self.scored}/{self.expected} images scored in shards "
                          f"({self.images_per_second:.2f} images/s while working); records assembled by the driver")
@@ -312,7 +315,7 @@ def run_with_ray(
         options = {"num_cpus": 1, "num_gpus": 1 if gpus else 0}
         actor_cls = ray.remote(ShardWorker).options(**options)
         summary = RaySummary(kind, run_dir, n_workers, "GPU" if gpus else "CPU", n_shards, init_s, 0.0, 0.0,
-                             expected=expected)
+                             expected=expected, compile=compile and kind == "generate")
 
         actors: dict[int, Any] = {}
         inflight: dict[Any, tuple[str, int, int | None]] = {}  # ref -> (what, slot, shard index)

@@ -133,8 +133,8 @@ class LiveScore:
         session, shard = self.session, self.shard
         try:
             self._join()
+            self.walk.close(finished=self._error is None)
             self.check()
-            self.walk.close(finished=True)
             live = dict(self.walk.computed)
             if shard.count == 1:
                 summary = session._assemble(computed=live)
