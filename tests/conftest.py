@@ -83,6 +83,24 @@ def offline_scoring(**more) -> dict:
     return {"device": "cpu", "settings": settings, **more}
 
 
+def count_image_reads(monkeypatch) -> dict[Path, int]:
+    """Count every decode through ``read_image`` (the function every scoring stage reads files with):
+    resolved path -> times read, filled as the test goes on."""
+    from collections import Counter
+
+    import f2d_bench.faces.imageio as imageio
+
+    reads: Counter = Counter()
+    original = imageio.read_image
+
+    def counting(path):
+        reads[Path(path).resolve()] += 1
+        return original(path)
+
+    monkeypatch.setattr(imageio, "read_image", counting)
+    return reads
+
+
 def prepared_crops() -> dict[str, Path]:
     """face id -> the prepared (FFHQ-aligned, 512x512) crop of each shipped test photo."""
     from f2d_bench.faces.source import resolve_face_set

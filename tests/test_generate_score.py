@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +19,7 @@ from f2d_bench.grid import Shard
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring import score_run
 
-from conftest import face_dir, offline_scoring, run_hashes, small_config_dict
+from conftest import count_image_reads, face_dir, offline_scoring, run_hashes, small_config_dict
 from test_score_shards import _fid_reference
 
 FACES = ["biden", "grace_hopper", "obama"]
@@ -43,6 +42,26 @@ def setup(tmp_path_factory):
     return data, baseline
 
 
+def _threads_building_models(monkeypatch) -> list[str]:
+    """The name of the thread that builds each identity or CLIP-family scorer model, in build order."""
+    import threading
+
+    from f2d_bench.scorers.identity.scorer import IdentityScorer
+    from f2d_bench.scorers.text.scorer import _OpenClipScorer
+
+    names: list[str] = []
+    for cls, method, attr in ((IdentityScorer, "model", "_model"), (_OpenClipScorer, "bundle", "_bundle")):
+        original = getattr(cls, method)
+
+        def building(self, original=original, attr=attr):
+            if getattr(self, attr) is None:
+                names.append(threading.current_thread().name)
+            return original(self)
+
+        monkeypatch.setattr(cls, method, building)
+    return names
+
+
 def _same_outputs(out: Path, baseline: Path) -> None:
     run, clean = RunDir(out), RunDir(baseline)
     assert run_hashes(out) == run_hashes(baseline)
@@ -52,21 +71,16 @@ def _same_outputs(out: Path, baseline: Path) -> None:
 
 
 def test_generate_score_equals_generate_then_score_from_the_pixels_written(setup, tmp_path, monkeypatch, capsys):
-    import f2d_bench.faces.imageio as imageio
-
     data, baseline = setup
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
-    reads: Counter = Counter()
-    original = imageio.read_image
-
-    def counting(path):
-        reads[Path(path).resolve()] += 1
-        return original(path)
-
-    monkeypatch.setattr(imageio, "read_image", counting)
+    reads = count_image_reads(monkeypatch)
+    built = _threads_building_models(monkeypatch)
     assert main(["generate", "--config", str(config), "--out", str(out), "--score", "--no-progress"]) == 0
+    # Seeded random builds draw from torch's global RNG: none may run on the scoring thread while a
+    # method builds its own, so every model was built before that thread started.
+    assert built == ["MainThread", "MainThread"]
     text = capsys.readouterr().out
     assert "30 images written" in text and "scored 30 images" in text and "clip: 30 computed" in text
     _same_outputs(out, baseline)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring import score_run
 from f2d_bench.scoring.decode import ImageDecoder
 
-from conftest import face_dir, offline_scoring, small_config_dict
+from conftest import count_image_reads, face_dir, offline_scoring, small_config_dict
 
 #: bf16 autocast against fp32 on the CPU, tiny offline models: the largest |delta| of a cosine metric.
 #: Measured: at most ~0.01 on this run; bfloat16 keeps 8 bits of mantissa (relative error 2^-8 per op).
@@ -57,17 +56,8 @@ def baseline(run, tmp_path_factory):
 
 
 def test_each_image_is_decoded_once_and_shared_by_every_stage(run, baseline, tmp_path, monkeypatch):
-    import f2d_bench.faces.imageio as imageio
-
     out = _copy(run, tmp_path / "run")
-    reads: Counter = Counter()
-    original = imageio.read_image
-
-    def counting(path):
-        reads[Path(path).resolve()] += 1
-        return original(path)
-
-    monkeypatch.setattr(imageio, "read_image", counting)
+    reads = count_image_reads(monkeypatch)
     _, records = _score(out, workers=0, block_size=1000)
     images = {(out / p).resolve() for p in records["path"]}
     run_reads = {p: n for p, n in reads.items() if p in images}

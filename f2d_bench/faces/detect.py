@@ -77,6 +77,10 @@ class FaceDetector:
         self._mtcnn = None
         self._lock = threading.Lock()
 
+    def load(self) -> None:
+        """Build MTCNN now (it is built on first use otherwise)."""
+        self._model()
+
     def _model(self):
         with self._lock:
             if self._mtcnn is None:

@@ -78,14 +78,24 @@ def precision_scope(precision: str, device: str) -> Iterator[None]:
 
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = precision == "tf32"
-    try:
+    with tf32_scope(precision == "tf32"):
         if precision == "bf16":
             with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
                 yield
         else:
             yield
+
+
+@contextmanager
+def tf32_scope(enabled: bool) -> Iterator[None]:
+    """CUDA's TF32 switches (matmuls and cuDNN) both set to ``enabled``, restored on exit. They are
+    process-wide, not per thread."""
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
@@ -130,6 +140,10 @@ class Scorer:
         if self.precision != "fp32":  # fp32 keys are those from before precision was a setting
             ident["precision"] = self.precision
         return ident
+
+    def load(self) -> None:
+        """Build or load the model now instead of at the first batch (``generate --score`` loads every
+        model before its scoring thread starts, since seeded random builds use torch's global RNG)."""
 
     def precision_scope(self):
         """The context :meth:`score` runs in: this scorer's precision on its device."""

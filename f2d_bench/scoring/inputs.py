@@ -42,10 +42,12 @@ def image_entry(run: RunDir, key: ItemKey, ref_id: str) -> ImageEntry | None:
     """The entry of ``key``'s image (hashed from the file), or None when it does not exist.
     ``ref_id``: the prompt set's reference prompt id."""
     path = run.image_path(key)
-    if not path.is_file():
+    try:
+        sha = file_sha256(path)
+    except (FileNotFoundError, IsADirectoryError):  # also one another shard's writer removed just now
         return None
     ref = None if key.prompt_id == ref_id else ItemKey(key.method_id, key.face_id, ref_id, key.seed)
-    return ImageEntry(key, path, file_sha256(path), ref)
+    return ImageEntry(key, path, sha, ref)
 
 
 def run_faces(run: RunDir, config: RunConfig) -> dict[str, Face]:

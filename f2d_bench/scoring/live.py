@@ -13,9 +13,15 @@ images are among its own keys. Sharded, most of them belong to other shards: an 
 is not on disk yet is left to the end of this shard (by then the other shards usually have it), else
 to the assembly, as in ``score --shard``.
 
-CUDA's TF32 switches are process-wide, so while the scorers run beside generation they are held at the
-scorers' setting for the whole generate (a scorer's precision scope then changes nothing under the
-generation's feet); scorers that disagree on TF32 are refused.
+Two things are process-wide, not per thread, and are settled before the scoring thread starts:
+- CUDA's TF32 switches. They are held at the scoring's setting for the whole generate (``score`` runs
+  the face stage and FID under the same setting), so no scorer's precision scope changes them under the
+  generation's feet; scorers that disagree on TF32 are refused. The protocol's fp16 models do not use
+  TF32; the float32 parts of a generation (an identity encoder, tuning inside generate) then compute as
+  the scorers do (exact float32 by default), which on CUDA may differ from a plain generate within
+  float noise.
+- torch's global RNG, which seeded random-weight builds use: every model of the session is loaded
+  first, so the scoring thread draws no random numbers while a method builds its own.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class LiveScore:
         self._held.enter_context(session._lock(shard.tag, wait=False))
         try:
             self._held.enter_context(_tf32_held(session))
+            session.load_models()
             session._remove_temporary(shard.tag)
             self.walk = StageWalk(session, shard.tag)
         except BaseException:
@@ -127,15 +134,18 @@ class LiveScore:
             self._cond.notify_all()
         self._thread.join()
 
-    def finish(self) -> ScoreSummary:
+    def finish(self) -> ScoreSummary | None:
         """Once generation is done: wait for the thread, score what is left and, unsharded (or when
-        this shard completes the set of N), write records.parquet. Releases the lock."""
+        this shard completes the set of N), write records.parquet. Releases the lock. None when the run
+        has no image at all (every one skipped): there is nothing to score."""
         session, shard = self.session, self.shard
         try:
             self._join()
             self.walk.close(finished=self._error is None)
             self.check()
             live = dict(self.walk.computed)
+            if not any(session.run.store.has_image(k) for k in session.run.keys()):
+                return None
             if shard.count == 1:
                 summary = session._assemble(computed=live)
             else:
@@ -167,10 +177,12 @@ def _tf32_held(session: ScoreSession):
     """Hold CUDA's TF32 switches at the scorers' setting (see the module docstring); restored on exit."""
     import torch
 
-    wanted = {s.precision == "tf32" for s in session.scorer_objs}
+    active = [s for s in session.scorer_objs if s.name in session.names]
+    wanted = {s.precision == "tf32" for s in active} | {session.scoring.precision == "tf32"}
     if len(wanted) > 1:
-        raise ConfigError("generate --score: the scorers' precisions disagree on TF32 ("
-                          + ", ".join(f"{s.name}: {s.precision}" for s in session.scorer_objs)
+        raise ConfigError("generate --score: the scoring's precisions disagree on TF32 (scoring.precision: "
+                          f"{session.scoring.precision}, "
+                          + ", ".join(f"{s.name}: {s.precision}" for s in active)
                           + "), a process-wide switch that would flip under the generation; give them one "
                           "TF32 setting, or score after generating")
     before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32

@@ -233,22 +233,36 @@ class ScoreSession:
         The images are walked in blocks of ``scoring.block_size`` (:class:`~.walk.StageWalk`): each
         image of a block that any stage still needs is decoded once (in ``scoring.workers`` threads,
         while the previous block is scored) and given to the face stage, every scorer and the FID
-        features.
+        features. The face stage and FID run with CUDA's TF32 as ``scoring.precision`` says (each scorer
+        under its own precision), the same in every process and in ``generate --score``.
         """
+        from f2d_bench.scorers.base import tf32_scope
+
         size = self.scoring.block_size
         blocks = [owned[i:i + size] for i in range(0, len(owned), size)]
-        walk = StageWalk(self, writer, progress=True, total=len(owned))
-        walk.know(entries, owned)
-        finished = False
-        try:
-            if blocks:
-                walk.prefetch(blocks[0])
-            for k, block in enumerate(blocks):
-                walk.step(block, blocks[k + 1] if k + 1 < len(blocks) else [])
-            finished = True
-        finally:
-            detections = walk.close(finished=finished)
+        with tf32_scope(self.scoring.precision == "tf32"):
+            walk = StageWalk(self, writer, progress=True, total=len(owned))
+            walk.know(entries, owned)
+            finished = False
+            try:
+                if blocks:
+                    walk.prefetch(blocks[0])
+                for k, block in enumerate(blocks):
+                    walk.step(block, blocks[k + 1] if k + 1 < len(blocks) else [])
+                finished = True
+            finally:
+                detections = walk.close(finished=finished)
         return detections, walk.reference, walk.computed
+
+    def load_models(self) -> None:
+        """Load every model this session runs now (the face detector, the scorers', FID's Inception)
+        rather than on first use."""
+        self.detector.load()
+        for scorer in self.scorer_objs:
+            if scorer.name in self.names:
+                scorer.load()
+        if self.scoring.fid_reference:
+            self._fid().model()
 
     def _cached(self, scorer, reference, writer: str) -> CachedScorer:
         return CachedScorer(scorer, self.run, reference=reference, face_sha=self.face_sha,

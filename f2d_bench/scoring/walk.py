@@ -123,7 +123,8 @@ class StageWalk:
 
     def close(self, *, finished: bool = True):
         """Score what is queued (``finished``; else drop it: whole chunks already written stay) and
-        close every stage. Returns the face rows of the whole cache (DataFrame by image sha)."""
+        close every stage. Returns the face rows of the whole cache (DataFrame by image sha), or None
+        when not ``finished``."""
         try:
             if finished:
                 for b in self.batchers.values():
@@ -137,4 +138,10 @@ class StageWalk:
                 self.bar.close()
             self.decoder.close()
             self.session.context.read_image = read_image
+        if not finished:
+            try:
+                self.faces.close()  # the rows detected so far are kept
+            except Exception:  # the error that stopped the walk is the one to report
+                pass
+            return None
         return self.faces.close()

@@ -45,6 +45,9 @@ class IdentityScorer(Scorer):
         self._input: dict[str, np.ndarray] = {}
 
     # -- model ------------------------------------------------------------------------------------
+    def load(self) -> None:
+        self.model()
+
     def model(self):
         if self._model is None:
             if self.settings["weights"] == "random":

@@ -42,6 +42,9 @@ class _OpenClipScorer(Scorer):
             return RANDOM_WEIGHTS_NOTE
         return None
 
+    def load(self) -> None:
+        self.bundle()
+
     def bundle(self):
         if self._bundle is None:
             from f2d_bench.scorers.text.clip_models import load_clip
