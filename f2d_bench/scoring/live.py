@@ -53,7 +53,6 @@ class LiveScore:
         self.ref_id = session.prompt_set.reference.id
         keys = [k for k in session.run.keys() if shard.owns(k)]
         self.groups = [list(g) for _, g in itertools.groupby(keys, key=lambda k: (k.method_id, k.face_id))]
-        self.deferred: set[ItemKey] = set()  # images whose reference another shard renders
         self._cond = threading.Condition()
         self._settled: set[ItemKey] = set()
         self._pixels: dict[ItemKey, object] = {}
@@ -118,8 +117,7 @@ class LiveScore:
             if rk is not None and not self.shard.owns(rk):
                 if rk not in refs:
                     refs[rk] = image_entry(run, rk, self.ref_id)
-                if refs[rk] is None:
-                    self.deferred.add(e.key)
+                if refs[rk] is None:  # left to the end of this shard, or to the assembly
                     continue
             owned.append(e)
         walk.know(owned + [r for r in refs.values() if r is not None], owned)
