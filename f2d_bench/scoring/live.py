@@ -173,7 +173,7 @@ class LiveScore:
 @contextlib.contextmanager
 def _tf32_held(session: ScoreSession):
     """Hold CUDA's TF32 switches at the scorers' setting (see the module docstring); restored on exit."""
-    import torch
+    from f2d_bench.scorers.base import tf32_scope
 
     active = [s for s in session.scorer_objs if s.name in session.names]
     wanted = {s.precision == "tf32" for s in active} | {session.scoring.precision == "tf32"}
@@ -183,9 +183,5 @@ def _tf32_held(session: ScoreSession):
                           + ", ".join(f"{s.name}: {s.precision}" for s in active)
                           + "), a process-wide switch that would flip under the generation; give them one "
                           "TF32 setting, or score after generating")
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = wanted == {True}
-    try:
+    with tf32_scope(wanted == {True}):
         yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
