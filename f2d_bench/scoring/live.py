@@ -111,16 +111,14 @@ class LiveScore:
 
     def _score(self, group: list[ItemKey], pixels: dict) -> None:
         run, walk = self.session.run, self.walk
-        owned, refs = [], {}  # refs: other shards' reference images (key -> entry, or None: not there yet)
-        for e in filter(None, (image_entry(run, k, self.ref_id) for k in group)):
-            rk = e.reference_key
-            if rk is not None and not self.shard.owns(rk):
-                if rk not in refs:
-                    refs[rk] = image_entry(run, rk, self.ref_id)
-                if refs[rk] is None:  # left to the end of this shard, or to the assembly
-                    continue
-            owned.append(e)
-        walk.know(owned + [r for r in refs.values() if r is not None], owned)
+        entries = [e for e in (image_entry(run, k, self.ref_id) for k in group) if e is not None]
+        # Other shards' reference images that are on disk now; images waiting for the others are left to
+        # the end of this shard, or to the assembly.
+        others = {e.reference_key for e in entries if e.reference_key and not self.shard.owns(e.reference_key)}
+        refs = [r for r in (image_entry(run, rk, self.ref_id) for rk in others) if r is not None]
+        known = {r.key for r in refs}
+        owned = [e for e in entries if not self._waits(e, known)]
+        walk.know(owned + refs, owned)
         for e in owned:
             if e.key in pixels:
                 walk.decoder.put(e.path, pixels[e.key])
