@@ -255,9 +255,24 @@ class RunConfig(_Section):
 
         ``batch_size`` is left out: it only changes float rounding, and a run may resume with another;
         ``scoring`` too: it decides how images are scored, not which exist; and ``methods``, which the
-        run identifies by method ids.
+        run identifies by method ids. ``model.device`` is hashed as ``auto`` whatever it says: where a
+        shard renders changes rounding, not the images (method ids leave it out too), so shards pinned to
+        ``cuda:0`` and ``cuda:1``, or a resume with ``--device auto``, stay one run. The one thing a device
+        decides beyond rounding, the weight dtype ``auto`` resolves to, is checked against the run's
+        earlier writers when generating (``f2d_bench.engine.check_rendering``).
         """
+        return self._grid_hash(device="auto")
+
+    def earlier_grid_hashes(self) -> tuple[str, ...]:
+        """Hashes that earlier versions gave this grid: runs made by them open with the hash they hold.
+
+        Until the device was hashed as ``auto``, it was hashed as written.
+        """
+        return (self._grid_hash(device=self.model.device),)
+
+    def _grid_hash(self, *, device: str) -> str:
         data = self.to_dict()
+        data["model"]["device"] = device
         data.pop("batch_size")
         data.pop("scoring")
         # Methods are identified by their method ids (grid.json), which hash what decides their images

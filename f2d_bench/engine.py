@@ -19,7 +19,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from f2d_bench.config import MethodConfig, ModelConfig, RunConfig
-from f2d_bench.errors import ConfigError
+from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.faceset import Face
 from f2d_bench.faces.source import resolve_face_set
 from f2d_bench.grid import UNSHARDED, ItemKey, Shard, fixed_batches, grid_keys
@@ -214,14 +214,39 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
     faces = resolve_face_set(config.faces)
     check_scoring(config.scoring.scorers or DEFAULT_SCORERS, config.scoring.settings)
     methods = build_methods(config, prompt_set, pipeline, compile=compile)
+    rendering: dict[str, str] = {}
     for method in methods:
         if method.uses_pipeline:
-            method.context.pipeline()  # loads each base model (once) before the run directory exists
+            pipe = method.context.pipeline()  # loads each base model (once) before the run directory exists
+            rendering = rendering or {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")}
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
-    run.record_environment({"writer": shard.tag, **environment(compile=compile)})
+    check_rendering(run, rendering)
+    run.record_environment({"writer": shard.tag, **environment(compile=compile),
+                            **({"rendering": rendering} if rendering else {})})
     for method in methods:
         method.shared_dir = run.method_shared_dir(method.method_id)
     return OpenedRun(run, prompt_set, faces, methods)
+
+
+def check_rendering(run: RunDir, rendering: dict[str, str]) -> None:
+    """Refuse to add images in another weight dtype than the run's earlier writers rendered in.
+
+    ``model.dtype: auto`` is float16 on CUDA and float32 on the CPU, and the grid hash leaves the device
+    out, so this is where a shard on a CPU node would otherwise mix float32 images into a float16 run.
+    Another device with the same dtype only changes rounding and is fine. ``rendering``: this process's
+    ``{"device", "dtype"}``, empty when no method renders with a pipeline.
+    """
+    if not rendering:
+        return
+    for earlier in run.environment():
+        seen = earlier.get("rendering") or {}
+        if seen.get("dtype") not in (None, rendering["dtype"]):
+            raise F2DBenchError(
+                f"{run.root} holds images rendered in {seen['dtype']} (by {earlier.get('writer')} on "
+                f"{seen.get('device')}, {earlier.get('time')}); this process would render in "
+                f"{rendering['dtype']} on {rendering['device']}, and the two would mix in one run. Continue the "
+                f"run on a device where model.dtype resolves to {seen['dtype']} as before, or use another --out."
+            )
 
 
 def generate_run(
@@ -265,7 +290,7 @@ def _generate_methods(opened: OpenedRun, config: RunConfig, shard: Shard, progre
     run, prompt_set, faces = opened.run, opened.prompt_set, opened.faces
     face_ids = [f.face_id for f in faces]
     prompt_ids = [p.id for p in prompt_set.all_prompts()]
-    config_hash = config.grid_hash()
+    config_hash = run.read_grid()["config_hash"]  # a run made by an earlier version keeps its own
     results: list[MethodProgress] = []
     with run.store.writer_lock(shard.tag):
         for method in opened.methods:

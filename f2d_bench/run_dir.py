@@ -251,10 +251,12 @@ class RunDir:
         }
         if run.grid_json.exists():
             old = run.read_grid()
+            if old.get("config_hash") in config.earlier_grid_hashes():
+                grid["config_hash"] = old["config_hash"]  # made before the hash took its present form
             if _without_labels(old) != _without_labels(json.loads(json.dumps(grid, default=str))):
                 raise F2DBenchError(
                     f"{run.root} already holds a run made with different settings "
-                    f"({', '.join(_differences(old, grid))} differ). Use another --out, or the same config."
+                    f"({'; '.join(_differences(old, grid, run, config))}). Use another --out, or the same config."
                 )
             return run
         run.root.mkdir(parents=True, exist_ok=True)
@@ -294,6 +296,34 @@ def _without_labels(grid: dict) -> dict:
     return {**grid, "methods": [{k: v for k, v in m.items() if k != "label"} for m in grid.get("methods", [])]}
 
 
-def _differences(old: dict, new: dict) -> list[str]:
+def _differences(old: dict, new: dict, run: RunDir, config: "RunConfig") -> list[str]:
+    """What differs between two grids, with the config settings behind a differing ``config_hash`` named."""
     new = json.loads(json.dumps(new, default=str))
-    return [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)] or ["contents"]
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    settings: list[str] = []
+    if "config_hash" in keys:
+        try:
+            settings = _setting_differences(run.read_run_json()["config"], config.to_dict())
+        except (F2DBenchError, KeyError, TypeError):
+            settings = []
+        keys.remove("config_hash")
+        if not settings:
+            keys.append("config_hash")
+    named = {line.split(":")[0].split(".")[0] for line in settings}
+    return settings + [f"{k} differ" for k in keys if k not in named] or ["contents differ"]
+
+
+#: Config keys that are not part of the grid hash (see ``RunConfig.grid_hash``).
+_UNHASHED = {"name", "batch_size", "scoring", "methods", "model.device"}
+
+
+def _setting_differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """``key: old in the run, new now`` for each hashed config setting where two plain configs differ."""
+    if path in _UNHASHED:
+        return []
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for k in sorted(set(old) | set(new), key=str)
+                for line in _setting_differences(old.get(k), new.get(k), f"{path}.{k}" if path else str(k))]
+    if old == new:
+        return []
+    return [f"{path}: {old!r} in the run, {new!r} now"]

@@ -229,9 +229,14 @@ def _prepare_child(parent: RunDir, pgrid: dict, child_config, cdir: Path) -> tup
         )
     with child.store.writer_lock("all"):
         linked = link_parent_images(parent, child)
+        # The parent's writers made the linked images: the top-up must render in their dtype too.
+        known = child.environment()
+        for record in parent.environment():
+            if record.get("rendering") and record not in known:
+                child.record_environment(record)
         for m in cgrid.get("methods", []):  # tuned faces are reused, not tuned again
             TunedFaces(child, m["method_id"]).link_from(TunedFaces(parent, m["method_id"]))
-        child.store.reconcile(child.keys(), writer="all", config_hash=child_config.grid_hash())
+        child.store.reconcile(child.keys(), writer="all", config_hash=cgrid["config_hash"])
     return child, linked
 
 

@@ -35,6 +35,9 @@ def test_config_is_frozen_and_round_trips():
 def test_grid_hash_ignores_batch_size_but_not_sampling():
     base = config_from_dict(small_config_dict())
     assert config_from_dict(small_config_dict(batch_size=1)).grid_hash() == base.grid_hash()
+    for device in ("auto", "cuda", "cuda:3"):  # where a shard renders is not what it renders
+        assert base.replace(model=base.model.replace(device=device)).grid_hash() == base.grid_hash()
+    assert base.replace(model=base.model.replace(dtype="float16")).grid_hash() != base.grid_hash()
     assert config_from_dict(small_config_dict(sampling={"guidance_scale": 5.0})).grid_hash() != base.grid_hash()
 
 
@@ -116,15 +119,17 @@ PAPER_PLAIN = {
 }
 
 
-@pytest.mark.parametrize("name, plain, grid_hash", [
-    ("smoke", SMOKE_PLAIN, "0cd62b8b74e2"),
-    ("paper", PAPER_PLAIN, "02274b2d87e6"),
+@pytest.mark.parametrize("name, plain, grid_hash, earlier", [
+    # smoke pins model.device: cpu, whose hash changed when the device came to be hashed as auto
+    ("smoke", SMOKE_PLAIN, "8e10bfd6de57", "0cd62b8b74e2"),
+    ("paper", PAPER_PLAIN, "02274b2d87e6", "02274b2d87e6"),
 ])
-def test_plain_form_and_grid_hash_of_the_presets_are_pinned(name, plain, grid_hash):
+def test_plain_form_and_grid_hash_of_the_presets_are_pinned(name, plain, grid_hash, earlier):
     cfg = load_preset(name)
     # json.dumps keeps key order and tells 7.0 from 7, which == on dicts would not.
     assert json.dumps(cfg.to_dict()) == json.dumps(plain)
     assert cfg.grid_hash() == grid_hash
+    assert cfg.earlier_grid_hashes() == (earlier,)
     assert json.dumps(cfg.model.to_dict()) == json.dumps(plain["model"])
     assert json.dumps(cfg.sampling.to_dict()) == json.dumps(plain["sampling"])
 

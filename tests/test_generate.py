@@ -58,6 +58,61 @@ def test_full_grid_is_written_with_metadata(reference_run):
     assert env["packages"]["torch"] and "cpu_count" in env["hardware"]
 
 
+def test_refusal_names_the_setting_that_differs(tmp_path):
+    out = tmp_path / "run"
+    generate_run(config_from_dict(small_config_dict(seeds=[0])), out, progress=False)
+    other = config_from_dict(small_config_dict(seeds=[0], sampling={"guidance_scale": 5.0}))
+    with pytest.raises(F2DBenchError, match=r"\(sampling\.guidance_scale: 7\.0 in the run, 5\.0 now[;)]"):
+        generate_run(other, out, progress=False)
+
+
+def test_shards_may_spell_the_device_differently(reference_run, tmp_path):
+    """`--device cpu` on one shard and `auto` on the other (the CPU both) make one run, as one process would."""
+    out = tmp_path / "run"
+    for index, device in ((1, "cpu"), (2, "auto")):
+        config = config_from_dict(small_config_dict(model={"device": device}))
+        assert generate_run(config, out, shard=Shard(index, 2), progress=False).written > 0
+    pixels, reference = _pixels(out), _pixels(reference_run[0])
+    assert pixels.keys() == reference.keys()
+    assert max(np.abs(pixels[k] - reference[k]).max() for k in reference) <= 3  # other batches: rounding only
+    assert [r["rendering"] for r in RunDir(out).environment()] == [{"device": "cpu", "dtype": "float32"}] * 2
+
+
+def test_a_run_made_when_the_device_was_hashed_as_written_keeps_its_hash(tmp_path):
+    from f2d_bench.store import read_png_key
+
+    config = config_from_dict(small_config_dict(seeds=[0]))
+    out = tmp_path / "run"
+    generate_run(config, out, shard=Shard(1, 2), progress=False)
+    earlier = config.earlier_grid_hashes()[0]
+    assert earlier != config.grid_hash()  # the tests' model.device is cpu, not auto
+    for name in ("grid.json", "run.json"):  # as an earlier version wrote them
+        data = json.loads((out / name).read_text())
+        (out / name).write_text(json.dumps({**data, "config_hash": earlier}))
+    assert generate_run(config, out, shard=Shard(2, 2), progress=False).complete
+    run = RunDir(out)
+    assert run.read_grid()["config_hash"] == earlier
+    shard2 = [r for r in run.store.manifest_records().values() if r.writer == "shard-2-of-2"]
+    assert shard2 and {r.config_hash for r in shard2} == {earlier}
+    assert {read_png_key(run.store.image_path(r.key))[1] for r in shard2} == {earlier}
+
+
+def test_a_shard_in_another_dtype_is_refused_and_writes_nothing(tmp_path):
+    config = config_from_dict(small_config_dict(seeds=[0], model={"dtype": "auto"}))
+    out = tmp_path / "run"
+    generate_run(config, out, shard=Shard(1, 2), progress=False)
+    run = RunDir(out)
+    record = run.environment()[-1]
+    assert record["rendering"] == {"device": "cpu", "dtype": "float32"}  # auto is float32 on the CPU
+    # what a shard on a GPU node records: auto resolved to float16 there
+    run.record_environment({**record, "writer": "shard-2-of-2", "rendering": {"device": "cuda:0", "dtype": "float16"}})
+    before = _hashes(out)
+    with pytest.raises(F2DBenchError, match=r"rendered in float16 \(by shard-2-of-2 on cuda:0, .*render in "
+                                            r"float32 on cpu"):
+        generate_run(config, out, shard=Shard(2, 2), progress=False)
+    assert _hashes(out) == before and len(run.environment()) == 2
+
+
 @pytest.mark.slow
 def test_same_config_gives_identical_images(reference_run, tmp_path):
     out, _ = reference_run

@@ -153,6 +153,9 @@ def test_top_up_reuses_parent_images_and_generates_only_the_missing_seeds(topped
     assert set(records) == set(keys)
     parent_hash = json.loads((parent / "run.json").read_text())["config_hash"]
     assert {records[k].config_hash for k in parent_sha} == {parent_hash}
+    # the writers of the linked images are on the child's record, once, so a top-up in another dtype stops
+    made = [r for r in RunDir(parent).environment() if r.get("rendering")]
+    assert made and all(child.environment().count(r) == 1 for r in made)
     # parent's score caches were copied: only the new images were scored
     assert first.score_chunks_copied > 0
     assert set(first.score_computed.values()) == {20}
