@@ -158,9 +158,12 @@ def upper_bound(
             summary_kw.update(linked=linked)
         summary_kw.update(score_chunks_copied=copy_score_caches(parent, target))
 
-    # Score with the parent's scorers (as recorded by its last `score`) and the config's settings.
-    names = [str(n) for n in parent.scoring_info().get("scoring", {}).get("scorers", [])] or None
-    scored = score_run(target.root, scorers=names, scoring=config.scoring, progress=progress)
+    # Score with the parent's last `score`: its scorers and settings (``score --config`` may have changed
+    # them from the run config's), so the curve's hMean is Table 1's. Before any score: the run config's.
+    recorded = dict(parent.scoring_info().get("scoring") or {})
+    names = [str(n) for n in recorded.pop("scorers", [])] or None
+    scoring = config.scoring.replace(**recorded) if recorded else config.scoring
+    scored = score_run(target.root, scorers=names, scoring=scoring, progress=progress)
     summary_kw.update(score_computed=dict(scored.computed))
     records = target.records()
     records = records[records["seed"] < n]

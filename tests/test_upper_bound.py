@@ -112,7 +112,8 @@ def topped_up(tmp_path_factory):
         scoring=offline_scoring(scorers=["adaface", "sphereface", "facenet", "clip", "siglip"]))
     parent = tmp / "run"
     assert generate_run(config_from_dict(data), parent, progress=False).complete
-    score_run(parent, progress=False)
+    # scored with a setting the run config lacks (as `score --config` does): the top-up must follow it
+    score_run(parent, scoring=config_from_dict(data).scoring.replace(identity_clamp=True), progress=False)
     parent_sha = {k: _sha(RunDir(parent).store.image_path(k)) for k in RunDir(parent).keys()}
 
     # --no-generate on a parent with 2 seeds and n=4: a clear error, nothing created
@@ -156,6 +157,9 @@ def test_top_up_reuses_parent_images_and_generates_only_the_missing_seeds(topped
     # the writers of the linked images are on the child's record, once, so a top-up in another dtype stops
     made = [r for r in RunDir(parent).environment() if r.get("rendering")]
     assert made and all(child.environment().count(r) == 1 for r in made)
+    # scored as the parent's last score was, not as its run config says
+    assert json.loads(child.scoring_json.read_text())["scoring"]["identity_clamp"] is True
+    assert (child.records()[["adaface", "sphereface", "facenet"]].fillna(0) >= 0).all().all()
     # parent's score caches were copied: only the new images were scored
     assert first.score_chunks_copied > 0
     assert set(first.score_computed.values()) == {20}
