@@ -276,3 +276,7 @@ def test_scoring_a_subset_keeps_the_other_scorers_columns(tmp_path):
     rec = pd.read_parquet(out / "records.parquet")
     assert rec["clip"].notna().all()
     pd.testing.assert_series_equal(rec["dlib"], dlib_before)  # from dlib's cache, not recomputed, not lost
+    # CLIP and dCLIP are two of the six metrics hMean and gMean combine: neither exists, in the records
+    # or in Table 1, rather than a mean of two metrics under the paper's name
+    assert "hmean" not in rec.columns and "gmean" not in rec.columns
+    assert {"clip", "dclip"} <= set(summary.table.columns) and "hmean" not in summary.table.columns

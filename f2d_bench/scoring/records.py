@@ -35,7 +35,7 @@ def assemble_records(run: RunDir, entries: Sequence[ImageEntry], detections, pro
     for name, column in values.items():
         records[name] = column
     means = list(catalog.mean_metrics)
-    if means and all(m in records.columns for m in means):
+    if catalog.combines and all(m in records.columns for m in means):
         table = records[means].to_numpy(dtype=np.float64)
         records["hmean"] = harmonic_mean_rows(table)
         records["gmean"] = geometric_mean_rows(table)
