@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin
 
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import (
@@ -47,8 +47,12 @@ def png_bytes(image: Image.Image, text: dict[str, str], compress_level: int = 6)
 
 
 def read_png_key(path: Path) -> tuple[ItemKey, str | None]:
-    """The ItemKey and config hash stored in an image's PNG metadata."""
+    """The ItemKey and config hash stored in an image's PNG metadata, once its pixels decode whole.
+
+    A truncated or damaged file raises Pillow's error (an OSError without errno, SyntaxError, ...).
+    """
     with Image.open(path) as im:
+        im.load()
         text = dict(getattr(im, "text", {}) or {})
     if PNG_KEY_FIELD not in text:
         raise F2DBenchError(f"{path}: no {PNG_KEY_FIELD} metadata; not written by f2d-bench generate")
@@ -192,9 +196,13 @@ class RunStore:
             img_path = self.image_path(key)
             try:
                 stored_key, stored_hash = read_png_key(img_path)
-            except (UnidentifiedImageError, SyntaxError, ValueError, EOFError, json.JSONDecodeError):
-                # Undecodable: a corrupt file cannot come from our rename; regenerate it. An OSError
-                # (a transient read failure) is raised instead, so no good image is ever deleted.
+            except (OSError, SyntaxError, ValueError, EOFError, json.JSONDecodeError) as exc:
+                # Undecodable (Pillow's decode errors are OSErrors without errno: "image file is
+                # truncated"): a corrupt file cannot come from our rename; regenerate it. An OSError of
+                # the system (EIO, EMFILE) may pass: it stops the run, so no good image is ever deleted.
+                if isinstance(exc, OSError) and exc.errno is not None:
+                    raise F2DBenchError(f"cannot read {img_path} ({exc}); nothing was removed: run the same "
+                                        "command again once the file system reads it") from exc
                 img_path.unlink(missing_ok=True)
                 continue
             if stored_key != key:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from f2d_bench.errors import ConfigError
+from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.grid import ItemKey, Shard, fixed_batches, grid_keys
 from f2d_bench.files import append_jsonl, read_jsonl
 from f2d_bench.run_dir import RunDir
@@ -105,6 +105,35 @@ def test_reconcile_repairs_what_a_kill_leaves(tmp_path):
     # idempotent
     assert store.reconcile(keys, writer="all", config_hash="h") == {
         "removed_tmp": 0, "manifest_added": 0, "manifest_dropped": 0, "damaged_removed": 0}
+
+
+def test_reconcile_removes_a_truncated_image_without_a_line_but_keeps_one_it_cannot_read(tmp_path, monkeypatch):
+    import errno
+
+    import f2d_bench.store as store_module
+
+    store = RunDir(tmp_path).store
+    keys = _keys()[:2]
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    for k in keys:  # written by a writer whose manifest line was lost (killed between rename and append)
+        store.write_image(k, Image.fromarray(noise), config_hash="h", batch_size=1, writer="x", written_at="t")
+    RunDir(tmp_path).manifest_path("x").unlink()
+    cut = store.image_path(keys[0])
+    cut.write_bytes(cut.read_bytes()[:-2000])  # its pixels end early: Pillow says "image file is truncated"
+    counts = store.reconcile(keys, writer="all", config_hash="h")
+    assert not cut.exists() and counts["manifest_added"] == 1  # generated again; the whole one adopted
+    assert set(store.manifest_records()) == {keys[1]}
+
+    # a read that fails in the file system (EIO) is no proof of damage: the image stays, the run stops
+    RunDir(tmp_path).manifest_path("all").unlink()
+
+    def failing(path):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(store_module, "read_png_key", failing)
+    with pytest.raises(F2DBenchError, match=r"cannot read .*1\.png.*nothing was removed"):
+        store.reconcile(keys, writer="all", config_hash="h")
+    assert store.image_path(keys[1]).is_file()
 
 
 def test_append_after_a_partial_line_keeps_the_new_record(tmp_path):
