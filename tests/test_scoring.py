@@ -261,6 +261,32 @@ def test_unreadable_reference_image_leaves_dclip_empty_and_the_run_goes_on(tmp_p
     assert np.isfinite(rec.loc[("obama", "job-chef"), "dclip"])
 
 
+@pytest.mark.slow
+def test_a_file_system_read_error_stops_the_score_and_is_not_cached_as_the_images_fault(tmp_path, monkeypatch):
+    import errno
+
+    from f2d_bench.errors import ReadFailure
+    from f2d_bench.faces import imageio
+
+    out, _ = _build(tmp_path)
+    run = RunDir(out)
+    victim = run.store.image_path([k for k in run.keys() if k.prompt_id == "job-chef"][0])
+    opened = imageio.Image.open
+
+    def flaky(path, *args, **kwargs):  # EIO for one file, as a failing disk or network mount gives
+        if Path(path) == victim:
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(imageio.Image, "open", flaky)
+    with pytest.raises(ReadFailure, match=r"job-chef.*the file system failed, not the image"):
+        score_run(out, progress=False)
+    monkeypatch.setattr(imageio.Image, "open", opened)
+    summary = score_run(out, progress=False)  # once the disk reads again: the image is scored
+    rec = pd.read_parquet(out / "records.parquet")
+    assert summary.errors == 0 and rec["error"].isna().all() and rec["dlib"].notna().all()
+
+
 def test_score_of_a_non_run_is_a_clear_error(tmp_path, capsys):
     assert main(["score", str(tmp_path)]) == 2
     assert "not an f2d-bench run directory" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from f2d_bench.errors import F2DBenchError
+from f2d_bench.errors import F2DBenchError, ReadFailure
 
 # Transparent areas are composited onto white: cut-out portraits then look like studio shots instead of
 # showing whatever colour happens to be stored under alpha 0 (often black).
@@ -82,6 +82,10 @@ def read_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise F2DBenchError(f"image file not found: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        # Pillow's decode errors are OSErrors without errno; one with errno is the file system's.
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise ReadFailure(f"cannot read {path} ({exc}): the file system failed, not the image; run the "
+                              "same command again once it reads") from exc
         raise F2DBenchError(f"cannot read image {path}: {exc}") from exc
     return to_rgb8(image)
 
