@@ -503,6 +503,41 @@ def test_rerun_overwrites_consistently(tmp_path, detector):
     assert [f.face_id for f in load_face_set(dst)] == ["astronaut"]
 
 
+class _Dies:
+    """A detector whose process 'dies' (raises) at its ``at``-th call, as a kill mid-prepare would stop it."""
+
+    def __init__(self, detector, at: int):
+        self.detector, self.at, self.calls = detector, at, 0
+        self.min_face_size = detector.min_face_size
+
+    def detect(self, image):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return self.detector.detect(image)
+
+
+def test_a_prepare_that_did_not_finish_is_refused_until_run_again(tmp_path, detector):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ["franz-kafka.jpg", "astronaut.png"]:
+        shutil.copy(ASSETS / name, src / name)
+    dst = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):  # the first crop is written, then the process stops
+        prepare_faces(src, dst, detector=_Dies(detector, at=3), progress=False)
+    assert (dst / "astronaut.png").is_file() and not (dst / "manifest.json").exists()
+    with pytest.raises(F2DBenchError, match=r"faces prepare` into it did not finish .* run the same"):
+        load_face_set(dst)  # not a face set of one face without a word
+    prepare_faces(src, dst, detector=detector, progress=False)
+    assert [f.face_id for f in load_face_set(dst)] == ["astronaut", "franz-kafka"]
+    assert sorted(p.name for p in dst.iterdir()) == ["astronaut.png", "franz-kafka.png", "manifest.json"]
+    # killed while re-preparing a finished set: its old manifest does not vouch for the crops any more
+    with pytest.raises(KeyboardInterrupt):
+        prepare_faces(src, dst, detector=_Dies(detector, at=1), progress=False)
+    with pytest.raises(F2DBenchError, match="did not finish"):
+        load_face_set(dst)
+
+
 # --- command line ---------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,9 @@ from f2d_bench.errors import F2DBenchError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MANIFEST_NAME = "manifest.json"
+#: Written by `faces prepare` before its first crop and removed once its manifest is in place: a folder
+#: that holds it is a prepare that was killed (its crops a mixture, its manifest missing or stale).
+PREPARING_NAME = ".faces-prepare-incomplete"
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 _DOTS = re.compile(r"\.{2,}")
@@ -105,11 +108,17 @@ def load_face_set(directory: str | Path) -> list[Face]:
     """The faces of a face set directory, sorted by id.
 
     Uses ``manifest.json`` when present, else every png/jpg/jpeg/webp file (not recursive). Raises
-    F2DBenchError naming the path when the directory is missing or empty, or when two files give the same id.
+    F2DBenchError naming the path when the directory is missing or empty, when two files give the same id,
+    or when a `faces prepare` into it did not finish.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise F2DBenchError(f"face set directory not found: {directory}")
+    if (directory / PREPARING_NAME).exists():
+        raise F2DBenchError(
+            f"{directory}: `f2d-bench faces prepare` into it did not finish (killed?), so its crops and "
+            "manifest may be partial or stale; run the same `faces prepare` command again"
+        )
     manifest_path = directory / MANIFEST_NAME
     if manifest_path.is_file():
         faces, origin = _from_manifest(directory, manifest_path), str(manifest_path)

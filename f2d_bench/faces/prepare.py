@@ -22,7 +22,7 @@ from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.align import ffhq_align
 from f2d_bench.faces.choice import choose_face
 from f2d_bench.faces.detect import DETECTOR_NAME, Detection, FaceDetector
-from f2d_bench.faces.faceset import IMAGE_EXTENSIONS, MANIFEST_NAME, check_class_word, sanitize_face_id
+from f2d_bench.faces.faceset import IMAGE_EXTENSIONS, MANIFEST_NAME, PREPARING_NAME, check_class_word, sanitize_face_id
 from f2d_bench.faces.imageio import read_image, read_video_frame
 from f2d_bench.faces.quality import describe, input_quality, source_crop_size, thresholds
 
@@ -359,6 +359,7 @@ def prepare_faces(
     report = PrepareReport(dst=dst, skipped=skipped, settings=settings,
                            selection=_selection(names, chosen, limit, limit_seed))
     previous = _previous_outputs(dst / MANIFEST_NAME)
+    atomic_write_text(dst / PREPARING_NAME, "faces prepare is writing this folder\n")
 
     def note(index: int, path: Path, message: str) -> None:
         if progress:
@@ -413,6 +414,7 @@ def prepare_faces(
     # Only after the new manifest is in place: drop crops of the previous run that are now stale.
     for name in previous - {face.file.name for face in report.faces}:
         (dst / name).unlink(missing_ok=True)
+    (dst / PREPARING_NAME).unlink()
     if progress:
         print(report.summary(), file=sys.stderr, flush=True)
     return report
