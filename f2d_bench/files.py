@@ -8,6 +8,7 @@ killed at any moment leaves at most such a temporary file, which ``is_temporary`
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -144,7 +145,9 @@ def append_jsonl(path: str | Path, record: dict) -> None:
         # A killed writer's partial last line would swallow this record: start on a new line.
         if size and os.pread(fd, 1, size - 1) != b"\n":
             line = b"\n" + line
-        os.write(fd, line)
+        written = os.write(fd, line)
+        if written != len(line):  # a full disk takes part of a line and fails the rest: say so
+            raise OSError(errno.ENOSPC, f"wrote {written} of {len(line)} bytes of a line (disk full?)", str(path))
     finally:
         os.close(fd)
 

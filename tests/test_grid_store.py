@@ -146,6 +146,24 @@ def test_append_after_a_partial_line_keeps_the_new_record(tmp_path):
     assert read_jsonl(path) == [{"a": 1}, {"c": 3}]
 
 
+def test_append_that_a_full_disk_cuts_short_is_an_error_not_a_lost_line(tmp_path, monkeypatch):
+    import errno
+
+    import f2d_bench.files as files
+
+    path = tmp_path / "log.jsonl"
+    append_jsonl(path, {"a": 1})
+    real = os.write
+    # a full disk: write(2) takes part of the buffer and returns its length
+    monkeypatch.setattr(files.os, "write", lambda fd, data: real(fd, data[:5]))
+    with pytest.raises(OSError) as err:
+        append_jsonl(path, {"b": 2})
+    assert err.value.errno == errno.ENOSPC and "wrote 5 of" in str(err.value)
+    monkeypatch.setattr(files.os, "write", real)
+    append_jsonl(path, {"c": 3})  # once there is room: the partial line is skipped, nothing else lost
+    assert read_jsonl(path) == [{"a": 1}, {"c": 3}]
+
+
 def test_weights_are_hashed_once_while_the_file_stays_the_same(tmp_path, monkeypatch):
     import hashlib
 

@@ -80,6 +80,29 @@ def test_old_chunk_names_are_read_with_new_ones_and_one_writer_keeps_its_order(t
     assert child.read().set_index("cache_key")["v"].to_dict() == values
 
 
+def test_a_damaged_chunk_is_left_out_by_name_and_a_failing_read_stops(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from f2d_bench.errors import F2DBenchError
+
+    cache = ChunkCache(tmp_path, "all")
+    cache.write(pd.DataFrame({"cache_key": ["a"], "v": [1.0]}))
+    cache.write(pd.DataFrame({"cache_key": ["b"], "v": [2.0]}))
+    damaged = cache.chunks()[1]
+    damaged.write_bytes(damaged.read_bytes()[:40])  # a disk that lost the end of the file
+    assert cache.read()["cache_key"].tolist() == ["a"]  # its rows are computed again
+    cache.read()
+    err = capsys.readouterr().err
+    assert err.count(f"score cache file {damaged} is damaged") == 1  # said once, naming the file
+
+    def failing(path, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(pd, "read_parquet", failing)
+    with pytest.raises(F2DBenchError, match=r"cannot read the score cache file .*Input/output error"):
+        cache.read()
+
+
 def test_a_writer_removes_only_its_own_temporary_files(tmp_path):
     for name in (".chunk-shard-1-of-2-abc-000001.parquet.1234abcd.tmp",
                  ".chunk-shard-1-of-20-abc-000001.parquet.1234abcd.tmp",

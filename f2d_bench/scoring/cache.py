@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
 if TYPE_CHECKING:
@@ -71,8 +73,13 @@ class ChunkCache:
         for chunk in self.chunks():
             try:
                 frames.append(pd.read_parquet(chunk))
-            except Exception:  # a file that is not whole cannot come from an atomic write: ignore it
-                continue
+            except OSError as exc:
+                if exc.errno is not None:  # the file system failed, not the chunk: its rows are not lost
+                    raise F2DBenchError(f"cannot read the score cache file {chunk} ({exc}); run the same "
+                                        "command again once it reads") from exc
+                _skip_damaged(chunk, exc)
+            except Exception as exc:  # not whole Parquet: not from an atomic write, but a damaged disk
+                _skip_damaged(chunk, exc)
         if not frames:
             return None
         return pd.concat(frames, ignore_index=True).drop_duplicates(subset=["cache_key"], keep="last")
@@ -150,3 +157,14 @@ class ChunkWriter:
 
             self.cache.write(pd.DataFrame(self.rows))
             self.rows = []
+
+
+_SKIPPED: set[Path] = set()
+
+
+def _skip_damaged(chunk: Path, exc: Exception) -> None:
+    """Say once per process that a damaged chunk is left out: its rows are computed again."""
+    if chunk not in _SKIPPED:
+        _SKIPPED.add(chunk)
+        print(f"warning: score cache file {chunk} is damaged ({type(exc).__name__}: {exc}); it is left out "
+              "and its rows are computed again (delete it to silence this)", file=sys.stderr, flush=True)
