@@ -398,3 +398,14 @@ def test_tiny_checkpoint_is_cached_and_deterministic(tmp_path):
     assert not torch.equal(a["visual.proj"], c["visual.proj"])
     with pytest.raises(ValueError, match="unknown tiny model kind"):
         tiny.tiny_clip_checkpoint(tmp_path, kind="blip")
+
+
+def test_siglip_scorer_refuses_a_clip_model_when_it_loads(tiny_clip):
+    """A CLIP architecture has no logit_bias: the scorer says so by name instead of failing mid-score."""
+    from f2d_bench.scorers.base import ScoringContext
+    from f2d_bench.scorers.text.scorer import SiglipScorer
+
+    scorer = SiglipScorer({"model": tiny.TINY_CLIP_NAME, "weights": "random"},
+                          ScoringContext(prompt_set=None, device="cpu", input_detections={}))
+    with pytest.raises(ConfigError, match=r"scorer siglip: model 'f2d-tiny-clip-v1' is not a SigLIP model"):
+        scorer.load()

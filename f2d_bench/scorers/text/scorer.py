@@ -165,6 +165,13 @@ class SiglipScorer(_OpenClipScorer):
     )
     defaults = {"model": "ViT-SO400M-14-SigLIP-384", "pretrained": "webli", "weights": "official"}
 
+    def bundle(self):
+        bundle = super().bundle()
+        if not bundle.is_siglip:  # a CLIP model has no logit_bias: its "siglip_prob" would mean nothing
+            raise ConfigError(f"scorer siglip: model {self.settings['model']!r} is not a SigLIP model (it has no "
+                              "logit_bias); name one, e.g. ViT-SO400M-14-SigLIP-384 (the protocol's)")
+        return bundle
+
     def score(self, items: Sequence[ScoreItem]) -> list[dict[str, float]]:
         from f2d_bench.scorers.text.clip_models import image_embeds
         from f2d_bench.scorers.text.similarity import siglip_scores
