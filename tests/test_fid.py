@@ -190,6 +190,20 @@ def test_fid_from_features_refuses_statistics_of_another_backend():
         fid_from_features(np.random.default_rng(0).normal(size=(5, 3)), stats, "clean-fid-torchscript")
 
 
+def test_a_reference_built_with_other_inception_weights_is_refused():
+    from f2d_bench.scorers.fid.stats import check_reference_weights
+
+    built = {"weights": "pt_inception-2015-12-05-6726825d.pth", "weights_sha256": "6726825d" + "0" * 56}
+    stats = FeatureStats(mu=np.zeros(3), sigma=np.eye(3), count=10, backend="pytorch-fid",
+                         metadata={"backend_info": built})
+    check_reference_weights(stats, dict(built))  # the same file
+    check_reference_weights(stats, {"weights": "mine.pth"})  # hash unknown on one side: nothing to compare
+    check_reference_weights(FeatureStats(mu=np.zeros(3), sigma=np.eye(3), count=10, backend="pytorch-fid"),
+                            {"weights": "mine.pth", "weights_sha256": "ab" * 32})  # an older reference
+    with pytest.raises(ConfigError, match=r"built with Inception weights 'pt_inception.*'mine.pth'.*fid_weights"):
+        check_reference_weights(stats, {"weights": "mine.pth", "weights_sha256": "ab" * 32})
+
+
 # --- statistics files ------------------------------------------------------------------------------
 
 

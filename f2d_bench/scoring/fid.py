@@ -94,11 +94,14 @@ def compute_fid(run: RunDir, entries: Sequence[ImageEntry], scoring: ScoringConf
     ``scoring.fid_reference``, over every prompt image of ``entries`` (the whole run: FID is one statistic
     per method, never per shard); methods with fewer than two readable prompt images are left out."""
     from f2d_bench.scorers.fid import fid_from_features, load_stats
+    from f2d_bench.scorers.fid.stats import check_reference_weights
 
     grid = run.read_grid()
     reference = load_stats(scoring.fid_reference)
     backend = backend or make_fid_backend(scoring, device)
+    check_reference_weights(reference, backend.describe())  # before the feature pass, where the file is known
     cache = fid_features(run, entries, scoring, backend, progress, writer=writer)
+    check_reference_weights(reference, backend.describe())  # and the file actually loaded
     ref_id = grid["prompt_set"]["reference_id"]
     wanted = [e for e in entries if e.key.prompt_id != ref_id]
     table = cache.read()

@@ -155,6 +155,23 @@ def frechet_distance(
         return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=eps))
 
 
+def check_reference_weights(reference: FeatureStats, backend_info: dict) -> None:
+    """Refuse a reference built with other Inception weights than ``backend_info`` (a backend's
+    ``describe()``) names: the same backend name on other weights gives features of another network.
+
+    Only where both sides know the weights' SHA-256 (a reference built by an older version may not).
+    """
+    built = reference.metadata.get("backend_info") or {}
+    if built.get("weights_sha256") and backend_info.get("weights_sha256") \
+            and built["weights_sha256"] != backend_info["weights_sha256"]:
+        raise ConfigError(
+            f"the reference statistics were built with Inception weights {built.get('weights')!r} "
+            f"(sha256 {built['weights_sha256'][:12]}...), the generated features come from "
+            f"{backend_info.get('weights')!r} (sha256 {backend_info['weights_sha256'][:12]}...); score with "
+            "the weights the reference was built with (scoring.fid_weights), or rebuild the reference"
+        )
+
+
 def fid_from_features(generated: np.ndarray, reference: FeatureStats, backend: str) -> FIDResult:
     """FID between generated features (n, d) from `backend` and reference statistics.
 
