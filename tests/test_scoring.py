@@ -257,6 +257,9 @@ def test_unreadable_reference_image_leaves_dclip_empty_and_the_run_goes_on(tmp_p
     summary = score_run(out, scorers=["clip"], progress=False)
     rec = pd.read_parquet(out / "records.parquet").set_index(["face", "prompt"])
     assert summary.errors == 1 and isinstance(rec.loc[("biden", "ref"), "error"], str)
+    said = summary.text()  # the file named, and what to do
+    assert f"unreadable images: 1 (metrics empty, see the `error` column), e.g. cannot read image " \
+           f"{run.store.image_path(ref)}" in said and "generate command again" in said
     assert np.isnan(rec.loc[("biden", "job-chef"), "dclip"]) and np.isfinite(rec.loc[("biden", "job-chef"), "clip"])
     assert np.isfinite(rec.loc[("obama", "job-chef"), "dclip"])
 

@@ -61,6 +61,7 @@ class ScoreSummary:
     n_images: int
     computed: dict[str, int] = field(default_factory=dict)  # scorer -> rows computed this time
     errors: int = 0
+    unreadable: list[str] = field(default_factory=list)  # the errors (naming the file) of the first few
     no_face: int = 0
     seconds: float = 0.0
     notes: dict[str, str] = field(default_factory=dict)
@@ -94,7 +95,9 @@ class ScoreSummary:
             lines.append(f"  {name}: {n} computed, {self.n_images - n} from cache{note}")
         lines.append(f"  no face detected: {self.no_face} images ({self.no_face_rule}, face_detected false)")
         if self.errors:
-            lines.append(f"  unreadable images: {self.errors} (metrics empty, see the `error` column)")
+            lines.append(f"  unreadable images: {self.errors} (metrics empty, see the `error` column), e.g. "
+                         f"{'; '.join(self.unreadable)}. generate remakes an image whose bytes changed since it "
+                         "was written: run the run's generate command again, then score")
         if self.table is not None and len(self.table):
             import pandas as pd
 
@@ -352,6 +355,7 @@ class ScoreSession:
         summary.no_face_rule = ("identity metrics 0.0" if scoring.no_face == "zero"
                                 else "identity metrics empty, left out of the means")
         summary.errors = int(records["error"].notna().sum())
+        summary.unreadable = records.loc[records["error"].notna(), "error"].head(3).tolist()
         summary.no_face = int((~records["face_detected"] & records["error"].isna()).sum())
         summary.seconds = time.perf_counter() - start
         return summary
