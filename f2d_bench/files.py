@@ -87,6 +87,8 @@ def atomic_link_or_copy(src: str | Path, dst: str | Path) -> Path:
             os.link(src, tmp)
         except OSError:  # another file system, or links not allowed
             shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as fh:  # on disk before the rename, as atomic_write does
+                os.fsync(fh.fileno())
         os.replace(tmp, dst)
     except BaseException:
         tmp.unlink(missing_ok=True)

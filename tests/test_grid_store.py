@@ -189,3 +189,20 @@ def test_weights_are_hashed_once_while_the_file_stays_the_same(tmp_path, monkeyp
     assert files.folder_sha256s(tmp_path) == {"config.json": hashlib.sha256(b"{}").hexdigest(),
                                               "model.safetensors": hashlib.sha256(b"b" * 1000).hexdigest()}
     assert reads == ["model.safetensors", "model.safetensors", "config.json"]
+
+
+def test_link_or_copy_copies_across_file_systems(tmp_path, monkeypatch):
+    import errno
+
+    import f2d_bench.files as files
+
+    src = tmp_path / "a.png"
+    src.write_bytes(b"pixels")
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(files.os, "link", cross_device)
+    dst = files.atomic_link_or_copy(src, tmp_path / "child" / "a.png")
+    assert dst.read_bytes() == b"pixels" and dst.stat().st_ino != src.stat().st_ino
+    assert [p.name for p in dst.parent.iterdir()] == ["a.png"]  # no temporary file left
