@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from baselines.custom_diffusion.method import (
-    TOKEN_FILE, WEIGHTS_FILE, CustomDiffusionMethod, cross_attention_layers, trained_parameter_count,
+    TOKEN_FILE, WEIGHTS_FILE, CustomDiffusionMethod, cross_attention_layers, initializer_id, trained_parameter_count,
 )
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.methods import METHODS
@@ -63,6 +63,17 @@ def _fixed_draw_loss(method, face, kv, vectors) -> float:
     return total / 12
 
 
+def test_the_word_vector_starts_from_the_vocabulary_entry_ktn(method):
+    from f2d_bench.errors import ConfigError
+
+    tokenizer = method.context.pipeline().tokenizer  # CLIP's real BPE vocabulary
+    # as diffusers' tokenizer.encode(["ktn"]) and Adobe's hard-coded row; the word "ktn" would be two tokens
+    assert initializer_id(tokenizer, "ktn") == 42170 == tokenizer.convert_tokens_to_ids("ktn")
+    assert tokenizer("ktn", add_special_tokens=False).input_ids == [74, 7248]
+    with pytest.raises(ConfigError, match=r"initializer_token: 'ktn person' is not an entry"):
+        initializer_id(tokenizer, "ktn person")
+
+
 def test_tuning_lowers_the_loss_and_keeps_the_base_unet(tmp_path):
     method = _method({"name": "custom-diffusion",
                       "params": {"steps": 15, "num_class_images": 0, "learning_rate": 1e-3, "batch_size": 4}})
@@ -70,8 +81,7 @@ def test_tuning_lowers_the_loss_and_keeps_the_base_unet(tmp_path):
     pipe = method.context.pipeline()
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     before_procs = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
-    ids = pipe.tokenizer("ktn", add_special_tokens=False).input_ids
-    start = pipe.text_encoder.get_input_embeddings().weight[ids].detach().mean(0, keepdim=True)
+    start = pipe.text_encoder.get_input_embeddings().weight[[42170]].detach()  # the official start: "ktn"
     (tmp_path / "a").mkdir()
     facts = method.tune(face, tmp_path / "a")
     tuned = method.load_tuned(face, tmp_path / "a")

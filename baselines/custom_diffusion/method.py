@@ -2,8 +2,8 @@
 
 Tuning (per face): every cross-attention layer (``attn2``) of the UNet gets diffusers'
 ``CustomDiffusionAttnProcessor2_0`` with its own K/V projections, initialised from the layer's; these
-and one new word vector (started from ``initializer``) are trained with the denoising loss on the face
-photo (mirrored with probability 0.5 when ``hflip``), plus ``prior_loss_weight`` x the same loss on
+and one new word vector (started from the vocabulary entry ``initializer_token``) are trained with the
+denoising loss on the face photo (mirrored with probability 0.5 when ``hflip``), plus ``prior_loss_weight`` x the same loss on
 class images the base model renders of ``class_prompt`` (made once per run). The artifact is diffusers'
 format: ``pytorch_custom_diffusion_weights.bin`` (``load_attn_procs``) and ``<new1>.safetensors``
 (``load_textual_inversion``). Rendering installs a face's K/V for that face's requests only and writes
@@ -76,7 +76,9 @@ class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
         "prior_loss_weight": 1.0,
         "num_class_images": 200,
         "class_prompt": "a photo of a person",
-        "initializer": "ktn",
+        # One vocabulary entry, as diffusers resolves --initializer_token (tokenizer.encode([token]) looks
+        # the string up whole) and Adobe's code hard-codes: "ktn" is id 42170 of CLIP's BPE vocabulary.
+        "initializer_token": "ktn",
         "max_grad_norm": 1.0,
         "caption": "photo of a {}",
         "subject": f"{TOKEN} person",
@@ -140,9 +142,8 @@ class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
         pipe, p = self.context.pipeline(), self.params
         generator = torch.Generator("cpu").manual_seed(face_seed(p["seed"], face.face_id))
         table = token_embedding_module(pipe.text_encoder)
-        init_ids = pipe.tokenizer(p["initializer"], add_special_tokens=False).input_ids
-        # The mean of the initializer's token embeddings ("ktn" is two CLIP tokens).
-        vector = torch.nn.Parameter(table.weight[init_ids].detach().float().mean(0, keepdim=True).clone())
+        init_id = initializer_id(pipe.tokenizer, p["initializer_token"])
+        vector = torch.nn.Parameter(table.weight[[init_id]].detach().float().clone())
         processors = self._processors(None)
         trainable = [vector] + [w for proc in processors.values() for w in proc.parameters()]
         posterior = encode_posterior(pipe.vae, training_pixels(face.path, training_resolution(pipe)))
@@ -221,3 +222,13 @@ class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
                 return super(CustomDiffusionMethod, self).generate(group)
 
         return render_per_face(requests, render)
+
+
+def initializer_id(tokenizer, token: str) -> int:
+    """The id of ``token`` as one entry of the tokenizer's vocabulary (not the word ``token`` tokenized:
+    as a word, "ktn" is "k" + "tn</w>"; the entry "ktn" is id 42170)."""
+    found = tokenizer.get_vocab().get(token)
+    if found is None:
+        raise ConfigError(f"param initializer_token: {token!r} is not an entry of the tokenizer's vocabulary "
+                          "(diffusers' --initializer_token must be one); the official value is 'ktn'")
+    return int(found)
