@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -316,3 +317,43 @@ def test_upper_bound_tops_up_a_tuned_run_without_tuning_again(tmp_path):
     assert child.tune_records(mid) == parent.tune_records(mid)  # linked, not tuned again
     assert len(child.keys()) == 2 * len(load_prompt_set("smoke").all_prompts())
     assert all(child.store.has_image(k) for k in child.keys())
+
+
+def test_loss_scaling_changes_nothing_in_float32_and_keeps_float16_gradients_alive():
+    """Scaling by a power of two is exact in float32; through float16 layers it is what keeps gradients of
+    an MSE over many elements (about 1e-5 each) from rounding to 0."""
+    from f2d_bench.tuning.diffusion import optimise
+
+    def run(dtype, scaling):
+        torch.manual_seed(0)
+        vector = torch.nn.Parameter(torch.randn(8))
+        layer = torch.nn.Linear(8, 4096).to(dtype)  # frozen, as the UNet is
+        layer.requires_grad_(False)
+        target = torch.randn(4096)
+        losses = optimise([vector], steps=5, learning_rate=1e-2, accumulation=4, loss_scaling=scaling,
+                          weight_decay=0.0,  # so that only a gradient moves the vector
+                          loss=lambda: torch.nn.functional.mse_loss(layer(vector.to(dtype)).float() * 1e-3,
+                                                                    target * 1e-3))
+        return vector.detach(), losses
+
+    plain, plain_losses = run(torch.float32, False)
+    scaled, scaled_losses = run(torch.float32, True)
+    assert torch.equal(plain, scaled) and plain_losses == scaled_losses
+    torch.manual_seed(0)  # the start: the first draw of run()
+    first = torch.randn(8)
+    stuck, _ = run(torch.float16, False)
+    alive, _ = run(torch.float16, True)
+    assert torch.equal(stuck, first)  # every float16 gradient underflowed: the vector never moved
+    assert not torch.equal(alive, first) and torch.isfinite(alive).all()
+
+
+@pytest.mark.parametrize("name", ["textual-inversion", "custom-diffusion", "celeb-basis"])
+def test_float16_tuning_runs_with_loss_scaling_and_says_so(tmp_path, name):
+    """float16 is what `auto` gives on CUDA; the tiny pipeline runs it on the CPU through the same code."""
+    params = {"steps": 3, **{"custom-diffusion": {"num_class_images": 0},
+                             "celeb-basis": {"backbone": "random", "names": "random"}}.get(name, {})}
+    method = _method({"name": name, "params": params}, model={"dtype": "float16"})
+    assert method.context.pipeline().unet.dtype == torch.float16
+    facts = method.tune(_face(), tmp_path)
+    assert facts["loss_scaling"] is True and len(facts["losses"]) == 3
+    assert all(math.isfinite(v) for v in facts["losses"])

@@ -43,8 +43,8 @@ from f2d_bench.methods.base import MethodContext
 from f2d_bench.methods.token_slots import token_embedding_module
 from f2d_bench.methods.word_vectors import TOKEN, WordVectorMethod, WordVectors
 from f2d_bench.tuning.diffusion import (
-    DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, optimise, training_pixels,
-    training_resolution,
+    DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, needs_loss_scaling, optimise,
+    training_pixels, training_resolution,
 )
 from f2d_bench.weights import require_file
 
@@ -312,13 +312,13 @@ class CelebBasisMethod(WordVectorMethod):
 
         with frozen(pipe.unet, pipe.vae, pipe.text_encoder), torch.enable_grad():
             losses = optimise(mlp.parameters(), steps=p["steps"], learning_rate=self.effective_learning_rate(),
-                              accumulation=1, loss=loss)
+                              accumulation=1, loss=loss, loss_scaling=needs_loss_scaling(pipe))
         vectors = word_vectors(basis, ema[None])[0]
         save_file({token_name(face.face_id): vectors.contiguous()}, str(work_dir / ARTIFACT))
         save_file({"coefficients": ema.contiguous()}, str(work_dir / COEFFICIENTS))
         return {"trained_params": ema.numel(), "steps": p["steps"], "losses": losses,
-                "learning_rate": self.effective_learning_rate(), "mlp_params": mlp_parameter_count(mlp.basis_size),
-                "basis_size": mlp.basis_size, "ema_updates": p["steps"] * p["batch_size"]}
+                "learning_rate": self.effective_learning_rate(), "loss_scaling": needs_loss_scaling(pipe),
+                "mlp_params": mlp_parameter_count(mlp.basis_size), "basis_size": mlp.basis_size, "ema_updates": p["steps"] * p["batch_size"]}
 
     def load_tuned(self, face, artifact_dir: Path) -> WordVectors:
         from safetensors.torch import load_file

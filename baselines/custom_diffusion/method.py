@@ -3,8 +3,9 @@
 Tuning (per face): every cross-attention layer (``attn2``) of the UNet gets diffusers'
 ``CustomDiffusionAttnProcessor2_0`` with its own K/V projections, initialised from the layer's; these
 and one new word vector (started from the vocabulary entry ``initializer_token``) are trained with the
-denoising loss on the face photo (mirrored with probability 0.5 when ``hflip``), plus ``prior_loss_weight`` x the same loss on
-class images the base model renders of ``class_prompt`` (made once per run). The artifact is diffusers'
+denoising loss on the face photo (mirrored with probability 0.5 when ``hflip``), plus
+``prior_loss_weight`` x the same loss on class images the base model renders of ``class_prompt`` (made
+once per run). The artifact is diffusers'
 format: ``pytorch_custom_diffusion_weights.bin`` (``load_attn_procs``) and ``<new1>.safetensors``
 (``load_textual_inversion``). Rendering installs a face's K/V for that face's requests only and writes
 its vector into the prompt; the base UNet's processors are restored after every batch.
@@ -26,8 +27,8 @@ from f2d_bench.methods.token_slots import token_embedding_module
 from f2d_bench.methods.word_vectors import TOKEN, WordVectorMethod
 from f2d_bench.tuning.class_images import ClassPrior
 from f2d_bench.tuning.diffusion import (
-    DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, optimise, training_pixels,
-    training_resolution,
+    DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, needs_loss_scaling, optimise,
+    training_pixels, training_resolution,
 )
 from f2d_bench.weights import WeightsLayoutError, read_torch_file
 
@@ -169,11 +170,13 @@ class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
             for w in trainable:
                 w.requires_grad_(True)
             losses = optimise(trainable, steps=p["steps"], learning_rate=self.effective_learning_rate(),
-                              accumulation=1, loss=loss, max_grad_norm=p["max_grad_norm"])
+                              accumulation=1, loss=loss, max_grad_norm=p["max_grad_norm"],
+                              loss_scaling=needs_loss_scaling(pipe))
         self._save(work_dir, processors, vector)
         return {"trained_params": trained_parameter_count(pipe.unet, pipe.text_encoder),
                 "trained_tensors": sum(w.numel() for w in trainable), "steps": p["steps"], "losses": losses,
-                "learning_rate": self.effective_learning_rate(), "class_images": len(classes)}
+                "learning_rate": self.effective_learning_rate(), "class_images": len(classes),
+                "loss_scaling": needs_loss_scaling(pipe)}
 
     def _save(self, work_dir: Path, processors: Mapping[str, Any], vector: torch.Tensor) -> None:
         """diffusers' files: the K/V weights by processor name (the self-attention processors as the

@@ -20,8 +20,8 @@ from f2d_bench.methods.base import MethodContext
 from f2d_bench.methods.token_slots import single_token_ids, token_embedding_module
 from f2d_bench.methods.word_vectors import TOKEN, WordVectorMethod, WordVectors, word_vector_parameters
 from f2d_bench.tuning.diffusion import (
-    DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, optimise, training_pixels,
-    training_resolution,
+    DenoisingLoss, encode_posterior, encode_text, face_seed, frozen, needs_loss_scaling, optimise,
+    training_pixels, training_resolution,
 )
 
 ARTIFACT = "learned_embeds.safetensors"
@@ -98,10 +98,10 @@ class TextualInversionMethod(WordVectorMethod):
 
         with frozen(pipe.unet, pipe.vae, pipe.text_encoder), torch.enable_grad():
             losses = optimise([vector], steps=p["steps"], learning_rate=self.effective_learning_rate(),
-                              accumulation=p["accumulation"], loss=loss)
+                              accumulation=p["accumulation"], loss=loss, loss_scaling=needs_loss_scaling(pipe))
         save_file({token_name(face.face_id): vector.detach().cpu().contiguous()}, str(work_dir / ARTIFACT))
         return {"trained_params": vector.numel(), "steps": p["steps"], "losses": losses,
-                "learning_rate": self.effective_learning_rate()}
+                "learning_rate": self.effective_learning_rate(), "loss_scaling": needs_loss_scaling(pipe)}
 
     def load_tuned(self, face, artifact_dir: Path) -> WordVectors:
         from safetensors.torch import load_file

@@ -95,33 +95,47 @@ def encode_text(pipe, texts: Sequence[str]) -> torch.Tensor:
 def optimise(
     parameters: Iterable[torch.nn.Parameter], *, steps: int, learning_rate: float, accumulation: int,
     loss: Callable[[], torch.Tensor], weight_decay: float = 1e-2, max_grad_norm: float | None = None,
-    after_step: Callable[[], None] | None = None,
+    after_step: Callable[[], None] | None = None, loss_scaling: bool = False,
 ) -> list[float]:
     """AdamW (betas 0.9/0.999, eps 1e-8, constant rate, as the diffusers examples) for ``steps`` updates.
 
     Each update averages ``accumulation`` calls of ``loss()``; gradients are clipped to a total norm of
     ``max_grad_norm`` when given. ``after_step`` runs after each update. Returns each update's loss.
+    ``loss_scaling``: dynamic loss scaling (``torch.amp.GradScaler``: from 2**16, an update whose
+    gradients overflow is skipped and the scale halved), as the examples get from accelerate in float16:
+    the loss's gradients flowing back through a float16 UNet (of order 1e-5 per element) would otherwise
+    fall below float16's smallest normal number (6e-5), losing precision or rounding to 0 (see
+    :func:`needs_loss_scaling`). Off, it changes nothing.
     """
     params = [p for p in parameters if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient")
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(params[0].device.type, enabled=loss_scaling)
     history = []
     for _ in range(steps):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(accumulation):
             value = loss() / accumulation
-            value.backward()
+            scaler.scale(value).backward()
             total += float(value.detach())
+        scaler.unscale_(optimizer)  # the true gradients before clipping
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         if after_step is not None:
             after_step()
         history.append(total)
     return history
+
+
+def needs_loss_scaling(pipe) -> bool:
+    """Whether training through ``pipe``'s UNet needs loss scaling: it computes in float16 (bfloat16 has
+    float32's range; float32 needs none)."""
+    return pipe.unet.dtype == torch.float16
 
 
 def face_seed(seed: int, face_id: str) -> int:
