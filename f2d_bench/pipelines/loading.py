@@ -7,6 +7,7 @@ Hugging Face cache). All three go through `StableDiffusionPipeline.from_pretrain
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -161,7 +162,8 @@ def load_sd_pipeline(
                 f"revision {revision!r} applies to Hugging Face ids only, not to local model {model_id!r}"
             )
         _check_local_dir(Path(source))
-        pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
+        with _no_loading_bars():
+            pipe = StableDiffusionPipeline.from_pretrained(source, local_files_only=True, **kwargs)
     else:
         cached = _is_hub_cached(model_id, revision)
         offline = hub_offline()
@@ -172,9 +174,10 @@ def load_sd_pipeline(
                 )
             )
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                model_id, revision=revision, local_files_only=offline, **kwargs
-            )
+            with _no_loading_bars():
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    model_id, revision=revision, local_files_only=offline, **kwargs
+                )
         except OSError as exc:  # huggingface_hub's errors (not found, gated, no network) are OSErrors
             if cached and offline:
                 raise  # the cache had it: a damaged cache is a different problem; keep the original error
@@ -197,3 +200,22 @@ def load_sd_pipeline(
             pipe.unet.to(memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextlib.contextmanager
+def _no_loading_bars():
+    """diffusers' and transformers' "Loading ..." bars off while a pipeline loads (they would print
+    through --no-progress, and say nothing a summary does not); download bars are huggingface_hub's and
+    stay. Each library's setting is restored after."""
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    was = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    for lib, _ in was:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in was:
+            if enabled:
+                lib.enable_progress_bar()
