@@ -409,3 +409,16 @@ def test_siglip_scorer_refuses_a_clip_model_when_it_loads(tiny_clip):
                           ScoringContext(prompt_set=None, device="cpu", input_detections={}))
     with pytest.raises(ConfigError, match=r"scorer siglip: model 'f2d-tiny-clip-v1' is not a SigLIP model"):
         scorer.load()
+
+
+def test_the_tiny_model_is_described_as_the_random_checkpoint_it_loads():
+    """Its pretrained tag and weights setting are not used: the run's record must not say 'webli, official'."""
+    from f2d_bench.scorers.base import ScoringContext
+    from f2d_bench.scorers.text.scorer import SiglipScorer
+
+    scorer = SiglipScorer({"model": "tiny"}, ScoringContext(prompt_set=None, device="cpu", input_detections={}))
+    scorer.load()
+    described = scorer.describe()
+    assert described["settings"] == {"model": "tiny", "pretrained": None, "weights": "random"}
+    assert described["checkpoint"] and described["note"]  # the file loaded, and "random weights"
+    assert scorer.settings["weights"] == "official"  # the settings themselves (and the cache id) are untouched

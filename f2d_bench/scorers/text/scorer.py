@@ -79,6 +79,8 @@ class _OpenClipScorer(Scorer):
 
     def describe(self) -> dict:
         info = super().describe()
+        if self.settings["model"] == TINY_MODEL:  # its own seeded random checkpoint, whatever else is set
+            info["settings"] = {**info["settings"], "pretrained": None, "weights": "random"}
         if self._bundle is not None:
             info["preprocess"] = {k: str(v) for k, v in self._bundle.preprocess_cfg.items()}
             info["checkpoint"] = self._bundle.checkpoint
