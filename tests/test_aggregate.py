@@ -170,7 +170,7 @@ def test_identical_methods_give_zero_difference():
         assert (r["method_a"], r["method_b"]) == ("a", "b")
         assert r["diff"] == pytest.approx(0.0, abs=1e-12)
         assert r["lo"] <= 1e-12 and r["hi"] >= -1e-12 and abs(r["lo"]) < 1e-12 and abs(r["hi"]) < 1e-12
-        assert r["p_a_better"] < 0.5
+        assert r["p_a_better"] == 0.5  # every resample a tie: no side is better
 
 
 def test_better_on_every_face_is_significant_and_pairing_cancels_face_variation():

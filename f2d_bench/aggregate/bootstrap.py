@@ -142,7 +142,7 @@ def paired_differences(
     Only the faces both methods have (at least one valid value of the column each) count; both means are
     image means over those faces. Each resample draws the shared faces once and uses the same draw for
     both methods (paired), so face-to-face variation common to both cancels. ``p_a_better`` is the share
-    of resamples with a difference > 0 (a tie, e.g. identical methods, counts as not better).
+    of resamples with a difference > 0, a tie counting half: identical methods give 0.5, not a verdict.
     Columns: method_a, method_b, column, diff, lo, hi, p_a_better, n_faces (shared faces).
     """
     _check(n_resamples, confidence)
@@ -167,5 +167,6 @@ def paired_differences(
                 w = _draw_weights(_rng(seed, a, b, col), len(shared), n_resamples)
                 boot = (w @ s_a) / (w @ n_a) - (w @ s_b) / (w @ n_b)
                 lo, hi = _percentile_interval(boot, confidence)
-                result.append((a, b, col, float(diff), lo, hi, float(np.mean(boot > 0)), len(shared)))
+                p_better = float(np.mean(boot > 0) + 0.5 * np.mean(boot == 0))
+                result.append((a, b, col, float(diff), lo, hi, p_better, len(shared)))
     return pd.DataFrame(result, columns=list(PAIR_COLUMNS))
