@@ -201,8 +201,7 @@ class RunStore:
                 # truncated"): a corrupt file cannot come from our rename; regenerate it. An OSError of
                 # the system (EIO, EMFILE) may pass: it stops the run, so no good image is ever deleted.
                 if isinstance(exc, OSError) and exc.errno is not None:
-                    raise F2DBenchError(f"cannot read {img_path} ({exc}); nothing was removed: run the same "
-                                        "command again once the file system reads it") from exc
+                    raise
                 img_path.unlink(missing_ok=True)
                 continue
             if stored_key != key:

@@ -265,10 +265,10 @@ def test_unreadable_reference_image_leaves_dclip_empty_and_the_run_goes_on(tmp_p
 
 
 @pytest.mark.slow
-def test_a_file_system_read_error_stops_the_score_and_is_not_cached_as_the_images_fault(tmp_path, monkeypatch):
+def test_a_file_system_read_error_stops_the_score_and_is_not_cached_as_the_images_fault(tmp_path, monkeypatch,
+                                                                                        capsys):
     import errno
 
-    from f2d_bench.errors import ReadFailure
     from f2d_bench.faces import imageio
 
     out, _ = _build(tmp_path)
@@ -282,8 +282,11 @@ def test_a_file_system_read_error_stops_the_score_and_is_not_cached_as_the_image
         return opened(path, *args, **kwargs)
 
     monkeypatch.setattr(imageio.Image, "open", flaky)
-    with pytest.raises(ReadFailure, match=r"job-chef.*the file system failed, not the image"):
+    with pytest.raises(OSError) as err:  # as itself: no stage records it as the image's fault
         score_run(out, progress=False)
+    assert err.value.errno == errno.EIO and err.value.filename == str(victim)
+    assert main(["score", str(out), "--no-progress"]) == 4  # the command says what failed, no traceback
+    assert f"error: Input/output error ({victim}). Finished files are kept" in capsys.readouterr().err
     monkeypatch.setattr(imageio.Image, "open", opened)
     summary = score_run(out, progress=False)  # once the disk reads again: the image is scored
     rec = pd.read_parquet(out / "records.parquet")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from f2d_bench.errors import F2DBenchError, ReadFailure
+from f2d_bench.errors import F2DBenchError
 
 # Transparent areas are composited onto white: cut-out portraits then look like studio shots instead of
 # showing whatever colour happens to be stored under alpha 0 (often black).
@@ -82,10 +82,10 @@ def read_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise F2DBenchError(f"image file not found: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # Pillow's decode errors are OSErrors without errno; one with errno is the file system's.
+        # Pillow's decode errors are OSErrors without errno. One with errno (EIO, EMFILE) is the file
+        # system's, not the image's: it goes on as itself, so no caller records it as the image's fault.
         if isinstance(exc, OSError) and exc.errno is not None:
-            raise ReadFailure(f"cannot read {path} ({exc}): the file system failed, not the image; run the "
-                              "same command again once it reads") from exc
+            raise
         raise F2DBenchError(f"cannot read image {path}: {exc}") from exc
     return to_rgb8(image)
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from f2d_bench.config import ScoringConfig, canonical_hash
-from f2d_bench.errors import F2DBenchError, ReadFailure
+from f2d_bench.errors import F2DBenchError
 from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring.cache import ChunkCache
@@ -60,8 +60,6 @@ class FaceStage:
                                "face_prob": np.nan, "n_faces": 0, "face_box": None, "face_landmarks": None}
         try:
             image = read(e.path)
-        except ReadFailure:
-            raise  # not the image's fault: never cached as its error
         except F2DBenchError as exc:
             row["error"] = str(exc)
         else:

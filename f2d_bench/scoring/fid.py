@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from f2d_bench.config import ScoringConfig, canonical_hash
-from f2d_bench.errors import F2DBenchError, ReadFailure
+from f2d_bench.errors import F2DBenchError
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring.cache import ChunkCache
 from f2d_bench.scoring.inputs import ImageEntry
@@ -43,8 +43,6 @@ class FidStage:
         faces stage records the error)."""
         try:
             image = read(e.path)
-        except ReadFailure:
-            raise
         except F2DBenchError:
             image = None
         self._have.add(e.sha256)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from f2d_bench.errors import F2DBenchError, ReadFailure
+from f2d_bench.errors import F2DBenchError
 from f2d_bench.faces.imageio import read_image
 from f2d_bench.scoring.decode import ImageDecoder
 from f2d_bench.scoring.faces import FaceStage, detection_from_row
@@ -61,8 +61,6 @@ class StageWalk:
             try:
                 self.decoder.get(e.path)
                 can_read[e.sha256] = True
-            except ReadFailure:
-                raise
             except F2DBenchError:
                 can_read[e.sha256] = False
             if e.key not in self.owned_keys:
