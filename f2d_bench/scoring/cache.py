@@ -24,7 +24,6 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_parquet
 
 if TYPE_CHECKING:
@@ -75,8 +74,7 @@ class ChunkCache:
                 frames.append(pd.read_parquet(chunk))
             except OSError as exc:
                 if exc.errno is not None:  # the file system failed, not the chunk: its rows are not lost
-                    raise F2DBenchError(f"cannot read the score cache file {chunk} ({exc}); run the same "
-                                        "command again once it reads") from exc
+                    raise
                 _skip_damaged(chunk, exc)
             except Exception as exc:  # not whole Parquet: not from an atomic write, but a damaged disk
                 _skip_damaged(chunk, exc)
