@@ -215,3 +215,14 @@ def test_a_wrong_artifact_is_refused_with_its_path(provider, tmp_path):
     with pytest.raises(F2DBenchError, match=r"learned_embeds\.safetensors: expected one tensor '<obama>' of "
                                             r"shape \(2, 32\)"):
         method.load_tuned(_face(), tmp_path)
+
+
+def test_native_sampling_is_the_official_ddim_50_steps_at_scale_10():
+    """02_start_test.sh renders with DDIM (eta 0), 50 steps, scale 10; `sampling: native` gives it, and the
+    pipeline the method renders with carries that scheduler."""
+    data = small_config_dict(methods=[{"name": "celeb-basis", "params": OFFLINE, "sampling": "native"}])
+    [method] = build_methods(config_from_dict(data), load_prompt_set("smoke"))
+    sampling = method.context.sampling
+    assert (sampling.scheduler, sampling.num_inference_steps, sampling.guidance_scale) == ("DDIMScheduler", 50, 10.0)
+    assert (sampling.height, sampling.width) == (64, 64)  # the run's size
+    assert type(method.context.pipeline().scheduler).__name__ == "DDIMScheduler"

@@ -129,6 +129,8 @@ class CelebBasisMethod(WordVectorMethod):
     summary = "CelebBasis (Yuan et al. 2023): face MLP to 2 x 512 coefficients on a celebrity-name basis"
     tunes = True
     n_vectors = N_TOKENS
+    # 02_start_test.sh: stable_txt2img.py with DDIM (eta 0), 50 steps, scale 10.0.
+    native_sampling = {"scheduler": "DDIMScheduler", "num_inference_steps": 50, "guidance_scale": 10.0}
     defaults = {
         # Files the user supplies (or "random" for offline checks); see README.md for where they are published.
         "backbone": None,
