@@ -273,14 +273,15 @@ class RunConfig(_Section):
     def _grid_hash(self, *, device: str) -> str:
         data = self.to_dict()
         data["model"]["device"] = device
-        data.pop("batch_size")
-        data.pop("scoring")
-        # Methods are identified by their method ids (grid.json), which hash what decides their images
-        # by content (F2D's checkpoints by sha256): moving a checkpoint file or relabelling a method
-        # must not look like another experiment.
-        data.pop("methods")
-        data.pop("name")
+        for key in UNHASHED_KEYS:
+            data.pop(key)
         return canonical_hash(data)
+
+
+#: Top-level config keys the grid hash leaves out (see ``RunConfig.grid_hash``). Methods are identified by
+#: their method ids (grid.json), which hash what decides their images by content (F2D's checkpoints by
+#: sha256): moving a checkpoint file or relabelling a method must not look like another experiment.
+UNHASHED_KEYS = ("batch_size", "scoring", "methods", "name")
 
 
 #: The sections a key path steps into: the model class below each nested field.

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from f2d_bench import __version__
+from f2d_bench.config import UNHASHED_KEYS
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import append_jsonl, atomic_write_json, atomic_write_text, file_sha256, read_jsonl
 from f2d_bench.grid import ItemKey, grid_keys
@@ -313,13 +314,9 @@ def _differences(old: dict, new: dict, run: RunDir, config: "RunConfig") -> list
     return settings + [f"{k} differ" for k in keys if k not in named] or ["contents differ"]
 
 
-#: Config keys that are not part of the grid hash (see ``RunConfig.grid_hash``).
-_UNHASHED = {"name", "batch_size", "scoring", "methods", "model.device"}
-
-
 def _setting_differences(old: Any, new: Any, path: str = "") -> list[str]:
     """``key: old in the run, new now`` for each hashed config setting where two plain configs differ."""
-    if path in _UNHASHED:
+    if path in UNHASHED_KEYS or path == "model.device":  # model.device: hashed as "auto" whatever it says
         return []
     if isinstance(old, dict) and isinstance(new, dict):
         return [line for k in sorted(set(old) | set(new), key=str)
