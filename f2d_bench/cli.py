@@ -339,8 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the disk is full ({exc.filename or 'while writing'}). Finished files are kept and "
                   "no partial file remains; free some space and run the same command again.", file=sys.stderr)
             return 3
-        if exc.errno is None:
-            raise  # not the file system's: a bug, with its traceback
+        from f2d_bench.files import system_failure
+
+        if not system_failure(exc):
+            raise  # not the system's: a bug, with its traceback
         # The system's (EIO, EACCES, EMFILE, ...): nothing was recorded as a file's fault.
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"error: {exc.strerror or exc}{where}. Finished files are kept; fix the cause and run the same "

@@ -36,6 +36,13 @@ def final_name(tmp_name: str) -> str | None:
     return parts[0] if len(parts) == 3 else None
 
 
+def system_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is the system's failure to read or write (an OSError with errno: EIO, EMFILE,
+    ENOSPC), not a sign that the file is damaged. Decoders (Pillow, pyarrow) raise OSErrors without
+    errno for bad bytes; a system failure says nothing of the file, so it must never be taken for damage."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
     """Call ``write(fh)`` on a temporary binary file, flush it to disk, rename it to ``path``.
 

@@ -306,10 +306,9 @@ def _differences(old: dict, new: dict, run: RunDir, config: "RunConfig") -> list
         try:
             settings = _setting_differences(run.read_run_json()["config"], config.to_dict())
         except (F2DBenchError, KeyError, TypeError):
-            settings = []
-        keys.remove("config_hash")
-        if not settings:
-            keys.append("config_hash")
+            pass  # no readable config in run.json: "config_hash differ" is all there is to say
+        if settings:
+            keys.remove("config_hash")
     named = {line.split(":")[0].split(".")[0] for line in settings}
     return settings + [f"{k} differ" for k in keys if k not in named] or ["contents differ"]
 

@@ -20,7 +20,7 @@ from PIL import Image, PngImagePlugin
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import (
     TMP_SUFFIX, append_jsonl, atomic_write_bytes, atomic_write_text, exclusive_lock, file_sha256, final_name,
-    read_jsonl,
+    read_jsonl, system_failure,
 )
 from f2d_bench.grid import ItemKey
 
@@ -197,10 +197,9 @@ class RunStore:
             try:
                 stored_key, stored_hash = read_png_key(img_path)
             except (OSError, SyntaxError, ValueError, EOFError, json.JSONDecodeError) as exc:
-                # Undecodable (Pillow's decode errors are OSErrors without errno: "image file is
-                # truncated"): a corrupt file cannot come from our rename; regenerate it. An OSError of
-                # the system (EIO, EMFILE) may pass: it stops the run, so no good image is ever deleted.
-                if isinstance(exc, OSError) and exc.errno is not None:
+                # Undecodable ("image file is truncated"): a corrupt file cannot come from our rename;
+                # regenerate it. A system failure (EIO, EMFILE) stops the run: no good image is deleted.
+                if system_failure(exc):
                     raise
                 img_path.unlink(missing_ok=True)
                 continue

@@ -320,7 +320,8 @@ class CelebBasisMethod(WordVectorMethod):
         save_file({"coefficients": ema.contiguous()}, str(work_dir / COEFFICIENTS))
         return {"trained_params": ema.numel(), "steps": p["steps"], "losses": losses,
                 "learning_rate": self.effective_learning_rate(), "loss_scaling": needs_loss_scaling(pipe),
-                "mlp_params": mlp_parameter_count(mlp.basis_size), "basis_size": mlp.basis_size, "ema_updates": p["steps"] * p["batch_size"]}
+                "mlp_params": mlp_parameter_count(mlp.basis_size), "basis_size": mlp.basis_size,
+                "ema_updates": p["steps"] * p["batch_size"]}
 
     def load_tuned(self, face, artifact_dir: Path) -> WordVectors:
         from safetensors.torch import load_file

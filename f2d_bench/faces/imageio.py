@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from f2d_bench.errors import F2DBenchError
+from f2d_bench.files import system_failure
 
 # Transparent areas are composited onto white: cut-out portraits then look like studio shots instead of
 # showing whatever colour happens to be stored under alpha 0 (often black).
@@ -82,9 +83,9 @@ def read_image(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise F2DBenchError(f"image file not found: {path}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        # Pillow's decode errors are OSErrors without errno. One with errno (EIO, EMFILE) is the file
-        # system's, not the image's: it goes on as itself, so no caller records it as the image's fault.
-        if isinstance(exc, OSError) and exc.errno is not None:
+        # A system failure (EIO, EMFILE) is not the image's: it goes on as itself, so no caller records
+        # it as the image's fault.
+        if system_failure(exc):
             raise
         raise F2DBenchError(f"cannot read image {path}: {exc}") from exc
     return to_rgb8(image)

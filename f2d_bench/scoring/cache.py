@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from f2d_bench.files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_parquet
+from f2d_bench.files import TMP_SUFFIX, atomic_write_bytes, atomic_write_json, atomic_write_parquet, system_failure
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,11 +72,9 @@ class ChunkCache:
         for chunk in self.chunks():
             try:
                 frames.append(pd.read_parquet(chunk))
-            except OSError as exc:
-                if exc.errno is not None:  # the file system failed, not the chunk: its rows are not lost
-                    raise
-                _skip_damaged(chunk, exc)
             except Exception as exc:  # not whole Parquet: not from an atomic write, but a damaged disk
+                if system_failure(exc):  # the file system failed, not the chunk: its rows are not lost
+                    raise
                 _skip_damaged(chunk, exc)
         if not frames:
             return None
