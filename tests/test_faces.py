@@ -486,11 +486,16 @@ def test_load_face_set_from_files_and_errors(tmp_path):
         load_face_set(plain)
 
 
-def test_rerun_overwrites_consistently(tmp_path, detector):
-    src = tmp_path / "src"
+def _two_photos(src):
+    """A source folder of two shipped photos (franz-kafka, astronaut)."""
     src.mkdir()
     for name in ["franz-kafka.jpg", "astronaut.png"]:
         shutil.copy(ASSETS / name, src / name)
+    return src
+
+
+def test_rerun_overwrites_consistently(tmp_path, detector):
+    src = _two_photos(tmp_path / "src")
     dst = tmp_path / "out"
     prepare_faces(src, dst, detector=detector, progress=False)
     (dst / "mine.txt").write_text("a user's file")
@@ -518,10 +523,7 @@ class _Dies:
 
 
 def test_a_prepare_that_did_not_finish_is_refused_until_run_again(tmp_path, detector):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in ["franz-kafka.jpg", "astronaut.png"]:
-        shutil.copy(ASSETS / name, src / name)
+    src = _two_photos(tmp_path / "src")
     dst = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):  # the first crop is written, then the process stops
         prepare_faces(src, dst, detector=_Dies(detector, at=3), progress=False)
