@@ -95,6 +95,14 @@ class ImageRecord:
         )
 
 
+def _line_key(line: str) -> ItemKey | None:
+    """The key of a manifest line; None for a line that is not a whole record (kept as it is)."""
+    try:
+        return ImageRecord.from_dict(json.loads(line)).key
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
 class RunStore:
     """The images and manifests of one run directory. Paths follow from keys; writes are atomic."""
 
@@ -156,8 +164,9 @@ class RunStore:
         """Bring the files of ``keys`` (those this writer owns) into a consistent state before writing.
 
         Removes temporary files a killed process left for these keys, removes images whose bytes no
-        longer match the hash this writer's manifest recorded (truncated, emptied, overwritten: they are
-        generated again), rewrites this writer's manifest without partial or duplicate lines or lines
+        longer match the hash their manifest line recorded (truncated, emptied, overwritten: they are
+        generated again; a line of another writer, as in a run resumed with another ``--shard`` layout,
+        goes with its image), rewrites this writer's manifest without partial or duplicate lines or lines
         whose image is gone, and adds lines for images that were renamed into place just before a kill.
         Returns counts of what was repaired. Hold :meth:`writer_lock` while calling it.
         """
@@ -188,6 +197,14 @@ class RunStore:
         for key in damaged:
             self.image_path(key).unlink(missing_ok=True)
             del mine[key]
+        # A run resumed with another --shard layout: the images of these keys that other writers
+        # recorded are checked against their lines too, and a damaged one goes with its line.
+        theirs = {k: r for k, r in self.manifest_records().items() if k in keys and k not in mine}
+        damaged_theirs = self.damaged(theirs, theirs)
+        if damaged_theirs:
+            self._drop_lines(set(damaged_theirs), but=writer)
+            for key in damaged_theirs:
+                self.image_path(key).unlink(missing_ok=True)
         others = {k for k in self.manifest_records() if k not in mine}
         added = 0
         for key in sorted(keys):
@@ -214,8 +231,21 @@ class RunStore:
         if added or damaged or len(mine) != len(raw_lines):
             text = "".join(json.dumps(r.to_dict(), sort_keys=True) + "\n" for r in mine.values())
             atomic_write_text(path, text)
-        return {"removed_tmp": removed_tmp, "manifest_added": added, "damaged_removed": len(damaged),
+        return {"removed_tmp": removed_tmp, "manifest_added": added,
+                "damaged_removed": len(damaged) + len(damaged_theirs),
                 "manifest_dropped": max(0, len(raw_lines) - (len(mine) - added))}
+
+    def _drop_lines(self, keys: set[ItemKey], *, but: str) -> None:
+        """Remove the lines of ``keys`` from every writer's manifest except ``but``'s, each under its
+        writer's lock (a writer still running refuses: its images are not ours to repair)."""
+        for path in self.run.manifest_paths():
+            if path.stem == but:
+                continue
+            with self.writer_lock(path.stem):
+                lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+                kept = [line for line in lines if _line_key(line) not in keys]
+                if len(kept) != len(lines):
+                    atomic_write_text(path, "".join(kept))
 
     def damaged(self, keys: Iterable[ItemKey], records: dict[ItemKey, ImageRecord] | None = None
                 ) -> dict[ItemKey, str]:

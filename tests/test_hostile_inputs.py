@@ -167,6 +167,25 @@ def test_a_truncated_image_is_found_by_status_verify_and_generated_again(small_r
     assert main(["status", str(out), "--verify"]) == 0
 
 
+@pytest.mark.parametrize("first, then", [("1/1", "2/2"), ("2/2", "1/1")])
+def test_a_damaged_image_another_shard_layout_wrote_is_generated_again(tmp_path, first, then):
+    from f2d_bench.grid import Shard
+
+    data = small_config_dict(seeds=[0], sampling={"num_inference_steps": 2, "height": 32, "width": 32})
+    out, config = tmp_path / "run", config_from_dict(data)
+    generate_run(config, out, shard=Shard.parse(first), progress=False)
+    run = RunDir(out)
+    resume = Shard.parse(then)
+    key = next(k for k in run.keys() if resume.owns(k) and run.store.has_image(k))
+    path = run.image_path(key)
+    good = path.read_bytes()
+    path.write_bytes(good[:-20])  # lost its end after the first writer recorded it
+    summary = generate_run(config, out, shard=resume, progress=False)
+    assert any("1 damaged image(s)" in p for m in summary.methods for p in m.problems)
+    assert path.read_bytes() == good
+    assert main(["status", str(out), "--verify"]) == 0  # no stale line of the first writer is left
+
+
 def test_score_warns_about_missing_images(small_run):
     from f2d_bench.scoring import score_run
 
