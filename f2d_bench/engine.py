@@ -22,6 +22,7 @@ from f2d_bench.config import MethodConfig, ModelConfig, RunConfig
 from f2d_bench.errors import ConfigError, F2DBenchError
 from f2d_bench.faces.faceset import Face
 from f2d_bench.faces.source import resolve_face_set
+from f2d_bench.files import exclusive_lock
 from f2d_bench.grid import UNSHARDED, ItemKey, Shard, fixed_batches, grid_keys
 from f2d_bench.methods import METHODS
 from f2d_bench.methods.base import GenerationRequest, Method, MethodContext, Skipped, check_method_name
@@ -220,9 +221,12 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
             pipe = method.context.pipeline()  # loads each base model (once) before the run directory exists
             rendering = rendering or {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")}
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
-    check_rendering(run, rendering)
-    run.record_environment({"writer": shard.tag, **environment(compile=compile),
-                            **({"rendering": rendering} if rendering else {})})
+    # Check and record as one step: two shards starting at once would each pass the check before
+    # the other's record exists.
+    with exclusive_lock(run.environment_lock):
+        check_rendering(run, rendering)
+        run.record_environment({"writer": shard.tag, **environment(compile=compile),
+                                **({"rendering": rendering} if rendering else {})})
     for method in methods:
         method.shared_dir = run.method_shared_dir(method.method_id)
     return OpenedRun(run, prompt_set, faces, methods)

@@ -69,6 +69,7 @@ class RunDir:
     config_yaml = property(lambda self: self.root / "config.yaml")
     prompts_yaml = property(lambda self: self.root / "prompts.yaml")
     environment_jsonl = property(lambda self: self.root / "environment.jsonl")
+    environment_lock = property(lambda self: self.root / ".environment.lock")
     # -- images -------------------------------------------------------------------------------------
     images_dir = property(lambda self: self.root / "images")
     manifests_dir = property(lambda self: self.root / "manifests")

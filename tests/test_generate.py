@@ -113,6 +113,52 @@ def test_a_shard_in_another_dtype_is_refused_and_writes_nothing(tmp_path):
     assert _hashes(out) == before and len(run.environment()) == 2
 
 
+def test_two_shards_starting_at_once_in_other_dtypes_cannot_both_pass(tmp_path, monkeypatch):
+    """The dtype check and its record are one step: a writer that checks while another is between its
+    check and its record waits for that record, and is refused."""
+    import threading
+
+    from f2d_bench import engine
+    from f2d_bench.pipelines.loading import load_sd_pipeline
+
+    config = config_from_dict(small_config_dict(seeds=[0], model={"dtype": "auto"}))
+    out = tmp_path / "run"
+    real = engine.check_rendering
+    first_checked, second_checking, go_on = threading.Event(), threading.Event(), threading.Event()
+
+    def check(run, rendering):
+        if rendering["dtype"] == "float32":  # the first writer pauses between its check and its record
+            real(run, rendering)
+            first_checked.set()
+            go_on.wait(60)
+        else:
+            second_checking.set()
+            real(run, rendering)
+
+    monkeypatch.setattr(engine, "check_rendering", check)
+    bf16 = load_sd_pipeline(config.model.pretrained, dtype="bfloat16", device="cpu")
+    outcome = {}
+
+    def second():
+        try:
+            engine.open_run(config, out, shard=Shard(2, 2), pipeline=lambda: bf16)
+            outcome["second"] = "opened"
+        except F2DBenchError as exc:
+            outcome["second"] = str(exc)
+
+    first = threading.Thread(target=engine.open_run, args=(config, out), kwargs={"shard": Shard(1, 2)})
+    first.start()
+    assert first_checked.wait(60)
+    other = threading.Thread(target=second)
+    other.start()
+    second_checking.wait(2)  # without the lock the second writer checks now, before the first's record
+    go_on.set()
+    first.join(60)
+    other.join(60)
+    assert "rendered in float32 (by shard-1-of-2" in outcome["second"]
+    assert [r["writer"] for r in RunDir(out).environment()] == ["shard-1-of-2"]
+
+
 @pytest.mark.slow
 def test_same_config_gives_identical_images(reference_run, tmp_path):
     out, _ = reference_run
