@@ -113,6 +113,7 @@ def _add_fid_and_upper_bound(run: Path) -> None:
     curve = best_of_n_curve(rec, ns=(1,), k=1)
     (run / "upper_bound").mkdir(exist_ok=True)
     curve.to_csv(run / "upper_bound" / "best_of_n.csv", index=False)
+    (run / "upper_bound" / "best_of_n.json").write_text(json.dumps({"N": 1, "column": "hmean"}), encoding="utf-8")
     plot_best_of_n(curve, run / "upper_bound" / "best_of_n.svg")
 
 
@@ -378,6 +379,123 @@ def test_two_runs_are_merged(scored_run, tmp_path):
     assert list(merged.index) == list(want.index)
     np.testing.assert_allclose(merged["hmean"].to_numpy(float), want["hmean"].to_numpy(float), rtol=1e-12)
     assert "Run 2: run-" in index.read_text()
+
+
+def _variant(scored_run: Path, tmp_path: Path, edit, drop_metrics=()) -> str:
+    """The page of a copy of the scored run whose records ``edit(records)`` changed in place and whose
+    scoring.json no longer declares ``drop_metrics`` (as a run scored with fewer scorers has)."""
+    copy = tmp_path / "variant"
+    shutil.copytree(scored_run, copy)
+    rec = pd.read_parquet(copy / "records.parquet")
+    edit(rec)
+    rec.to_parquet(copy / "records.parquet", index=False)
+    scoring_json = copy / "scores" / "scoring.json"
+    scoring = json.loads(scoring_json.read_text())
+    scoring["metrics"] = [m for m in scoring["metrics"] if m["name"] not in drop_metrics]
+    scoring_json.write_text(json.dumps(scoring))
+    return build_report([copy], tmp_path / "r", n_resamples=50).read_text(encoding="utf-8")
+
+
+def test_identical_methods_highlight_no_pair(scored_run, tmp_path):
+    def same_as_a(rec):
+        a, b = sorted(rec["method"].unique())
+        values = rec[rec["method"] == a].set_index(["face", "prompt", "seed"])
+        for c in rec.columns:
+            if pd.api.types.is_float_dtype(rec[c]):
+                rows = rec["method"] == b
+                rec.loc[rows, c] = values[c].reindex(pd.MultiIndex.from_frame(rec.loc[rows, ["face", "prompt", "seed"]])).to_numpy()
+        rec["face_detected"] = True
+
+    html = _variant(scored_run, tmp_path, same_as_a)
+    pairs = html[html.index('<section id="pairs"'):html.index('<section id="plots"')]
+    assert pairs.count("[0.0000, 0.0000]") == 2  # hMean and gMean: no difference at all
+    assert 'class="clear"' not in pairs  # a highlighted row says "the interval excludes 0"
+
+
+def test_a_run_without_siglip_has_no_combined_group_and_says_why_nothing_is_compared(scored_run, tmp_path):
+    def no_siglip(rec):
+        rec.drop(columns=["siglip", "hmean", "gmean"], inplace=True)
+
+    html = _variant(scored_run, tmp_path, no_siglip, drop_metrics=("siglip",))
+    head = re.search(r'<section id="table1">.*?<thead>\s*<tr>(.*?)</tr>', html, re.DOTALL).group(1)
+    assert re.findall(r'colspan="(\d+)">([^<]+)<', head) == [("4", "Identity"), ("2", "Text")]
+    assert "No hMean or gMean to compare: they need all six protocol metrics, and siglip were not scored." in html
+
+
+def test_an_unreadable_method_keeps_its_row_and_one_face_gives_no_interval(scored_run, tmp_path):
+    def one_face_b_unreadable(rec):
+        keep = rec["face"] == sorted(rec["face"].unique())[0]
+        rec.drop(index=rec.index[~keep], inplace=True)
+        b = rec["method"] == sorted(rec["method"].unique())[1]
+        rec["error"] = rec["error"].astype(object)
+        rec.loc[b, "error"] = "cannot read image: truncated"
+        for c in ("adaface", "clip", "hmean", "gmean"):
+            rec.loc[b, c] = np.nan
+
+    html = _variant(scored_run, tmp_path, one_face_b_unreadable)
+    t1 = pd.read_csv(tmp_path / "r" / "table1.csv", index_col=0)
+    a, b = sorted(t1.index)
+    assert t1.loc[b, "n_images"] == 0 and t1.loc[b, "n_errors"] == 4 and np.isnan(t1.loc[b, "hmean"])
+    assert t1.loc[a, "n_faces"] == 1 and np.isfinite(t1.loc[a, "hmean"])
+    assert np.isnan(t1.loc[a, "hmean_lo"]) and np.isnan(t1.loc[a, "hmean_hi"])  # no interval from one face
+    assert "4 unreadable" in html and "Only one method has readable prompt images: nothing to compare." in html
+
+
+def test_the_count_behind_hmean_is_shown_when_it_is_smaller(scored_run, tmp_path):
+    def three_without_dclip(rec):
+        a = rec.index[(rec["method"] == sorted(rec["method"].unique())[0]) & ~rec["is_reference"]][:3]
+        rec.loc[a, ["dclip", "hmean", "gmean"]] = np.nan
+
+    html = _variant(scored_run, tmp_path, three_without_dclip)
+    assert "hMean/gMean over 13" in html and html.count("hMean/gMean over") == 1
+
+
+def test_published_counts_best_of_n_column_and_index_image_count(report, scored_run):
+    html = _html(report)
+    assert ">1,024<" in html  # CelebBasis's trained parameters, not "1.02e3"
+    assert "Best hMean among N images" in html
+    rec = pd.read_parquet(scored_run / "records.parquet")
+    facts = json.loads((report.parent / "aggregates.json").read_text())
+    assert facts["n_images"] == len(_prompt_rows(rec)) == 32  # the images behind Table 1, not the references
+
+
+def test_the_trade_off_plot_puts_the_paper_on_the_metrics_it_averages(monkeypatch, tmp_path):
+    from matplotlib.axes import Axes
+
+    from f2d_bench.aggregate.metrics import MetricCatalog
+    from f2d_bench.aggregate.paper import PAPER_TABLE1
+    from f2d_bench.report.plots import plot_tradeoff
+
+    drawn = []
+    real = Axes.scatter
+    monkeypatch.setattr(Axes, "scatter", lambda self, x, y, *a, **k: drawn.append((list(x), list(y))) or real(self, x, y, *a, **k))
+    specs = [{"name": n, "in_mean": True, "identity": n in ("adaface", "sphereface", "facenet")}
+             for n in ("adaface", "sphereface", "facenet", "clip", "dclip")]
+    table = pd.DataFrame({n: [0.5] for n in ("adaface", "sphereface", "facenet", "clip", "dclip")}, index=["m"])
+    plot_tradeoff(table, PAPER_TABLE1, tmp_path / "t.svg", MetricCatalog(tuple(specs)))
+    px, py = drawn[0]
+    np.testing.assert_allclose(px, PAPER_TABLE1[["clip", "dclip"]].mean(axis=1))  # SigLIP left out, as for the run
+    np.testing.assert_allclose(py, PAPER_TABLE1[["adaface", "sphereface", "facenet"]].mean(axis=1))
+
+
+def test_the_face_sets_selection_and_sources_are_shown(scored_run, tmp_path):
+    from f2d_bench.faces.source import resolve_face_set
+
+    builtin = resolve_face_set("builtin:test-faces")[0].path.parent
+    copy, faces = tmp_path / "run", tmp_path / "faces"
+    shutil.copytree(scored_run, copy)
+    run_json = json.loads((copy / "run.json").read_text())
+    shutil.copytree(run_json["faces_dir"][0], faces)
+    shutil.copy(builtin / "manifest.json", faces / "manifest.json")
+    (copy / "run.json").write_text(json.dumps({**run_json, "faces_dir": [str(faces)]}))
+    manifest = json.loads((faces / "manifest.json").read_text())
+    html = build_report([copy], tmp_path / "r", n_resamples=50).read_text(encoding="utf-8")
+    sel = manifest["selection"]
+    assert f"faces: {sel['n_chosen']} of {sel['n_candidates']} sources" in html
+    assert f"aligned to {manifest['settings']['output_size']} px" in html
+    sources = pd.read_csv(tmp_path / "r" / "per_face.csv", index_col=0)["source"]
+    entry = {e["face_id"]: e["source"] for e in manifest["faces"]}
+    assert sources.to_dict() == {f: entry[f] for f in sources.index}
 
 
 def test_unscored_run_is_a_clear_error(tmp_path, scored_run):

@@ -68,6 +68,11 @@ def _percentile_interval(boot: np.ndarray, confidence: float) -> tuple[float, fl
     return float(lo), float(hi)
 
 
+#: Faces an interval needs: resampling a single face always draws that face, and its zero-width
+#: "interval" would read as certainty; with fewer faces the interval (and P(A better)) is left empty.
+MIN_FACES = 2
+
+
 def _check(n_resamples: int, confidence: float) -> None:
     if n_resamples < 1:
         raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
@@ -87,7 +92,8 @@ def face_bootstrap_ci(
 
     Returns a DataFrame indexed by ``method`` (sorted) with, for each requested column present in the
     records, the three columns ``c``, ``c_lo``, ``c_hi`` (in the requested order), then ``n_faces`` (faces
-    with at least one prompt image kept). Columns absent from the records are skipped.
+    with at least one prompt image kept). Columns absent from the records are skipped. A column with
+    fewer than ``MIN_FACES`` faces gets its mean and no interval (NaN).
     """
     _check(n_resamples, confidence)
     cols = _as_columns(records, columns)
@@ -115,7 +121,8 @@ def face_bootstrap_ci(
                 w = _draw_weights(_rng(seed, method, col), n.size, n_resamples)
             boot = (w @ s) / (w @ n)
             entry[col] = float(s.sum() / n.sum())
-            entry[f"{col}_lo"], entry[f"{col}_hi"] = _percentile_interval(boot, confidence)
+            entry[f"{col}_lo"], entry[f"{col}_hi"] = (
+                _percentile_interval(boot, confidence) if n.size >= MIN_FACES else (float("nan"), float("nan")))
         entry["n_faces"] = len(n_m)
         out[method] = entry
     order = [k for c in cols for k in (c, f"{c}_lo", f"{c}_hi")] + ["n_faces"]
@@ -143,7 +150,8 @@ def paired_differences(
     image means over those faces. Each resample draws the shared faces once and uses the same draw for
     both methods (paired), so face-to-face variation common to both cancels. ``p_a_better`` is the share
     of resamples with a difference > 0, a tie counting half: identical methods give 0.5, not a verdict.
-    Columns: method_a, method_b, column, diff, lo, hi, p_a_better, n_faces (shared faces).
+    Columns: method_a, method_b, column, diff, lo, hi, p_a_better, n_faces (shared faces); with fewer than
+    ``MIN_FACES`` shared faces, lo, hi and p_a_better are NaN.
     """
     _check(n_resamples, confidence)
     cols = _as_columns(records, columns)
@@ -168,5 +176,7 @@ def paired_differences(
                 boot = (w @ s_a) / (w @ n_a) - (w @ s_b) / (w @ n_b)
                 lo, hi = _percentile_interval(boot, confidence)
                 p_better = float(np.mean(boot > 0) + 0.5 * np.mean(boot == 0))
+                if len(shared) < MIN_FACES:
+                    lo = hi = p_better = float("nan")
                 result.append((a, b, col, float(diff), lo, hi, p_better, len(shared)))
     return pd.DataFrame(result, columns=list(PAIR_COLUMNS))

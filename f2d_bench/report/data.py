@@ -40,9 +40,16 @@ class RunData:
     scored_at: str | None
     best_of_n_csv: Path | None
     best_of_n_svg: Path | None
+    #: the per-image value the upper bound maximised (``upper-bound --column``, best_of_n.json)
+    best_of_n_column: str | None
     input_faces: dict[str, Path]  # face_id -> the input photo, when it is still where the run found it
     #: face_id -> the input-quality record ``faces prepare`` wrote for it (manifest ``quality``), if any
     face_quality: dict[str, dict] = field(default_factory=dict)
+    #: face_id -> where ``faces prepare`` took it from: the source file's name, and the frame of a video
+    face_sources: dict[str, str] = field(default_factory=dict)
+    #: per face-set folder of the run (those with a manifest): its name, ``selection`` (which sources were
+    #: used: rule, limit, seed, counts) and ``settings`` (detection, alignment, frame) from manifest.json
+    face_sets: list[dict] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -98,6 +105,14 @@ class ReportData:
                 out.setdefault(fid, quality)
         return out
 
+    def face_sources(self) -> dict[str, str]:
+        """face id -> the source it was prepared from (the first run that knows wins)."""
+        out: dict[str, str] = {}
+        for run in self.runs:
+            for fid, source in run.face_sources.items():
+                out.setdefault(fid, source)
+        return out
+
     def fid(self) -> dict[str, dict]:
         """method -> FID result; a method with FID in several runs keeps the first run's (noted per run)."""
         out: dict[str, dict] = {}
@@ -128,23 +143,42 @@ def _find_input_faces(run_json: dict, grid: dict) -> dict[str, Path]:
     return found
 
 
-def _face_quality(input_faces: dict[str, Path]) -> dict[str, dict]:
-    """face id -> the ``quality`` record of the face set manifest beside each found input photo."""
+@dataclass
+class FaceSetInfo:
+    """What the face-set manifests beside a run's input photos record (see ``RunData``'s fields)."""
+
+    quality: dict[str, dict] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    sets: list[dict] = field(default_factory=list)
+
+
+def _face_set_info(input_faces: dict[str, Path]) -> FaceSetInfo:
+    """Read the ``faces prepare`` manifest beside each found input photo."""
     manifests: dict[Path, dict] = {}
-    out: dict[str, dict] = {}
+    info = FaceSetInfo()
     for fid, photo in input_faces.items():
         folder = photo.parent
         if folder not in manifests:
             try:
                 manifest = read_json(folder / "manifest.json", {})
-            except F2DBenchError:  # a broken face-set manifest only costs the flags, not the report
+            except F2DBenchError:  # a broken face-set manifest only costs these facts, not the report
                 manifest = {}
-            entries = manifest.get("faces", []) if isinstance(manifest, dict) else []
-            manifests[folder] = {(e.get("face_id"), e.get("file")): e for e in entries if isinstance(e, dict)}
+            manifest = manifest if isinstance(manifest, dict) else {}
+            entries = manifest.get("faces", [])
+            manifests[folder] = {(e.get("face_id"), e.get("file")): e
+                                 for e in entries if isinstance(e, dict)} if isinstance(entries, list) else {}
+            if manifests[folder]:
+                info.sets.append({"folder": folder.name, "selection": manifest.get("selection") or {},
+                                  "settings": manifest.get("settings") or {}})
         entry = manifests[folder].get((fid, photo.name))
-        if entry and isinstance(entry.get("quality"), dict):
-            out[fid] = entry["quality"]
-    return out
+        if not entry:
+            continue
+        if isinstance(entry.get("quality"), dict):
+            info.quality[fid] = entry["quality"]
+        if entry.get("source"):
+            frame = entry.get("frame_index")
+            info.sources[fid] = str(entry["source"]) + (f", frame {frame}" if frame is not None else "")
+    return info
 
 
 def load_run(root: str | Path, index: int = 0) -> RunData:
@@ -170,13 +204,18 @@ def load_run(root: str | Path, index: int = 0) -> RunData:
     except OSError:
         pass
     best = {ext: path for ext, path in run.best_of_n_paths().items() if path.is_file()}
+    try:
+        best_column = read_json(best["json"], {}).get("column") if "json" in best else None
+    except (F2DBenchError, AttributeError):  # a damaged best_of_n.json costs the caption its column only
+        best_column = None
     input_faces = _find_input_faces(run_json, grid)
+    faces = _face_set_info(input_faces)
     return RunData(
         index=index, root=run.root, run_json=run_json, grid=grid, records=records,
         scoring=run.scoring_info(), fid=run.fid_results(), environment=run.environment(),
         methods=methods, prepare_seconds=prepare, scored_at=scored_at,
-        best_of_n_csv=best.get("csv"), best_of_n_svg=best.get("svg"),
-        input_faces=input_faces, face_quality=_face_quality(input_faces),
+        best_of_n_csv=best.get("csv"), best_of_n_svg=best.get("svg"), best_of_n_column=best_column,
+        input_faces=input_faces, face_quality=faces.quality, face_sources=faces.sources, face_sets=faces.sets,
     )
 
 

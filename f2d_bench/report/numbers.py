@@ -53,8 +53,9 @@ def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence:
         table1[c] = means[c]  # the same estimate as method_means (the bootstrap's point is equal)
         table1[f"{c}_lo"] = ci[f"{c}_lo"].reindex(means.index)
         table1[f"{c}_hi"] = ci[f"{c}_hi"].reindex(means.index)
-    for c in ("face_detection_rate", "n_images", "n_errors"):
-        table1[c] = means[c]
+    for c in ("face_detection_rate", "n_images", "n_hmean", "n_errors"):
+        if c in means.columns:
+            table1[c] = means[c]
     table1["n_faces"] = ci["n_faces"].reindex(means.index)
     hib = catalog.higher_is_better()
     marks1 = top_k_marks(table1, columns + ["face_detection_rate"], k=3, higher_is_better=hib)
@@ -85,7 +86,7 @@ def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence:
     identity = [m for m in identity_columns(catalog) if m in records.columns]
     return Aggregates(table1, marks1, table2, marks2, cats, cat_marks, pairs, best, confidence, n_resamples,
                       identity_both_ways=identity_both_ways(records, identity),
-                      per_face=per_face_results(records, identity, data.face_quality()))
+                      per_face=per_face_results(records, identity, data.face_quality(), data.face_sources()))
 
 
 def identity_columns(catalog) -> list[str]:
@@ -119,9 +120,11 @@ def identity_both_ways(records: pd.DataFrame, identity: list[str]) -> pd.DataFra
     return out
 
 
-def per_face_results(records: pd.DataFrame, identity: list[str], quality: dict[str, dict]) -> pd.DataFrame:
+def per_face_results(records: pd.DataFrame, identity: list[str], quality: dict[str, dict],
+                     sources: dict[str, str] | None = None) -> pd.DataFrame:
     """Per input face: each identity metric's mean over every method's prompt images (no-face images as
-    0.0), the face detection rate, the image count, and the face's input-quality record and flags."""
+    0.0), the face detection rate, the image count, the face's input-quality record and flags, and the
+    source it was prepared from (``source``: file name, and frame of a video; "" when not recorded)."""
     rows = prompt_rows(records)
     faces = sorted(set(rows["face"].unique()) | set(quality)) if len(rows) else sorted(quality)
     out = pd.DataFrame(index=pd.Index(faces, name="face"))
@@ -135,6 +138,7 @@ def per_face_results(records: pd.DataFrame, identity: list[str], quality: dict[s
         out[col] = [quality.get(f, {}).get(col, np.nan) for f in faces]
     out["quality_recorded"] = [f in quality for f in faces]
     out["flags"] = [", ".join(quality.get(f, {}).get("flags", [])) for f in faces]  # "" when none
+    out["source"] = [(sources or {}).get(f, "") for f in faces]
     return out
 
 

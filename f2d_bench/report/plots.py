@@ -85,7 +85,9 @@ def plot_tradeoff(table1: pd.DataFrame, paper: pd.DataFrame | None, path: Path,
     """Identity (mean of the identity mean metrics: AdaFace, SphereFace, FaceNet) against text (mean of
     the text ones: CLIP, dCLIP, SigLIP).
 
-    The paper's Table 1 methods are drawn in grey as a reference, on the same axes.
+    The paper's Table 1 methods are drawn in grey as a reference, on the same axes: averaged over the
+    same metrics as this report's points (a run scored without SigLIP puts them at the mean of CLIP and
+    dCLIP too), and left out when the report averages a metric the paper has no column for.
     """
     ident = [c for c in catalog.identity_metrics if c in table1.columns]
     text = [c for c in catalog.text_metrics if c in table1.columns]
@@ -93,8 +95,9 @@ def plot_tradeoff(table1: pd.DataFrame, paper: pd.DataFrame | None, path: Path,
         return None
     fig = _figure(6.0, 4.4)
     ax = fig.add_subplot(1, 1, 1)
-    if paper is not None and len(paper):
-        px, py = paper[list(PAPER_TEXT)].mean(axis=1), paper[list(PAPER_IDENTITY)].mean(axis=1)
+    comparable = set(text) <= set(PAPER_TEXT) and set(ident) <= set(PAPER_IDENTITY)
+    if paper is not None and len(paper) and comparable:
+        px, py = paper[text].mean(axis=1), paper[ident].mean(axis=1)
         ax.scatter(px, py, color="0.6", marker="s", s=22, label="paper, Table 1 (published)")
         for name, xv, yv in zip(paper.index, px, py):
             ax.annotate(plain(name), (xv, yv), fontsize=6, color="0.45", xytext=(3, 2), textcoords="offset points")

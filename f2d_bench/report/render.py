@@ -26,7 +26,8 @@ from f2d_bench.report.numbers import (
     identity_columns,
     write_aggregate_files,
 )
-from f2d_bench.aggregate.metrics import COMBINED, MetricCatalog
+from f2d_bench.aggregate.metrics import COMBINED, PROTOCOL_MEAN, MetricCatalog
+from f2d_bench.aggregate.tables import prompt_rows
 from f2d_bench.report.data import ReportData, load_runs
 from f2d_bench.report.plots import (
     COLUMN_NAMES,
@@ -50,8 +51,14 @@ MARK_TAGS = {1: "strong", 2: "u", 3: "em"}
 # -- formatting --------------------------------------------------------------------------------------
 
 
-def fmt_sci(value) -> str:
-    return f"{float(value):.2e}".replace("e+0", "e").replace("e+", "e") if _finite(value) else "\u2013"
+def fmt_count(value) -> str:
+    """A parameter count: whole below 100,000 (CelebBasis's 1,024), else three significant digits."""
+    if not _finite(value):
+        return "\u2013"
+    v = float(value)
+    if abs(v) < 1e5 and v == int(v):
+        return f"{int(v):,}"
+    return f"{v:.2e}".replace("e+0", "e").replace("e+", "e")
 
 
 def fmt_seconds(value) -> str:
@@ -95,10 +102,27 @@ def _table1_view(agg: Aggregates, notes: dict[str, str], catalog: MetricCatalog)
             cells.append(cell)
         rows.append({"method": m, "label": t.loc[m, "label"], "cells": cells,
                      "n_images": int(t.loc[m, "n_images"]), "n_faces": int(t.loc[m, "n_faces"])
-                     if _finite(t.loc[m, "n_faces"]) else 0, "n_errors": int(t.loc[m, "n_errors"] or 0)})
+                     if _finite(t.loc[m, "n_faces"]) else 0, "n_errors": int(t.loc[m, "n_errors"] or 0),
+                     # hMean/gMean cover fewer images where a metric is empty (dCLIP without its reference)
+                     "n_hmean": int(t.loc[m, "n_hmean"]) if "n_hmean" in t.columns else None})
     noted = sorted({notes[c] for c in cols if c in notes})
     combined = [h["name"] for h in headers if h["col"] in ("hmean", "gmean") and h["note"] and h["col"] not in notes]
-    return {"headers": headers, "rows": rows, "notes": noted, "combined": combined}
+    return {"headers": headers, "rows": rows, "notes": noted, "combined": combined, "groups": _column_groups(cols, catalog)}
+
+
+def _column_groups(cols: list[str], catalog: MetricCatalog) -> list[dict]:
+    """Table 1's header groups over the columns shown (a run scored without some metrics has fewer)."""
+    def group(c: str) -> str:
+        if c in catalog.identity_metrics or c == "face_detection_rate":
+            return "Identity"
+        return "Text" if c in catalog.text_metrics else "Identity \u00d7 Text"
+    groups: list[dict] = []
+    for c in cols:
+        if groups and groups[-1]["name"] == group(c):
+            groups[-1]["span"] += 1
+        else:
+            groups.append({"name": group(c), "span": 1})
+    return groups
 
 
 def _table2_view(agg: Aggregates) -> dict:
@@ -109,7 +133,7 @@ def _table2_view(agg: Aggregates) -> dict:
         fid = {"value": fmt(r["fid"], 2), "mark": MARK_TAGS.get(agg.table2_marks.get((m, "fid"))),
                "backend": r["fid_backend"], "n_generated": r["fid_n_generated"], "n_reference": r["fid_n_reference"]}
         rows.append({"method": m, "label": r["label"], "fid": fid if _finite(r["fid"]) else None,
-                     "trained_params": fmt_sci(r["trained_params"]), "weights": r["weights"],
+                     "trained_params": fmt_count(r["trained_params"]), "weights": r["weights"],
                      "encode_median": fmt_seconds(r["encode_median_s"]),
                      "encode_median_mark": MARK_TAGS.get(agg.table2_marks.get((m, "encode_median_s"))),
                      "encode_mean": fmt_seconds(r["encode_mean_s"]), "encode_n": int(r["encode_n_faces"])})
@@ -155,7 +179,7 @@ def _per_face_view(agg: Aggregates, catalog: MetricCatalog) -> dict:
             "detection": fmt(r["face_detection_rate"]) if "face_detection_rate" in t.columns else "",
             "quality": (f"{r['source_crop_px']:.0f} px (x{r['upscale']:.2f}), padding {100 * r['padding_share']:.1f}%, "
                         f"p {r['prob']:.4f}, faces in crop {fmt(r['faces_in_crop'], 0)}") if measured else None,
-            "flags": r["flags"] or "", "flagged": bool(r["flags"])})
+            "flags": r["flags"] or "", "flagged": bool(r["flags"]), "source": r.get("source") or ""})
     return {"headers": [COLUMN_NAMES.get(c, c) for c in metrics], "rows": rows,
             "flagged": [row["face"] for row in rows if row["flagged"]],
             "measured": any(row["quality"] for row in rows)}
@@ -164,12 +188,22 @@ def _per_face_view(agg: Aggregates, catalog: MetricCatalog) -> dict:
 def _pairs_view(agg: Aggregates, labels: dict) -> list[dict]:
     rows = []
     for r in agg.pairs.itertuples(index=False):
-        clear = _finite(r.lo) and _finite(r.hi) and (r.lo > 0 or r.hi < 0)
+        excludes_zero = _finite(r.lo) and _finite(r.hi) and (r.lo > 0 or r.hi < 0)
         rows.append({"a": r.method_a, "a_label": labels.get(r.method_a, r.method_a), "b": r.method_b,
                      "b_label": labels.get(r.method_b, r.method_b), "column": COLUMN_NAMES.get(r.column, r.column),
                      "diff": fmt(r.diff), "ci": f"[{fmt(r.lo)}, {fmt(r.hi)}]", "p": fmt(r.p_a_better, 3),
-                     "n_faces": int(r.n_faces), "clear": clear})
+                     "n_faces": int(r.n_faces), "excludes_zero": excludes_zero})
     return rows
+
+
+def _no_pairs_reason(data: ReportData, catalog: MetricCatalog) -> str:
+    """Why the paired-comparison table is empty."""
+    if not catalog.combines:
+        missing = [m for m in PROTOCOL_MEAN if m not in catalog.mean_metrics]
+        return (f"No hMean or gMean to compare: they need all six protocol metrics, and {', '.join(missing)} "
+                "were not scored.")
+    readable = prompt_rows(data.records)["method"].nunique()
+    return ("No method has" if readable == 0 else "Only one method has") + " readable prompt images: nothing to compare."
 
 
 def _paper_view() -> dict:
@@ -180,7 +214,7 @@ def _paper_view() -> dict:
     marks = top_k_marks(PAPER_TABLE1, cols, k=3)
     t1 = [{"method": m, "cells": [_cell(PAPER_TABLE1, m, c, marks, with_ci=False) for c in cols]}
           for m in PAPER_TABLE1.index]
-    t2 = [{"method": m, "fid": fmt(r["fid"], 2), "trained_params": fmt_sci(r["trained_params"]),
+    t2 = [{"method": m, "fid": fmt(r["fid"], 2), "trained_params": fmt_count(r["trained_params"]),
            "encode": fmt_seconds(r["encode_seconds"])} for m, r in PAPER_TABLE2.iterrows()]
     return {"source": PAPER_SOURCE, "headers": [COLUMN_NAMES[c] for c in cols], "table1": t1, "table2": t2}
 
@@ -190,7 +224,9 @@ def _best_of_n_view(agg: Aggregates, data: ReportData, out_dir: Path) -> list[di
     for run in data.runs:
         if run.best_of_n_svg is None and run.best_of_n_csv is None:
             continue
-        view = {"run": run.name, "svg": None, "ns": [], "rows": []}
+        column = run.best_of_n_column
+        view = {"run": run.name, "svg": None, "ns": [], "rows": [],
+                "column": COLUMN_NAMES.get(column, column) if column else "hMean or gMean (not recorded)"}
         if run.best_of_n_svg is not None:
             rel = f"upper_bound/run{run.index}-best_of_n.svg"
             (out_dir / "upper_bound").mkdir(parents=True, exist_ok=True)
@@ -302,8 +338,26 @@ def _metadata_view(data: ReportData) -> list[dict]:
             "no_face": scoring.get("no_face"),
             "scoring_settings": json.dumps(scoring.get("scoring", {}), indent=2, sort_keys=True),
             "fid_backends": fid_backends,
+            "face_sets": [_face_set_text(f) for f in run.face_sets],
         })
     return runs
+
+
+def _face_set_text(face_set: dict) -> str:
+    """One line on how ``faces prepare`` made a face set: which sources, which frame, how aligned."""
+    sel, st = face_set["selection"], face_set["settings"]
+    if sel:
+        chosen = f"{sel.get('n_chosen')} of {sel.get('n_candidates')} sources"
+        rule = {"all": "all of them", "sorted": f"the first {sel.get('limit')} by name",
+                "seeded": f"{sel.get('limit')} drawn with seed {sel.get('seed')}"}.get(sel.get("rule"), sel.get("rule"))
+        parts = [f"{chosen} ({rule})"]
+    else:
+        parts = ["sources not recorded"]
+    if st:
+        parts.append(f"frame {st.get('frame_index')} of each video; {st.get('detector')}, min probability "
+                     f"{st.get('min_prob')}, several faces: {st.get('several')}; aligned to {st.get('output_size')} px "
+                     f"({st.get('alignment')})")
+    return f"{face_set['folder']}: " + "; ".join(parts)
 
 
 def _setup_facts(info: dict) -> dict:
@@ -342,7 +396,7 @@ def _index_facts(data: ReportData, table1: dict, generated: str) -> dict:
     return {
         "report_format": REPORT_FORMAT, "generated": generated, "run_info": runs, "methods": methods,
         "table1_columns": [{"col": h["col"], "name": h["name"], "note": h["note"]} for h in table1["headers"]],
-        "n_faces": int(data.records["face"].nunique()), "n_images": int(len(data.records)),
+        "n_faces": int(data.records["face"].nunique()), "n_images": int(len(prompt_rows(data.records))),
     }
 
 
@@ -424,6 +478,7 @@ def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seed
         "runs": _metadata_view(data), "duplicates": data.duplicates,
         "table1": table1, "table2": _table2_view(agg),
         "categories": _categories_view(agg, labels, catalog), "pairs": _pairs_view(agg, labels),
+        "no_pairs": _no_pairs_reason(data, catalog),
         "identity_both": _identity_both_view(agg, catalog), "per_face": _per_face_view(agg, catalog),
         "paper": _paper_view(), "best_of_n": _best_of_n_view(agg, data, out_dir),
         "plots": plots, "files": files, "setups": _setups(data),
