@@ -461,6 +461,11 @@ def _run_method(
 
 
 def _done_with_face(method: Method, run: RunDir, face_id: str) -> None:
-    """A method that keeps no weights per face deletes them once the face's batches are rendered."""
+    """A method that keeps no weights per face deletes them once every image of the face is on disk.
+
+    Every image of the run, not only this shard's: the other shards of a ``--shard`` run render the same
+    face's other images from the same weights (deleting them here would make each shard tune the face
+    again, or pull them from under a shard that is rendering)."""
     if method.tunes and not method.keeps_weights():
-        TunedFaces(run, method.method_id).drop_weights(face_id)
+        if all(run.store.has_image(k) for k in run.keys(method.method_id) if k.face_id == face_id):
+            TunedFaces(run, method.method_id).drop_weights(face_id)

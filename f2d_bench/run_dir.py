@@ -5,7 +5,7 @@ Layout of ``RUN/``::
     run.json                   resolved config, grid hash, creation date, face folder (written once)
     grid.json                  face ids (with file hashes), prompts, seeds, method ids; written last
     config.yaml, prompts.yaml  the resolved config and a copy of the prompt set
-    environment.jsonl          one line per generate invocation: versions, hardware, shard
+    environment.jsonl          one line per generate of a shard (--ray: per shard run): versions, hardware
     methods/<method_id>/       method.json (settings, parameters), prepare_times.jsonl,
                                faces/<face_id>/ (a method's per-face artifacts; tune.json marks
                                a finished tuning, see f2d_bench.tuning.artifacts), shared/ (made
@@ -192,10 +192,21 @@ class RunDir:
         return [float(r["seconds"]) for r in read_jsonl(self.prepare_times_jsonl(method_id)) if "seconds" in r]
 
     def tune_records(self, method_id: str) -> list[dict]:
-        """The ``tune.json`` of every face a tuning method finished, sorted by face id."""
+        """The ``tune.json`` of every face a tuning method finished, sorted by face id (a damaged one is
+        left out: that face is tuned again)."""
         root = self.method_dir(method_id) / "faces"
         paths = sorted(root.glob("*/tune.json")) if root.is_dir() else []
-        return [read_json(p) for p in paths if not p.parent.name.startswith(".")]
+        records = []
+        for p in paths:
+            if p.parent.name.startswith("."):
+                continue
+            try:
+                record = read_json(p)
+            except F2DBenchError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def environment(self) -> list[dict]:
         return read_jsonl(self.environment_jsonl)
@@ -291,6 +302,8 @@ def read_json(path: Path, default: Any = None) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise F2DBenchError(f"{path} is not valid JSON (line {exc.lineno}): {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise F2DBenchError(f"{path} is not valid JSON (not UTF-8 text at byte {exc.start})") from None
 
 
 def _without_labels(grid: dict) -> dict:

@@ -119,3 +119,25 @@ def test_full_without_kept_weights_renders_then_deletes_and_retunes_only_whats_m
     assert after["obama"]["finished_at"] == records["obama"]["finished_at"]  # complete: not tuned again
     assert after["biden"]["finished_at"] >= records["biden"]["finished_at"] and after["biden"]["weights_deleted"]
     assert run_hashes(out) == hashes  # the same tuning again, so the same images
+
+
+def test_shards_without_kept_weights_tune_each_face_once_and_the_last_shard_drops_them(tmp_path):
+    from f2d_bench.grid import Shard
+
+    faces = face_dir(tmp_path / "faces", ["obama", "biden"])
+    cfg = config_from_dict(small_config_dict(faces=str(faces), seeds=[0], methods=[
+        {"name": "dreambooth", "params": {"steps": 2, "num_class_images": 2, "keep_weights": False}}]))
+    out = tmp_path / "run"
+    generate_run(cfg, out, shard=Shard(1, 2), progress=False)
+    run = RunDir(out)
+    [mid] = [m["method_id"] for m in run.read_grid()["methods"]]
+    tuned = TunedFaces(run, mid)
+    first = {r["face_id"]: r for r in tuned.records()}
+    assert set(first) == {"obama", "biden"}  # shard 1 owns images of both faces
+    assert not any(r["weights_deleted"] for r in first.values())  # shard 2 still needs them
+    assert generate_run(cfg, out, shard=Shard(2, 2), progress=False).complete
+    after = {r["face_id"]: r for r in tuned.records()}
+    for face in ("obama", "biden"):
+        assert after[face]["finished_at"] == first[face]["finished_at"]  # tuned once, by shard 1
+        assert after[face]["weights_deleted"]  # every image is on disk: the weights go
+

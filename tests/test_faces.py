@@ -163,6 +163,24 @@ def test_read_video_frame_index_and_range(tmp_path, video_frames):
         read_video_frame(video, 5)
 
 
+def test_a_frame_beyond_the_count_the_container_reports_is_read(tmp_path, video_frames):
+    import struct
+
+    video = tmp_path / "clip.avi"
+    _write_video(video, video_frames, "MJPG")
+    data = bytearray(video.read_bytes())
+    # An AVI whose headers under-count its frames: avih's total frames (4th field) and the video
+    # stream's strh length (9th field) say 2 of the 5 frames it holds.
+    struct.pack_into("<I", data, data.find(b"avih") + 8 + 16, 2)
+    struct.pack_into("<I", data, data.find(b"strh") + 8 + 32, 2)
+    video.write_bytes(bytes(data))
+    assert cv2.VideoCapture(str(video)).get(cv2.CAP_PROP_FRAME_COUNT) == 2
+    frame = np.asarray(read_video_frame(video, 3), dtype=np.float64)
+    assert np.abs(frame - video_frames[3]).mean() < 8
+    with pytest.raises(F2DBenchError, match=r"clip\.avi.*5 frames"):  # the count decoding found
+        read_video_frame(video, 5)
+
+
 @pytest.mark.parametrize(("suffix", "fourcc"), [(".mp4", "mp4v"), (".avi", "MJPG")])
 def test_prepare_video_uses_frame_index(tmp_path, detector, video_frames, suffix, fourcc):
     src = tmp_path / "src"

@@ -232,6 +232,47 @@ def test_an_unfinished_tuning_is_never_loaded(tmp_path):
     assert not (tuned.path("obama").parent / ".obama.tuning").exists()
 
 
+def test_a_damaged_tune_record_is_tuned_again(tmp_path):
+    cfg = _tuning_config(tmp_path, ["obama"], seeds=[0])
+    out = tmp_path / "run"
+    tune_run(cfg, out, progress=False)
+    run = RunDir(out)
+    [mid] = [m["method_id"] for m in run.read_grid()["methods"]]
+    tuned = TunedFaces(run, mid)
+    good = sha256_file(tuned.path("obama") / "learned_embeds.safetensors")
+    record = tuned.path("obama") / TUNE_RECORD
+    record.write_bytes(record.read_bytes()[:100])  # a disk or a copy cut it short
+    assert tuned.record("obama") is None and run.tune_records(mid) == []
+    summary = tune_run(cfg, out, progress=False)
+    assert summary.methods[0][3] == 1  # tuned again, not an error
+    assert sha256_file(tuned.path("obama") / "learned_embeds.safetensors") == good
+    assert tuned.record("obama")["face_id"] == "obama"
+
+
+def test_class_images_resumed_after_a_kill_are_the_bytes_of_an_unbroken_render(tmp_path):
+    from f2d_bench.config import SamplingConfig
+    from f2d_bench.pipelines.loading import load_sd_pipeline
+    from f2d_bench.tuning.class_images import class_image_paths
+
+    real = load_sd_pipeline("f2d-bench/tiny-sd14", dtype="float32", device="cpu")
+    calls = []
+
+    def pipe(**kwargs):  # the batches, by seed: a batched render differs from another in float rounding
+        calls.append([g.initial_seed() for g in kwargs["generator"]])
+        return real(**kwargs)
+
+    sampling = SamplingConfig(num_inference_steps=2, height=64, width=64)
+    render = dict(pipe=pipe, prompt="a photo of a person", count=10, sampling=sampling, seed=0, batch_size=4)
+    whole = {p.name: sha256_file(p) for p in class_image_paths(tmp_path / "a", **render)}
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    paths = class_image_paths(tmp_path / "b", **render)
+    for p in paths[1:]:  # what a kill right after the first image's rename leaves
+        p.unlink()
+    calls.clear()
+    assert {p.name: sha256_file(p) for p in class_image_paths(tmp_path / "b", **render)} == whole
+    assert calls == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]  # the same batches again, image 0 rendered and kept
+
+
 def test_tune_shards_split_the_faces(tmp_path):
     ids = sorted(prepared_crops())[:4]
     cfg = _tuning_config(tmp_path, ids, steps=1)

@@ -109,13 +109,8 @@ def read_video_frame(path: str | Path, index: int = 0) -> Image.Image:
     try:
         if not capture.isOpened():
             raise F2DBenchError(f"cannot open video {path} (unsupported or corrupt file)")
-        # The container's count can be missing (0) or approximate; it is only used for messages.
-        reported = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-        if reported > 0 and index >= reported:
-            raise F2DBenchError(
-                f"frame {index} is out of range for video {path}: it has {reported} frames "
-                f"(valid indices 0..{reported - 1})"
-            )
+        # The container's frame count can be missing or wrong (too low as well as too high): only
+        # decoding tells whether frame ``index`` exists.
         for count in range(index + 1):
             # count = frames decoded so far
             if not capture.grab():

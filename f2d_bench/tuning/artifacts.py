@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import atomic_link_or_copy, atomic_write_json, exclusive_lock, file_sha256
 from f2d_bench.run_dir import RunDir, read_json
 from f2d_bench.runinfo import utc_now
@@ -39,8 +40,13 @@ class TunedFaces:
         return self.run.face_artifacts_dir(self.method_id, face_id)
 
     def record(self, face_id: str) -> dict | None:
-        """The face's ``tune.json`` (None when the face was never tuned to the end)."""
-        return read_json(self.path(face_id) / TUNE_RECORD, None)
+        """The face's ``tune.json`` (None when the face was never tuned to the end, or when the file is
+        damaged: the face is then tuned again)."""
+        try:
+            record = read_json(self.path(face_id) / TUNE_RECORD, None)
+        except F2DBenchError:  # not valid JSON: a disk or a copy damaged it
+            return None
+        return record if isinstance(record, dict) else None
 
     def damage(self, face_id: str) -> str | None:
         """Why the face's finished artifact cannot be used (None when it can, or when there is none)."""

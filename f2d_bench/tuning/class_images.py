@@ -1,9 +1,12 @@
 """Class images for the prior-preservation loss (DreamBooth, CustomDiffusion), made once per run.
 
 The base model renders ``count`` images of the class prompt ("a photo of a person"); every face's tuning
-reuses them. Image ``i`` depends only on the prompt, the sampling settings and ``seed + i``, so the
-folder is named by a hash of those and a larger ``count`` keeps the images already made. Each image is
-written atomically; a killed run resumes where it stopped.
+reuses them. Image ``i`` depends on the prompt, the sampling settings and ``seed + i``, so the folder is
+named by a hash of those and a larger ``count`` keeps the images already made; and, within float
+rounding, on the batch it was rendered in, as the grid's images do on ``batch_size``. Batches are
+therefore fixed chunks of indices (``0..B-1``, ``B..2B-1``, ...): a killed run, resumed, renders a
+chunk with missing images whole and writes only those, the same bytes an unbroken run writes. Each
+image is written atomically.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ def class_image_paths(folder: Path, pipe, prompt: str, count: int, sampling: "Sa
     root.mkdir(parents=True, exist_ok=True)
     paths = [root / f"{i:04d}.png" for i in range(count)]
     with exclusive_lock(root / ".lock"):
-        missing = [i for i, p in enumerate(paths) if not p.is_file()]
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start: start + batch_size]
+        for start in range(0, count, batch_size):
+            chunk = list(range(start, min(start + batch_size, count)))
+            if all(paths[i].is_file() for i in chunk):
+                continue
             images = pipe(
                 prompt=[prompt] * len(chunk), negative_prompt=[""] * len(chunk),
                 num_inference_steps=sampling.num_inference_steps, guidance_scale=sampling.guidance_scale,
@@ -43,6 +47,8 @@ def class_image_paths(folder: Path, pipe, prompt: str, count: int, sampling: "Sa
                 generator=[torch.Generator("cpu").manual_seed(int(seed) + i) for i in chunk], output_type="pil",
             ).images
             for i, image in zip(chunk, images):
+                if paths[i].is_file():  # made before a kill: kept (the same bytes)
+                    continue
                 buffer = io.BytesIO()
                 image.convert("RGB").save(buffer, format="PNG")
                 atomic_write_bytes(paths[i], buffer.getvalue())
