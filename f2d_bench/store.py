@@ -8,6 +8,7 @@ writer owning that key removes. Every path comes from :class:`f2d_bench.run_dir.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -95,12 +96,21 @@ class ImageRecord:
         )
 
 
+def _line_record(d: dict) -> ImageRecord | None:
+    """The record of a manifest line's object; None for one that is not a whole record."""
+    try:
+        return ImageRecord.from_dict(d)
+    except (KeyError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def _line_key(line: str) -> ItemKey | None:
     """The key of a manifest line; None for a line that is not a whole record (kept as it is)."""
     try:
-        return ImageRecord.from_dict(json.loads(line)).key
-    except (json.JSONDecodeError, KeyError, ValueError, TypeError, AttributeError):
+        record = _line_record(json.loads(line))
+    except json.JSONDecodeError:
         return None
+    return record.key if record is not None else None
 
 
 class RunStore:
@@ -152,12 +162,9 @@ class RunStore:
         """Union of every writer's manifest; a later line for the same key wins."""
         records: dict[ItemKey, ImageRecord] = {}
         for path in self.run.manifest_paths():
-            for d in read_jsonl(path):
-                try:
-                    rec = ImageRecord.from_dict(d)
-                except (KeyError, ValueError, TypeError):
-                    continue
-                records[rec.key] = rec
+            for rec in map(_line_record, read_jsonl(path)):
+                if rec is not None:
+                    records[rec.key] = rec
         return records
 
     def reconcile(self, keys: Iterable[ItemKey], *, writer: str, config_hash: str) -> dict[str, int]:
@@ -186,25 +193,14 @@ class RunStore:
         path = self.run.manifest_path(writer)
         raw_lines = path.read_text(encoding="utf-8", errors="replace").splitlines() if path.exists() else []
         mine: dict[ItemKey, ImageRecord] = {}
-        for d in read_jsonl(path):
-            try:
-                rec = ImageRecord.from_dict(d)
-            except (KeyError, ValueError, TypeError):
-                continue
-            if self.image_path(rec.key).is_file():
+        for rec in map(_line_record, read_jsonl(path)):
+            if rec is not None and self.image_path(rec.key).is_file():
                 mine[rec.key] = rec
         damaged = self.damaged(mine, mine)
         for key in damaged:
             self.image_path(key).unlink(missing_ok=True)
             del mine[key]
-        # A run resumed with another --shard layout: the images of these keys that other writers
-        # recorded are checked against their lines too, and a damaged one goes with its line.
-        theirs = {k: r for k, r in self.manifest_records().items() if k in keys and k not in mine}
-        damaged_theirs = self.damaged(theirs, theirs)
-        if damaged_theirs:
-            self._drop_lines(set(damaged_theirs), but=writer)
-            for key in damaged_theirs:
-                self.image_path(key).unlink(missing_ok=True)
+        damaged_theirs = self._repair_other_layouts(keys, mine, writer)
         others = {k for k in self.manifest_records() if k not in mine}
         added = 0
         for key in sorted(keys):
@@ -235,17 +231,39 @@ class RunStore:
                 "damaged_removed": len(damaged) + len(damaged_theirs),
                 "manifest_dropped": max(0, len(raw_lines) - (len(mine) - added))}
 
-    def _drop_lines(self, keys: set[ItemKey], *, but: str) -> None:
-        """Remove the lines of ``keys`` from every writer's manifest except ``but``'s, each under its
-        writer's lock (a writer still running refuses: its images are not ours to repair)."""
+    def _repair_other_layouts(self, keys: set[ItemKey], mine: dict[ItemKey, ImageRecord], writer: str
+                              ) -> set[ItemKey]:
+        """A run resumed with another ``--shard`` layout: other writers' lines for ``keys``.
+
+        An image such a line records that no longer has the recorded bytes is removed with its line, to be
+        generated again; a line whose key this writer recorded with other bytes (left by a kill between
+        the two steps of that repair) is dropped. Only the manifests holding such lines are locked, all of
+        them before anything changes: a writer of them still running refuses the repair and nothing is
+        touched. Returns the damaged keys removed.
+        """
+        lines: dict[Path, dict[ItemKey, ImageRecord]] = {}
         for path in self.run.manifest_paths():
-            if path.stem == but:
-                continue
-            with self.writer_lock(path.stem):
-                lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-                kept = [line for line in lines if _line_key(line) not in keys]
-                if len(kept) != len(lines):
-                    atomic_write_text(path, "".join(kept))
+            if path.stem != writer:
+                lines[path] = {r.key: r for r in map(_line_record, read_jsonl(path)) if r is not None and r.key in keys}
+        theirs = {k: r for recs in lines.values() for k, r in recs.items() if k not in mine}
+        damaged = set(self.damaged(theirs, theirs))
+        stale = {k for recs in lines.values() for k, r in recs.items() if k in mine and r.sha256 != mine[k].sha256}
+        drop = damaged | stale
+        touched = [p for p, recs in lines.items() if drop & recs.keys()]
+        if not touched:
+            return set()
+        with contextlib.ExitStack() as held:
+            for path in touched:
+                held.enter_context(exclusive_lock(path.with_suffix(".lock"), busy=(
+                    f"{path.stem} is writing images of {self.run.root} that this shard owns too (the run is "
+                    f"being resumed with another --shard layout, and {len(drop)} of its images need repair); "
+                    f"wait for {path.stem} to finish, then run this shard again")))
+            for key in damaged:
+                self.image_path(key).unlink(missing_ok=True)
+            for path in touched:
+                text = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+                atomic_write_text(path, "".join(line for line in text if _line_key(line) not in drop))
+        return damaged
 
     def damaged(self, keys: Iterable[ItemKey], records: dict[ItemKey, ImageRecord] | None = None
                 ) -> dict[ItemKey, str]:

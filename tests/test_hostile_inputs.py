@@ -186,6 +186,55 @@ def test_a_damaged_image_another_shard_layout_wrote_is_generated_again(tmp_path,
     assert main(["status", str(out), "--verify"]) == 0  # no stale line of the first writer is left
 
 
+def test_the_repair_locks_only_the_writer_whose_line_it_drops(tmp_path):
+    from f2d_bench.grid import Shard
+
+    data = small_config_dict(seeds=[0], sampling={"num_inference_steps": 2, "height": 32, "width": 32})
+    out, config = tmp_path / "run", config_from_dict(data)
+    generate_run(config, out, shard=Shard(1, 2), progress=False)
+    run = RunDir(out)
+    new = [Shard(1, 4), Shard(3, 4)]  # both own keys shard 1/2 wrote: the resumed run's layout
+    key = next(k for k in run.keys() if Shard(1, 2).owns(k) and new[0].owns(k))
+    path = run.image_path(key)
+    good = path.read_bytes()
+    path.write_bytes(b"x")
+    (run.manifests_dir / "shard-3-of-4.jsonl").touch()
+    with run.store.writer_lock("shard-1-of-2"):  # the writer whose line it is still runs: nothing changes
+        with pytest.raises(F2DBenchError, match="shard-1-of-2 is writing images of .* another --shard layout"):
+            generate_run(config, out, shard=new[0], progress=False)
+        assert path.read_bytes() == b"x" and key in run.store.manifest_records()
+    with run.store.writer_lock("shard-3-of-4"):  # a running shard of the new layout holds no line of it
+        generate_run(config, out, shard=new[0], progress=False)
+    assert path.read_bytes() == good
+    assert run.store.manifest_records()[key].writer == "shard-1-of-4"
+
+
+def test_a_line_left_by_a_kill_inside_the_repair_is_dropped_later(tmp_path):
+    from f2d_bench.grid import Shard
+
+    data = small_config_dict(seeds=[0], sampling={"num_inference_steps": 2, "height": 32, "width": 32})
+    out, config = tmp_path / "run", config_from_dict(data)
+    generate_run(config, out, progress=False)
+    run = RunDir(out)
+    key = next(k for k in run.keys() if Shard(1, 2).owns(k))
+    good = run.image_path(key).read_bytes()
+    run.image_path(key).write_bytes(b"x")
+    stale = run.store.manifest_records()[key]
+    run.image_path(key).unlink()  # a kill after the repair removed the image, before it dropped the line
+    generate_run(config, out, shard=Shard(1, 2), progress=False)  # made again, with its own line
+    assert run.image_path(key).read_bytes() == good
+    assert stale.sha256 == run.store.manifest_records()[key].sha256  # same bytes: nothing conflicts
+    # the same with a line recording other bytes (an image that had changed before its repair)
+    lines = (run.manifests_dir / "all.jsonl").read_text().splitlines()
+    fake = [json.dumps({**json.loads(line), "sha256": "0" * 64}) if json.loads(line)["key"] == key.to_dict() else line
+            for line in lines]
+    (run.manifests_dir / "all.jsonl").write_text("\n".join(fake) + "\n")
+    assert "0" * 64 in (run.manifests_dir / "all.jsonl").read_text()  # the fake line is in place
+    generate_run(config, out, shard=Shard(1, 2), progress=False)
+    assert "0" * 64 not in (run.manifests_dir / "all.jsonl").read_text()
+    assert main(["status", str(out), "--verify"]) == 0
+
+
 def test_score_warns_about_missing_images(small_run):
     from f2d_bench.scoring import score_run
 
