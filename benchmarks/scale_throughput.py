@@ -71,7 +71,7 @@ def main() -> int:
             rows.append((n, s))
             print(f"{n} {s.worker_kind} worker(s): {s.images_per_second:.2f} images/s "
                   f"({s.written} images in {s.work_seconds:.1f} s), start-up: Ray {s.init_seconds:.1f} s + "
-                  f"workers {s.ready_seconds:.1f} s", flush=True)
+                  f"first worker ready {s.ready_seconds:.1f} s", flush=True)
         scorers = [n for n in args.scorers.split(",") if n]
         scored = []
         for n in args.workers if scorers else []:
@@ -90,19 +90,19 @@ def main() -> int:
     base = next((s.images_per_second for n, s in rows if n == 1), None)
     print(f"\n{args.model}, {args.size}x{args.size}, {args.steps} steps, batch {args.batch_size}, "
           f"{rows[0][1].expected} images per run")
-    print(f"{'workers':>7} {'images/s':>9} {'efficiency':>10} {'ray.init s':>10} {'workers ready s':>15} {'work s':>7}")
+    print(f"{'workers':>7} {'images/s':>9} {'efficiency':>10} {'ray.init s':>10} {'1st worker ready s':>18} {'work s':>7}")
     for n, s in rows:
         eff = f"{100 * s.images_per_second / (n * base):.0f}%" if base else "-"
-        print(f"{n:>7} {s.images_per_second:>9.2f} {eff:>10} {s.init_seconds:>10.1f} {s.ready_seconds:>15.1f} "
+        print(f"{n:>7} {s.images_per_second:>9.2f} {eff:>10} {s.init_seconds:>10.1f} {s.ready_seconds:>18.1f} "
               f"{s.work_seconds:>7.1f}")
     if scored:
         base = next((s.images_per_second for n, s, _ in scored if n == 1), None)
         print(f"\nscore --ray ({args.scorers}), {scored[0][1].expected} images per run")
-        print(f"{'workers':>7} {'images/s':>9} {'efficiency':>10} {'ray.init s':>10} {'workers ready s':>15} "
+        print(f"{'workers':>7} {'images/s':>9} {'efficiency':>10} {'ray.init s':>10} {'1st worker ready s':>18} "
               f"{'work s':>7} {'assembly s':>10}")
         for n, s, assemble in scored:
             eff = f"{100 * s.images_per_second / (n * base):.0f}%" if base else "-"
-            print(f"{n:>7} {s.images_per_second:>9.2f} {eff:>10} {s.init_seconds:>10.1f} {s.ready_seconds:>15.1f} "
+            print(f"{n:>7} {s.images_per_second:>9.2f} {eff:>10} {s.init_seconds:>10.1f} {s.ready_seconds:>18.1f} "
                   f"{s.work_seconds:>7.1f} {assemble:>10.1f}")
     return 0
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def _shard(args: argparse.Namespace):
 
     if args.ray and args.shard:
         raise F2DBenchError("--ray splits the run into shards itself; leave out --shard")
-    if not args.ray and (args.workers or args.ray_shards):
+    if not args.ray and (args.workers is not None or args.ray_shards is not None):
         raise F2DBenchError("--workers and --ray-shards go with --ray")
     if args.ray:
         return None
@@ -115,13 +117,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     rows = run.status()
     tmp = run.store.temporary_files()
-    damaged = {k.as_string(): why for k, why in run.store.damaged(run.keys()).items()} if args.verify else {}
+    found = run.store.damaged(run.keys()) if args.verify else {}
+    damaged = {k.as_string(): why for k, why in found.items()}
+    # a damaged image is not done: it is generated again
+    done = {r.method_id: r.done - sum(k.method_id == r.method_id for k in found) for r in rows}
     if args.json:
         print(json.dumps({
             "run_dir": str(run.root),
             "expected": sum(r.expected for r in rows),
-            "done": sum(r.done for r in rows) - len(damaged),
-            "methods": {r.method_id: {"label": r.label, "expected": r.expected, "done": r.done} for r in rows},
+            "done": sum(done.values()),
+            "methods": {r.method_id: {"label": r.label, "expected": r.expected, "done": done[r.method_id]}
+                        for r in rows},
             "temporary_files": len(tmp),
             **({"damaged": damaged} if args.verify else {}),
         }, indent=2))
@@ -129,9 +135,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     width = max((len(r.label) + len(r.method_id) + 3 for r in rows), default=10)
     for r in rows:
         name = f"{r.label} [{r.method_id}]"
-        pct = 100.0 * r.done / r.expected if r.expected else 100.0
-        print(f"{name:<{width}}  {r.done:>7}/{r.expected:<7} {pct:5.1f}%")
-    print(f"{'total':<{width}}  {sum(r.done for r in rows):>7}/{sum(r.expected for r in rows):<7}")
+        pct = 100.0 * done[r.method_id] / r.expected if r.expected else 100.0
+        print(f"{name:<{width}}  {done[r.method_id]:>7}/{r.expected:<7} {pct:5.1f}%")
+    print(f"{'total':<{width}}  {sum(done.values()):>7}/{sum(r.expected for r in rows):<7}")
     if tmp:
         print(f"{len(tmp)} temporary file(s) from an interrupted writer; the next generate of that shard removes them")
     if args.verify:
@@ -334,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     except F2DBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of the output left (`f2d-bench methods | head -1`): no message, and the status of a
+        # command a closed pipe stopped, as for any Unix tool (128 + SIGPIPE). Later writes to the closed
+        # pipe go nowhere, so the interpreter's exit stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
             print(f"error: the disk is full ({exc.filename or 'while writing'}). Finished files are kept and "

@@ -161,6 +161,10 @@ def test_a_truncated_image_is_found_by_status_verify_and_generated_again(small_r
     status = json.loads(capsys.readouterr().out)
     assert list(status["damaged"]) == [key.as_string()]
     assert status["done"] == status["expected"] - 1
+    assert status["methods"][key.method_id]["done"] == status["methods"][key.method_id]["expected"] - 1
+    assert main(["status", str(out), "--verify"]) == 1
+    total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+    assert total.split()[1] == f"{status['done']}/{status['expected']}"  # the text says the same
     summary = generate_run(config_from_dict(data), out, progress=False)
     assert summary.written == 1 and any("damaged" in p for m in summary.methods for p in m.problems)
     assert path.read_bytes() == good  # the same key gives the same pixels again
@@ -233,6 +237,15 @@ def test_a_line_left_by_a_kill_inside_the_repair_is_dropped_later(tmp_path):
     generate_run(config, out, shard=Shard(1, 2), progress=False)
     assert "0" * 64 not in (run.manifests_dir / "all.jsonl").read_text()
     assert main(["status", str(out), "--verify"]) == 0
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    proc = subprocess.Popen([sys.executable, "-m", "f2d_bench", "methods"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    proc.stdout.close()  # what `| head -1` does once it has its line
+    assert proc.wait(timeout=120) == 141  # 128 + SIGPIPE, as any Unix tool stopped by a closed pipe
+    assert proc.stderr.read() == ""
 
 
 def test_score_warns_about_missing_images(small_run):

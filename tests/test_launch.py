@@ -100,6 +100,8 @@ def test_cli_refuses_shard_with_ray(capsys):
     assert "leave out --shard" in capsys.readouterr().err
     assert main(["tune", "--preset", "smoke", "--workers", "2"]) == 2
     assert "go with --ray" in capsys.readouterr().err
+    assert main(["generate", "--preset", "smoke", "--ray-shards", "0"]) == 2  # 0 is a value, not "not given"
+    assert "go with --ray" in capsys.readouterr().err
 
 
 def test_cli_shard_auto_without_launcher_is_a_clear_error(monkeypatch, capsys):

@@ -11,8 +11,8 @@ An array of 4 tasks with 8 ranks each is 32 shards. With an inner level, the pro
 GPU ``<local rank>`` through ``CUDA_VISIBLE_DEVICES`` (the ``local rank``-th entry of the list the launcher
 gave, modulo its length; left alone when the launcher already shows the task one GPU, as
 ``srun --gpus-per-task=1`` does), so the config's ``auto``/``cuda`` device is that GPU and the CPU where
-there is none. The config itself is left untouched: every rank then writes the same grid (its hash
-includes ``model.device``), and ``--device`` still overrides it as usual.
+there is none. The config itself is left untouched, so every rank resolves the same device name, and
+``--device`` still overrides it as usual (the grid hash leaves the device out either way).
 """
 
 from __future__ import annotations

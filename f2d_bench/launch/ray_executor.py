@@ -67,21 +67,18 @@ class ShardWorker:
 
     def __init__(self, kind: str, config: dict, run_dir: str, cwd: str, scorers: list[str] | None = None,
                  compile: bool = False):
-        if cwd and os.path.isdir(cwd):
-            os.chdir(cwd)
+        # Nothing here can fail: an error in an actor's constructor reaches the driver as a dead actor,
+        # without its cause (and would be restarted as one). ready() does the work.
         self.kind, self.run_dir, self.scorers, self.compile = kind, run_dir, scorers, compile
-        self.config = config_from_dict(config, "the --ray driver's config")
+        self._config, self._cwd = config, cwd
         self.session = None  # score's ScoreSession, made by ready()
-        if kind != "score":
-            from f2d_bench.engine import PipelineProvider
-
-            self.pipeline = PipelineProvider(self.config, compile=compile)
 
     def ready(self) -> dict:
-        """Load the base pipeline when a method renders with it (score: the scoring session); returns
-        pid, host and GPU ids."""
+        """Read the config, then load the base pipeline when a method renders with it (score: the scoring
+        session); returns pid, host and GPU ids. An error here reaches the driver with its cause."""
         import ray
 
+        self._setup()
         if self.kind == "score":
             from f2d_bench.scoring import ScoreSession
 
@@ -96,8 +93,21 @@ class ShardWorker:
                 self.pipeline()
         return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
+    def _setup(self) -> None:
+        """Enter the driver's directory, read the config, make the pipeline provider (once)."""
+        if hasattr(self, "config"):
+            return
+        if self._cwd and os.path.isdir(self._cwd):
+            os.chdir(self._cwd)
+        self.config = config_from_dict(self._config, "the --ray driver's config")
+        if self.kind != "score":
+            from f2d_bench.engine import PipelineProvider
+
+            self.pipeline = PipelineProvider(self.config, compile=self.compile)
+
     def run(self, index: int, count: int) -> dict:
         """Generate (or tune) shard ``index`` of ``count``; returns its summary as plain data."""
+        self._setup()
         shard = Shard(index, count)
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
@@ -128,8 +138,9 @@ class ShardWorker:
 @dataclass
 class RaySummary:
     """What a ``--ray`` run did. Times in seconds: ``init`` (connecting to or starting Ray), ``ready``
-    (starting the workers and loading their pipelines or scoring sessions), ``work`` (the shards, from the
-    first handed out; for score, the driver's assembly of the records is not part of it)."""
+    (starting the first worker and loading its pipeline or scoring session; the others join as they get
+    ready), ``work`` (the shards, from the first handed out; for score, the driver's assembly of the
+    records is not part of it)."""
 
     kind: str
     run_dir: Path
@@ -183,7 +194,7 @@ class RaySummary:
             lines.append(f"  ... and {len(self.skipped) - 10} more not generated")
         if self.worker_deaths:
             lines.append(f"  {self.worker_deaths} worker(s) died; shards handed out again: {', '.join(self.retried)}")
-        lines.append(f"  Ray start {self.init_seconds:.1f} s, workers ready {self.ready_seconds:.1f} s, "
+        lines.append(f"  Ray start {self.init_seconds:.1f} s, first worker ready {self.ready_seconds:.1f} s, "
                      f"work {self.work_seconds:.1f} s")
         if self.score is not None:
             lines.append(self.score.text())
@@ -242,8 +253,14 @@ def _connect(ray, address: str | None, workers: int | None) -> bool:
                  object_store_memory=128 * 1024 * 1024, **quiet)
     else:
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None,
-                 **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+        try:
+            ray.init(address=address, runtime_env={"env_vars": env} if env else None,
+                     **{k: v for k, v in quiet.items() if k != "include_dashboard"})
+        except (ConnectionError, ValueError) as exc:  # no cluster there, or not an address
+            raise F2DBenchError(
+                f"--ray {address}: cannot join a Ray cluster there ({exc}). Start one with `ray start --head` "
+                "(then --ray auto on its machines, or --ray HOST:PORT), or give --ray without an address to "
+                "start one on this machine") from None
     return True
 
 
@@ -262,6 +279,24 @@ def _grid_size(config: RunConfig) -> int:
 
     prompts = load_prompt_set(config.prompts).all_prompts()
     return len(config.methods) * len(resolve_face_set(config.faces)) * len(prompts) * len(config.seeds)
+
+
+def assembly_scoring(scoring):
+    """The settings the driver assembles a ``score --ray`` with, and a note when they differ.
+
+    The workers scored on their devices; the driver (often a login or head node without a GPU) only
+    reads their caches, which no device is part of. A device it lacks is replaced by the CPU, where it
+    computes what a lost shard left (rarely anything) instead of failing after all the GPU work.
+    """
+    from f2d_bench.devices import resolve_device
+
+    try:
+        resolve_device(scoring.device)
+        return scoring, None
+    except ConfigError:
+        return scoring.replace(device="cpu"), (
+            f"scoring.device {scoring.device!r} is not available on this driver: it assembled the workers' "
+            "cached values on the CPU")
 
 
 def run_with_ray(
@@ -304,12 +339,18 @@ def run_with_ray(
         if gpus and device.startswith("cuda:"):
             raise ConfigError(f"{setting} {device!r}: each Ray worker sees only its own GPU; "
                               "use auto or cuda (--device cuda)")
-        n_workers = workers or gpus or int(resources.get("CPU", 1))
+        cpus = int(resources.get("CPU", 1))
+        n_workers = workers if workers is not None else gpus or cpus
         if n_workers < 1:
             raise ConfigError(f"--workers {n_workers}: need at least one worker")
+        # Each worker takes a CPU (and a GPU): more than the cluster has would never all start.
+        for have, what in ((cpus, "CPUs"), *(((gpus, "GPUs"),) if gpus else ())):
+            if n_workers > have:
+                raise ConfigError(f"--workers {n_workers}: the Ray cluster has {have} {what} and each worker "
+                                  f"takes one; ask for at most {have}")
         # Images' batches depend on N (generate keeps an earlier N); a score's values do not need to.
         earlier = previous_shard_count(run_dir) if kind != "score" else None
-        n_shards = shards or earlier or SHARDS_PER_WORKER * n_workers
+        n_shards = shards if shards is not None else earlier or SHARDS_PER_WORKER * n_workers
         if n_shards < 1:
             raise ConfigError(f"--ray-shards {n_shards}: need at least one shard")
         options = {"num_cpus": 1, "num_gpus": 1 if gpus else 0}
@@ -325,10 +366,13 @@ def run_with_ray(
         counter = ManifestLines(run_dir / "manifests")
         bar = None
 
+        ready: set[int] = set()  # slots whose worker has loaded and takes shards
+
         def start(slot: int) -> None:
             actors[slot] = actor_cls.remote(kind, config.to_dict(), str(run_dir), os.getcwd(), scorers, compile)
             inflight[actors[slot].ready.remote()] = ("ready", slot, None)
             busy[slot] = None
+            ready.discard(slot)
 
         def submit(slot: int) -> None:
             index = pending.popleft()
@@ -375,9 +419,21 @@ def run_with_ray(
                     raise F2DBenchError(f"{where} on a Ray worker: {cause}") from None
                 raise
 
+        in_images = kind in ("generate", "score")
+        work_start = None
+
         def note_ready(slot: int, info: dict) -> None:
+            nonlocal bar, work_start
+            ready.add(slot)
             if on_worker is not None:
                 on_worker({**info, "slot": slot})
+            if bar is None:  # the first worker is ready: the work starts
+                summary.ready_seconds = time.perf_counter() - t0 - init_s
+                bar = tqdm(total=expected if in_images else n_shards,
+                           unit="img" if in_images else "shard", disable=not progress, dynamic_ncols=True,
+                           desc=f"{kind} on {n_workers} {summary.worker_kind} workers")
+                bar.update(min(counter.count(), expected) if kind == "generate" else 0)
+                work_start = time.perf_counter()
 
         try:
             if progress:
@@ -385,21 +441,11 @@ def run_with_ray(
                       f"(Ray started in {init_s:.1f} s)", file=sys.stderr, flush=True)
             for slot in range(n_workers):
                 start(slot)
-            while any(what == "ready" for what, _, _ in inflight.values()):  # first workers: load, then work
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                got = collect(done[0])
-                if got is not None:
-                    note_ready(got[1], got[3])
-            summary.ready_seconds = time.perf_counter() - t0 - init_s
-            in_images = kind in ("generate", "score")
-            bar = tqdm(total=expected if in_images else n_shards,
-                       unit="img" if in_images else "shard", disable=not progress, dynamic_ncols=True,
-                       desc=f"{kind} on {n_workers} {summary.worker_kind} workers")
-            bar.update(min(counter.count(), expected) if kind == "generate" else 0)
-            work_start = time.perf_counter()
+            # Each worker takes shards as soon as it is ready: one the cluster cannot place yet (its GPUs
+            # busy) holds nothing up.
             while pending or any(what == "run" for what, _, _ in inflight.values()):
                 for slot in list(actors):
-                    if busy.get(slot) is None and pending:
+                    if slot in ready and busy.get(slot) is None and pending:
                         submit(slot)
                 done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
                 for ref in done:
@@ -426,9 +472,9 @@ def run_with_ray(
                     else:
                         summary.written += result["written"]
                         summary.skipped += result["skipped"]
-                if kind == "generate":
+                if kind == "generate" and bar is not None:
                     bar.update(min(counter.count(), expected) - bar.n)
-            summary.work_seconds = time.perf_counter() - work_start
+            summary.work_seconds = time.perf_counter() - work_start if work_start is not None else 0.0
         finally:
             if bar is not None:
                 bar.close()
@@ -441,7 +487,10 @@ def run_with_ray(
             from f2d_bench.scoring import score_run
 
             # The whole run once: what a lost shard left missing, FID per method, records.parquet.
-            summary.score = score_run(run_dir, scorers=scorers, scoring=config.scoring, progress=progress,
+            scoring, note = assembly_scoring(config.scoring)
+            if note:
+                summary.notes.append(note)
+            summary.score = score_run(run_dir, scorers=scorers, scoring=scoring, progress=progress,
                                       computed=summary.computed)
         if kind == "generate":
             rows = RunDir(run_dir).status()
