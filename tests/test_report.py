@@ -266,6 +266,8 @@ def test_table2_fid_parameters_and_encoding_time(report, scored_run):
     assert sorted(t2["trained_params"].fillna(-1)) == [-1, 1.2e7]
     html = _html(report)
     assert "1.20e7" in html and ">321<" in html and "100.00" in html
+    # 16 generated and 321 reference images: each FID is marked as too few to compare
+    assert len(re.findall(r"1[01]0\.00(?:</\w+>)?&nbsp;&Dagger;", html)) == 2 and "FID from fewer than 2,048 generated or reference" in html
 
 
 def test_categories_pairs_and_best_of_n_tables(report, scored_run):

@@ -125,19 +125,31 @@ def _column_groups(cols: list[str], catalog: MetricCatalog) -> list[dict]:
     return groups
 
 
+#: Fewer images than the Inception features' 2048 dimensions leave FID's covariance rank-deficient: the
+#: value is biased upward and far from one of the paper's 16,000 images (pytorch-fid's README asks for
+#: at least 2048 for this reason).
+FID_MIN_IMAGES = 2048
+
+
+def _few_for_fid(*counts) -> bool:
+    return any(not _finite(n) or float(n) < FID_MIN_IMAGES for n in counts)
+
+
 def _table2_view(agg: Aggregates) -> dict:
     t = agg.table2
     rows = []
     for m in t.index:
         r = t.loc[m]
         fid = {"value": fmt(r["fid"], 2), "mark": MARK_TAGS.get(agg.table2_marks.get((m, "fid"))),
-               "backend": r["fid_backend"], "n_generated": r["fid_n_generated"], "n_reference": r["fid_n_reference"]}
+               "backend": r["fid_backend"], "n_generated": r["fid_n_generated"], "n_reference": r["fid_n_reference"],
+               "few": _few_for_fid(r["fid_n_generated"], r["fid_n_reference"])}
         rows.append({"method": m, "label": r["label"], "fid": fid if _finite(r["fid"]) else None,
                      "trained_params": fmt_count(r["trained_params"]), "weights": r["weights"],
                      "encode_median": fmt_seconds(r["encode_median_s"]),
                      "encode_median_mark": MARK_TAGS.get(agg.table2_marks.get((m, "encode_median_s"))),
                      "encode_mean": fmt_seconds(r["encode_mean_s"]), "encode_n": int(r["encode_n_faces"])})
-    return {"rows": rows, "has_fid": bool(t["fid"].notna().any()) if len(t) else False}
+    return {"rows": rows, "has_fid": bool(t["fid"].notna().any()) if len(t) else False,
+            "few_for_fid": any(r["fid"] and r["fid"]["few"] for r in rows), "fid_min": f"{FID_MIN_IMAGES:,}"}
 
 
 def _categories_view(agg: Aggregates, labels: dict, catalog: MetricCatalog) -> dict:
