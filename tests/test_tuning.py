@@ -212,14 +212,19 @@ def test_generate_tunes_each_face_once_and_reuses_it(tmp_path):
     assert run_hashes(out) == hashes  # the re-tuned face is the same bytes, so are its images
 
 
-def test_an_unfinished_tuning_is_never_loaded(tmp_path):
+def _one_tuned_face(tmp_path):
+    """A run whose one face (obama) is tuned: (config, out, run, method id, TunedFaces, its weights' sha)."""
     cfg = _tuning_config(tmp_path, ["obama"], seeds=[0])
     out = tmp_path / "run"
     tune_run(cfg, out, progress=False)
     run = RunDir(out)
     [mid] = [m["method_id"] for m in run.read_grid()["methods"]]
     tuned = TunedFaces(run, mid)
-    good = sha256_file(tuned.path("obama") / "learned_embeds.safetensors")
+    return cfg, out, run, mid, tuned, sha256_file(tuned.path("obama") / "learned_embeds.safetensors")
+
+
+def test_an_unfinished_tuning_is_never_loaded(tmp_path):
+    cfg, out, run, mid, tuned, good = _one_tuned_face(tmp_path)
     # What a kill mid-tuning leaves: the work folder, and (by hand) no finished folder.
     import shutil
 
@@ -233,13 +238,7 @@ def test_an_unfinished_tuning_is_never_loaded(tmp_path):
 
 
 def test_a_damaged_tune_record_is_tuned_again(tmp_path):
-    cfg = _tuning_config(tmp_path, ["obama"], seeds=[0])
-    out = tmp_path / "run"
-    tune_run(cfg, out, progress=False)
-    run = RunDir(out)
-    [mid] = [m["method_id"] for m in run.read_grid()["methods"]]
-    tuned = TunedFaces(run, mid)
-    good = sha256_file(tuned.path("obama") / "learned_embeds.safetensors")
+    cfg, out, run, mid, tuned, good = _one_tuned_face(tmp_path)
     record = tuned.path("obama") / TUNE_RECORD
     record.write_bytes(record.read_bytes()[:100])  # a disk or a copy cut it short
     assert tuned.record("obama") is None and run.tune_records(mid) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
@@ -83,12 +84,17 @@ class ReportData:
                 notes.setdefault(name, note)
         return notes
 
-    def method_info(self) -> dict[str, dict]:
-        info: dict[str, dict] = {}
+    def _first(self, of: Callable[[RunData], dict]) -> dict:
+        """The runs' dicts ``of(run)`` merged; for a key in several, the first run's value wins."""
+        out: dict = {}
         for run in self.runs:
-            for mid, data in run.methods.items():
-                info.setdefault(mid, data)
-        return info
+            for key, value in of(run).items():
+                out.setdefault(key, value)
+        return out
+
+    def method_info(self) -> dict[str, dict]:
+        """method id -> its method.json (the first run that has the method wins)."""
+        return self._first(lambda run: run.methods)
 
     def prepare_seconds(self) -> dict[str, list[float]]:
         out: dict[str, list[float]] = {}
@@ -99,27 +105,15 @@ class ReportData:
 
     def face_quality(self) -> dict[str, dict]:
         """face id -> its input-quality record (the first run that has one wins)."""
-        out: dict[str, dict] = {}
-        for run in self.runs:
-            for fid, quality in run.face_quality.items():
-                out.setdefault(fid, quality)
-        return out
+        return self._first(lambda run: run.face_quality)
 
     def face_sources(self) -> dict[str, str]:
         """face id -> the source it was prepared from (the first run that knows wins)."""
-        out: dict[str, str] = {}
-        for run in self.runs:
-            for fid, source in run.face_sources.items():
-                out.setdefault(fid, source)
-        return out
+        return self._first(lambda run: run.face_sources)
 
     def fid(self) -> dict[str, dict]:
         """method -> FID result; a method with FID in several runs keeps the first run's (noted per run)."""
-        out: dict[str, dict] = {}
-        for run in self.runs:
-            for mid, result in run.fid.items():
-                out.setdefault(mid, {**result, "run": run.index})
-        return out
+        return self._first(lambda run: {mid: {**result, "run": run.index} for mid, result in run.fid.items()})
 
 
 def _find_input_faces(run_json: dict, grid: dict) -> dict[str, Path]:
