@@ -384,13 +384,14 @@ def test_two_runs_are_merged(scored_run, tmp_path):
 
 
 def _variant(scored_run: Path, tmp_path: Path, edit, drop_metrics=()) -> str:
-    """The page of a copy of the scored run whose records ``edit(records)`` changed in place and whose
-    scoring.json no longer declares ``drop_metrics`` (as a run scored with fewer scorers has)."""
+    """The page of a copy of the scored run whose records are ``edit(records)`` (a new frame, or None for
+    one changed in place) and whose scoring.json no longer declares ``drop_metrics`` (as a run scored with
+    fewer scorers has)."""
     copy = tmp_path / "variant"
     shutil.copytree(scored_run, copy)
     rec = pd.read_parquet(copy / "records.parquet")
-    edit(rec)
-    rec.to_parquet(copy / "records.parquet", index=False)
+    edited = edit(rec)
+    (rec if edited is None else edited).to_parquet(copy / "records.parquet", index=False)
     scoring_json = copy / "scores" / "scoring.json"
     scoring = json.loads(scoring_json.read_text())
     scoring["metrics"] = [m for m in scoring["metrics"] if m["name"] not in drop_metrics]
@@ -416,7 +417,7 @@ def test_identical_methods_highlight_no_pair(scored_run, tmp_path):
 
 def test_a_run_without_siglip_has_no_combined_group_and_says_why_nothing_is_compared(scored_run, tmp_path):
     def no_siglip(rec):
-        rec.drop(columns=["siglip", "hmean", "gmean"], inplace=True)
+        return rec.drop(columns=["siglip", "hmean", "gmean"])
 
     html = _variant(scored_run, tmp_path, no_siglip, drop_metrics=("siglip",))
     head = re.search(r'<section id="table1">.*?<thead>\s*<tr>(.*?)</tr>', html, re.DOTALL).group(1)
@@ -426,13 +427,13 @@ def test_a_run_without_siglip_has_no_combined_group_and_says_why_nothing_is_comp
 
 def test_an_unreadable_method_keeps_its_row_and_one_face_gives_no_interval(scored_run, tmp_path):
     def one_face_b_unreadable(rec):
-        keep = rec["face"] == sorted(rec["face"].unique())[0]
-        rec.drop(index=rec.index[~keep], inplace=True)
+        rec = rec[rec["face"] == sorted(rec["face"].unique())[0]].copy()
         b = rec["method"] == sorted(rec["method"].unique())[1]
         rec["error"] = rec["error"].astype(object)
         rec.loc[b, "error"] = "cannot read image: truncated"
         for c in ("adaface", "clip", "hmean", "gmean"):
             rec.loc[b, c] = np.nan
+        return rec
 
     html = _variant(scored_run, tmp_path, one_face_b_unreadable)
     t1 = pd.read_csv(tmp_path / "r" / "table1.csv", index_col=0)
