@@ -200,8 +200,7 @@ class RunStore:
         for key in damaged:
             self.image_path(key).unlink(missing_ok=True)
             del mine[key]
-        damaged_theirs = self._repair_other_layouts(keys, mine, writer)
-        others = {k for k in self.manifest_records() if k not in mine}
+        damaged_theirs, others = self._repair_other_layouts(keys, mine, writer)
         added = 0
         for key in sorted(keys):
             if key in mine or key in others or not self.has_image(key):
@@ -232,14 +231,15 @@ class RunStore:
                 "manifest_dropped": max(0, len(raw_lines) - (len(mine) - added))}
 
     def _repair_other_layouts(self, keys: set[ItemKey], mine: dict[ItemKey, ImageRecord], writer: str
-                              ) -> set[ItemKey]:
+                              ) -> tuple[set[ItemKey], set[ItemKey]]:
         """A run resumed with another ``--shard`` layout: other writers' lines for ``keys``.
 
         An image such a line records that no longer has the recorded bytes is removed with its line, to be
         generated again; a line whose key this writer recorded with other bytes (left by a kill between
         the two steps of that repair) is dropped. Only the manifests holding such lines are locked, all of
         them before anything changes: a writer of them still running refuses the repair and nothing is
-        touched. Returns the damaged keys removed.
+        touched. Returns the damaged keys removed, and the keys other writers still record (this writer
+        adopts none of them).
         """
         lines: dict[Path, dict[ItemKey, ImageRecord]] = {}
         for path in self.run.manifest_paths():
@@ -249,9 +249,10 @@ class RunStore:
         damaged = set(self.damaged(theirs, theirs))
         stale = {k for recs in lines.values() for k, r in recs.items() if k in mine and r.sha256 != mine[k].sha256}
         drop = damaged | stale
+        others = {k for recs in lines.values() for k in recs if k not in drop and k not in mine}
         touched = [p for p, recs in lines.items() if drop & recs.keys()]
         if not touched:
-            return set()
+            return set(), others
         with contextlib.ExitStack() as held:
             for path in touched:
                 held.enter_context(exclusive_lock(path.with_suffix(".lock"), busy=(
@@ -263,7 +264,7 @@ class RunStore:
             for path in touched:
                 text = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
                 atomic_write_text(path, "".join(line for line in text if _line_key(line) not in drop))
-        return damaged
+        return damaged, others
 
     def damaged(self, keys: Iterable[ItemKey], records: dict[ItemKey, ImageRecord] | None = None
                 ) -> dict[ItemKey, str]:
