@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from f2d_bench.methods.base import Method
     from f2d_bench.prompts import PromptSet
 
+#: A finished tuning's record in its face's artifact folder (see f2d_bench.tuning.artifacts).
+TUNE_RECORD = "tune.json"
+
 
 @dataclass
 class MethodStatus:
@@ -195,18 +198,17 @@ class RunDir:
         """The ``tune.json`` of every face a tuning method finished, sorted by face id (a damaged one is
         left out: that face is tuned again)."""
         root = self.method_dir(method_id) / "faces"
-        paths = sorted(root.glob("*/tune.json")) if root.is_dir() else []
-        records = []
-        for p in paths:
-            if p.parent.name.startswith("."):
-                continue
-            try:
-                record = read_json(p)
-            except F2DBenchError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-        return records
+        faces = sorted(p.parent.name for p in root.glob(f"*/{TUNE_RECORD}")) if root.is_dir() else []
+        records = [self.tune_record(method_id, f) for f in faces if not f.startswith(".")]
+        return [r for r in records if r is not None]
+
+    def tune_record(self, method_id: str, face_id: str) -> dict | None:
+        """The face's ``tune.json``; None when there is none or it is damaged (the face is tuned again)."""
+        try:
+            record = read_json(self.face_artifacts_dir(method_id, face_id) / TUNE_RECORD, None)
+        except F2DBenchError:  # not valid JSON: a disk or a copy damaged it
+            return None
+        return record if isinstance(record, dict) else None
 
     def environment(self) -> list[dict]:
         return read_jsonl(self.environment_jsonl)

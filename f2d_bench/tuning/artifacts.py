@@ -21,12 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import atomic_link_or_copy, atomic_write_json, exclusive_lock, file_sha256
-from f2d_bench.run_dir import RunDir, read_json
+from f2d_bench.run_dir import TUNE_RECORD, RunDir
 from f2d_bench.runinfo import utc_now
-
-TUNE_RECORD = "tune.json"
 
 
 class TunedFaces:
@@ -42,11 +39,7 @@ class TunedFaces:
     def record(self, face_id: str) -> dict | None:
         """The face's ``tune.json`` (None when the face was never tuned to the end, or when the file is
         damaged: the face is then tuned again)."""
-        try:
-            record = read_json(self.path(face_id) / TUNE_RECORD, None)
-        except F2DBenchError:  # not valid JSON: a disk or a copy damaged it
-            return None
-        return record if isinstance(record, dict) else None
+        return self.run.tune_record(self.method_id, face_id)
 
     def damage(self, face_id: str) -> str | None:
         """Why the face's finished artifact cannot be used (None when it can, or when there is none)."""
