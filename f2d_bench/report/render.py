@@ -107,21 +107,20 @@ def _table1_view(agg: Aggregates, notes: dict[str, str], catalog: MetricCatalog)
                      "n_hmean": int(t.loc[m, "n_hmean"]) if "n_hmean" in t.columns else None})
     noted = sorted({notes[c] for c in cols if c in notes})
     combined = [h["name"] for h in headers if h["col"] in ("hmean", "gmean") and h["note"] and h["col"] not in notes]
-    return {"headers": headers, "rows": rows, "notes": noted, "combined": combined, "groups": _column_groups(cols, catalog)}
+    return {"headers": headers, "rows": rows, "notes": noted, "combined": combined,
+            "groups": _column_groups(headers, catalog)}
 
 
-def _column_groups(cols: list[str], catalog: MetricCatalog) -> list[dict]:
+def _column_groups(headers: list[dict], catalog: MetricCatalog) -> list[dict]:
     """Table 1's header groups over the columns shown (a run scored without some metrics has fewer)."""
-    def group(c: str) -> str:
-        if c in catalog.identity_metrics or c == "face_detection_rate":
-            return "Identity"
-        return "Text" if c in catalog.text_metrics else "Identity \u00d7 Text"
     groups: list[dict] = []
-    for c in cols:
-        if groups and groups[-1]["name"] == group(c):
+    for h in headers:
+        name = ("Identity" if h["identity"] else "Text" if h["col"] in catalog.text_metrics
+                else "Identity \u00d7 Text")
+        if groups and groups[-1]["name"] == name:
             groups[-1]["span"] += 1
         else:
-            groups.append({"name": group(c), "span": 1})
+            groups.append({"name": name, "span": 1})
     return groups
 
 
