@@ -31,7 +31,7 @@ from f2d_bench.run_dir import RunDir
 from f2d_bench.store import BackgroundWriter
 from f2d_bench.runinfo import environment, utc_now
 from f2d_bench.tuning.artifacts import TunedFaces
-from f2d_bench.tuning.stage import tuned_prepared
+from f2d_bench.tuning.stage import non_square_note, tuned_prepared
 
 
 @dataclass
@@ -303,6 +303,8 @@ def _generate_methods(opened: OpenedRun, config: RunConfig, shard: Shard, progre
             repaired = run.store.reconcile(keys, writer=shard.tag, config_hash=config_hash)
             prog = MethodProgress(mid, method.label, expected=len(keys))
             prog.problems = base_model_notes(method) + method.preflight(face_ids, prompt_ids, config.seeds)
+            if method.tunes and (note := non_square_note(faces, method.label)):
+                prog.problems.append(note)
             if repaired["damaged_removed"]:
                 prog.problems.append(f"{repaired['damaged_removed']} damaged image(s) removed and generated again")
             _run_method(method, keys, faces, prompt_set, run, config, shard, config_hash, prog, progress,
@@ -354,6 +356,8 @@ def tune_run(
             notes.append(f"{method.label} renders each face right after tuning it and deletes the weights: "
                          "`generate` tunes it")
             continue
+        if note := non_square_note(owned, method.label):
+            notes.append(note)
         now = 0
         for face in tqdm(owned, unit="face", desc=f"tune {method.label}", disable=not progress, dynamic_ncols=True):
             _, tuned_now = ensure_tuned(method, face, opened.run, f"tune-{shard.tag}")

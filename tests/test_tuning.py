@@ -212,6 +212,22 @@ def test_generate_tunes_each_face_once_and_reuses_it(tmp_path):
     assert run_hashes(out) == hashes  # the re-tuned face is the same bytes, so are its images
 
 
+def test_a_non_square_face_photo_is_named_before_tuning_squashes_it(tmp_path):
+    from PIL import Image
+
+    cfg = _tuning_config(tmp_path, ["obama", "biden"], seeds=[0])
+    photo = tmp_path / "faces" / "obama.png"
+    with Image.open(photo) as image:
+        image.crop((0, 0, 512, 384)).save(photo)  # a hand-made face folder: a wider-than-high photo
+    out = tmp_path / "run"
+    summary = tune_run(cfg, out, progress=False)
+    [note] = [n for n in summary.notes if "not square" in n]
+    assert "obama (512x384)" in note and "biden" not in note and "1 face photo(s)" in note
+    generated = generate_run(cfg, out, progress=False)
+    [prog] = generated.methods
+    assert any("obama (512x384)" in problem for problem in prog.problems)
+
+
 def _one_tuned_face(tmp_path):
     """A run whose one face (obama) is tuned: (config, out, run, method id, TunedFaces, its weights' sha)."""
     cfg = _tuning_config(tmp_path, ["obama"], seeds=[0])

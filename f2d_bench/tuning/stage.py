@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
+
+from PIL import Image
 
 from f2d_bench.tuning.artifacts import TunedFaces
 
@@ -35,3 +37,24 @@ def tuned_prepared(method: "Method", face: "Face", run: "RunDir", writer: str) -
     """What ``generate`` gets as ``prepared`` for a tuning method: the face's artifact, tuned if needed."""
     folder, _ = ensure_tuned(method, face, run, writer)
     return method.load_tuned(face, folder)
+
+
+def non_square_note(faces: Sequence, label: str) -> str | None:
+    """A note naming the faces whose photo is not square (``diffusion.training_pixels`` squashes them to a square,
+    as the official tuning scripts do), or None. ``faces prepare`` writes square crops; a hand-made face
+    folder may not. Only the file header is read; an unreadable photo is left to the tuning's own error."""
+    odd = []
+    for face in faces:
+        try:
+            with Image.open(face.path) as opened:
+                width, height = opened.size
+        except (OSError, ValueError, SyntaxError):
+            continue
+        if width != height:
+            odd.append(f"{face.face_id} ({width}x{height})")
+    if not odd:
+        return None
+    shown = ", ".join(odd[:5]) + (f" and {len(odd) - 5} more" if len(odd) > 5 else "")
+    return (f"{label} tunes on square images: {len(odd)} face photo(s) are not square and are resized without "
+            f"keeping their aspect ratio, which distorts the face: {shown}. `f2d-bench faces prepare` writes "
+            "square aligned crops")
