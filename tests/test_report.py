@@ -309,13 +309,18 @@ def test_thumbnails_and_full_images_exist_inside_the_report(report, scored_run):
     for v in fulls:  # the copies are byte-identical to the run's images
         sha = Path(v).stem
         assert sha256_file(out / v) == sha
+    up = [v for tag, attr, v in links if v == "../index.html"]
+    assert len(up) == 1 and (out.parent / "index.html").is_file()  # the one link out: the reports index
+    assert "report" in (out.parent / "index.html").read_text(encoding="utf-8")
     for tag, attr, v in links:
-        if v.startswith("#"):
+        if v.startswith("#") or v == "../index.html":
             continue
         assert not re.match(r"^[a-z][a-z0-9+.-]*:", v, re.IGNORECASE) and not v.startswith("/"), v
         target = (out / v).resolve()
         assert target.is_relative_to(out) and target.is_file(), v
-    check_links_inside(html, out)  # the page's own check agrees
+    check_links_inside(html, out, also=frozenset({"../index.html"}))  # the page's own check agrees
+    with pytest.raises(F2DBenchError, match="index.html"):
+        check_links_inside(html, out)  # and the link up is let through by name only
 
 
 @pytest.mark.parametrize("link", [

@@ -76,17 +76,18 @@ def page_links(html: str) -> list[tuple[str, str, str]]:
     return parser.links
 
 
-def check_links_inside(html: str, out_dir: Path) -> None:
+def check_links_inside(html: str, out_dir: Path, *, also: frozenset[str] = frozenset()) -> None:
     """Raise unless every href/src of ``html`` is a relative link to an existing file inside ``out_dir``.
 
-    Fragment-only links (``#table1``) are allowed; schemes (http:, file:, javascript:, data:), absolute
-    paths and links that leave the folder are not.
+    Fragment-only links (``#table1``) are allowed, and so are the exact ``also`` hrefs (a report's link up
+    to its folder's index); schemes (http:, file:, javascript:, data:), absolute paths and links that
+    leave the folder are not.
     """
     root = out_dir.resolve()
     for tag, attr, value in page_links(html):
         values = [v.strip().split(" ")[0] for v in value.split(",")] if attr == "srcset" else [value]
         for v in values:
-            if v.startswith("#") and attr == "href":
+            if (v.startswith("#") or v in also) and attr == "href":
                 continue
             parts = urlsplit(v)
             if parts.scheme or parts.netloc or v.startswith(("/", "\\")) or not parts.path:

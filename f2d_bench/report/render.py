@@ -35,7 +35,7 @@ from f2d_bench.report.plots import (
     plot_means,
     plot_tradeoff,
 )
-from f2d_bench.report.index import REPORT_FORMAT, write_index
+from f2d_bench.report.index import INDEX_HTML, REPORT_FORMAT, write_index
 from f2d_bench.report.page import (TEMPLATES, check_links_inside, environment, fmt, inline_hash, page_links,
                                    setup_text)
 from f2d_bench.report.page import finite as _finite
@@ -414,6 +414,10 @@ def _index_facts(data: ReportData, table1: dict, generated: str) -> dict:
 # -- the command -------------------------------------------------------------------------------------
 
 
+#: The report's link to the index of the folder that holds it (``reports/index.html``).
+UP_TO_INDEX = f"../{INDEX_HTML}"
+
+
 def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4, n_resamples: int = 2000,
                  confidence: float = 0.95, seed: int = 0) -> Path:
     """Write the report of ``run_dirs`` (scored runs, merged) into ``out_dir``; returns ``out_dir/index.html``.
@@ -497,6 +501,7 @@ def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seed
         "confidence": f"{confidence:.0%}", "n_resamples": n_resamples,
         "script": script, "script_hash": inline_hash(script),
     }
-    html = environment().get_template("report.html.j2").render(**context)
-    check_links_inside(html, out_dir)
+    html = environment().get_template("report.html.j2").render(**context, reports_index=UP_TO_INDEX)
+    # The link up to the reports index: build_report writes that index beside the report right after it.
+    check_links_inside(html, out_dir, also=frozenset({UP_TO_INDEX}))
     atomic_write_text(out_dir / "index.html", html)
