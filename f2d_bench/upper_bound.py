@@ -10,7 +10,8 @@ the parent's config and seeds ``0..N-1``:
 3. the parent's score caches (``scores/*/chunk-*.parquet``) are copied, so linked images are not rescored;
 4. the missing seeds are generated (resumable, like ``generate``) and the child is scored with the
    parent's scorers and settings;
-5. ``best_of_n_curve`` over the child's records gives ``RUN/upper_bound/best_of_n.{csv,json,svg}``.
+5. ``best_of_n_curve`` over the child's records gives ``RUN/upper_bound/best_of_n.{csv,json,svg}``; an image
+   without a face counts 0 there under either ``scoring.no_face`` (``no_face_counts_zero``).
 
 A parent whose seeds already include ``0..N-1`` is used directly, without a child.
 """
@@ -94,7 +95,8 @@ def upper_bound(
     With ``generate=False`` nothing is generated: if any (face, prompt) pair lacks images, an
     F2DBenchError says how many and what to run.
     """
-    from f2d_bench.aggregate.best_of_n import best_of_n_curve
+    from f2d_bench.aggregate.best_of_n import best_of_n_curve, no_face_counts_zero
+    from f2d_bench.aggregate.metrics import MetricCatalog
     from f2d_bench.scoring import score_run
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -172,7 +174,8 @@ def upper_bound(
             f"the records of {target.root} have no column {column!r}: hMean and gMean need every metric that "
             "enters the mean (Table 1's adaface, sphereface, facenet, clip, dclip, siglip); score with those scorers"
         )
-    curve = best_of_n_curve(records, ns=ns, column=column, k=n)
+    catalog = MetricCatalog(tuple(target.scoring_info().get("metrics", [])))
+    curve = best_of_n_curve(no_face_counts_zero(records, catalog), ns=ns, column=column, k=n)
     summary = UpperBoundSummary(run_dir=parent.root, scored_dir=target.root, n=n, ns=ns, column=column,
                                 curve=curve, **summary_kw)
     summary.outputs = write_outputs(summary)
@@ -201,6 +204,7 @@ def write_outputs(summary: UpperBoundSummary) -> dict[str, Path]:
             "scored_this_call": summary.score_computed,
         },
         "batch_size": summary.batch_size,
+        "no_face": "an image without a face has identity metrics 0.0, whatever scoring.no_face says",
         "variants": {"expected": "closed form E[max of N of the N_max images] (PROTOCOL.md section 8)",
                      "first": "max over the first N seeds in seed order"},
         "curve": json.loads(curve.to_json(orient="records")),

@@ -245,3 +245,47 @@ def test_command_line(topped_up, capsys):
     args = parser.parse_args(["upper-bound", str(parent), "--n", "8", "--no-generate", "--no-progress"])
     with pytest.raises(F2DBenchError, match="fewer than 8 images"):
         args.func(args)
+
+
+def test_a_faceless_image_counts_zero_in_the_best_of_n_under_either_no_face_rule():
+    from f2d_bench.aggregate.best_of_n import no_face_counts_zero
+    from f2d_bench.aggregate.metrics import MetricCatalog
+    from f2d_bench.config import ScoringConfig
+    from f2d_bench.scoring.score import identity_conventions
+
+    identity, text = ("adaface", "sphereface", "facenet"), ("clip", "dclip", "siglip")
+    catalog = MetricCatalog(tuple({"name": m, "in_mean": True, "identity": m in identity} for m in identity + text))
+    # pair f1: four images, every metric 0.5; pair f2: seed 0 has no face (text 0.3), seeds 1-3 all 0.1
+    detected = np.array([True] * 4 + [False] + [True] * 3)
+    raw = {m: np.array([0.5] * 4 + [0.0] + [0.1] * 3) for m in identity}
+    raw.update({m: np.array([0.5] * 4 + [0.3] + [0.1] * 3) for m in text})
+    curves = {}
+    for rule in ("zero", "drop"):
+        values = identity_conventions(raw, identity, detected, ScoringConfig(no_face=rule))
+        rec = pd.DataFrame([record_row("m", face, None, prompt="p", seed=seed, face_detected=bool(det),
+                                       **{m: values[m][i] for m in values})
+                            for i, (face, seed, det) in enumerate(zip(["f1"] * 4 + ["f2"] * 4, list(range(4)) * 2,
+                                                                      detected))]).drop(columns="hmean")
+        curves[rule] = best_of_n_curve(no_face_counts_zero(rec, catalog), ns=(1, 4), k=4)
+    for rule, curve in curves.items():
+        exp = curve[curve["variant"] == "expected"].set_index("n")
+        assert (exp["n_pairs"] == 2).all() and (exp["n_nan"] == 0).all(), rule  # drop kept f2 out before
+        assert exp.loc[1, "value"] == pytest.approx((0.5 + (0.0 + 0.1 * 3) / 4) / 2), rule  # the faceless one: 0
+        assert exp.loc[4, "value"] == pytest.approx((0.5 + 0.1) / 2), rule
+    pd.testing.assert_frame_equal(curves["zero"], curves["drop"])
+
+
+@pytest.mark.slow
+def test_the_upper_bound_of_a_run_scored_with_no_face_drop_keeps_its_faceless_pairs(topped_up):
+    parent, _, _, first, _ = topped_up
+    scoring = RunDir(parent).config().scoring.replace(identity_clamp=True)
+    try:
+        score_run(parent, scoring=scoring.replace(no_face="drop"), progress=False)  # cached values: no work
+        drop = upper_bound(parent, 4, generate=False, progress=False)
+        # The tiny model draws no faces: every image is faceless, hMean 0 under the paper's rule either way.
+        assert (drop.curve["n_pairs"] == 8).all() and (drop.curve["n_nan"] == 0).all()
+        pd.testing.assert_frame_equal(first.curve, drop.curve)
+        meta = json.loads((parent / "upper_bound" / "best_of_n.json").read_text())
+        assert "0.0" in meta["no_face"]
+    finally:
+        score_run(parent, scoring=scoring, progress=False)

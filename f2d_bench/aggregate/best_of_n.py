@@ -15,6 +15,8 @@ from math import comb
 import numpy as np
 import pandas as pd
 
+from f2d_bench.aggregate.combine import add_combined
+from f2d_bench.aggregate.metrics import MetricCatalog
 from f2d_bench.aggregate.tables import prompt_rows
 
 #: Ns of Fig. 7.
@@ -46,6 +48,28 @@ def expected_best_of_n(values, n: int) -> float:
     if np.isnan(v).any():
         return float("nan")
     return float(np.sort(v) @ w)
+
+
+def no_face_counts_zero(records: pd.DataFrame, catalog: MetricCatalog) -> pd.DataFrame:
+    """``records`` with the paper's rule for a readable image without a face: identity metrics 0.0, and
+    hMean and gMean recomputed (0 when the text metrics are finite).
+
+    Fig. 7 takes "the best image of the N generated": a faceless image is one of them, and the worst by
+    hMean, so the best of N is another image unless all N lack a face. ``scoring.no_face: drop`` (NaN)
+    is a convention for Table 1's means; in a best of N it would remove every (face, prompt) pair with
+    one faceless image, the pairs a method renders worst. Under ``zero`` this changes nothing.
+    """
+    out = records.copy()
+    if "face_detected" not in out.columns:
+        return out
+    no_face = ~out["face_detected"].astype(bool)
+    if "error" in out.columns:
+        no_face &= out["error"].isna()
+    for name in catalog.identity_metrics:
+        if name in out.columns:
+            out.loc[no_face, name] = 0.0
+    add_combined(out, catalog)
+    return out
 
 
 def best_of_n_curve(

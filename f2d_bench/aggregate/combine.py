@@ -8,7 +8,14 @@ has identity metrics 0.0 (the paper's rule) and therefore hMean = gMean = 0.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from f2d_bench.aggregate.metrics import MetricCatalog
 
 
 def clamped(values: np.ndarray) -> np.ndarray:
@@ -38,3 +45,13 @@ def harmonic_mean_rows(values: np.ndarray) -> np.ndarray:
 def geometric_mean_rows(values: np.ndarray) -> np.ndarray:
     """Geometric mean of each row after clamping at 0 (0 if any value is 0, NaN if any is NaN)."""
     return _row_means(values, lambda v: np.exp(np.mean(np.log(v), axis=1)))
+
+
+def add_combined(records: "pd.DataFrame", catalog: "MetricCatalog") -> None:
+    """Set ``records``' hmean and gmean columns from the catalog's mean metrics, when every metric the
+    protocol combines was scored (else leave the frame as it is)."""
+    means = list(catalog.mean_metrics)
+    if catalog.combines and all(m in records.columns for m in means):
+        table = records[means].to_numpy(dtype=np.float64)
+        records["hmean"] = harmonic_mean_rows(table)
+        records["gmean"] = geometric_mean_rows(table)

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from f2d_bench.aggregate.combine import geometric_mean_rows, harmonic_mean_rows
+from f2d_bench.aggregate.combine import add_combined
 from f2d_bench.aggregate.metrics import MetricCatalog
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring.inputs import ImageEntry
@@ -34,11 +34,7 @@ def assemble_records(run: RunDir, entries: Sequence[ImageEntry], detections, pro
     records = pd.DataFrame(rows)
     for name, column in values.items():
         records[name] = column
-    means = list(catalog.mean_metrics)
-    if catalog.combines and all(m in records.columns for m in means):
-        table = records[means].to_numpy(dtype=np.float64)
-        records["hmean"] = harmonic_mean_rows(table)
-        records["gmean"] = geometric_mean_rows(table)
+    add_combined(records, catalog)
     # The reference prompt's images exist for dCLIP; they are not part of Table 1's averages.
     records["is_reference"] = records["prompt"] == grid["prompt_set"]["reference_id"]
     return records
