@@ -90,3 +90,17 @@ def test_mean_of_per_image_means_differs_from_mean_of_means():
     of_means = harmonic_mean_rows(rows.mean(axis=0, keepdims=True))[0]
     assert math.isclose(of_means, 0.5)
     assert per_image.mean() < of_means  # 0.18 vs 0.5: the reason the paper's numbers are per image
+
+
+def test_a_seventh_in_mean_metric_is_a_column_but_not_a_term_of_hmean():
+    import pandas as pd
+
+    from f2d_bench.aggregate.combine import add_combined
+    from f2d_bench.aggregate.metrics import PROTOCOL_MEAN, MetricCatalog
+
+    six = {m: [0.2, 0.5] for m in PROTOCOL_MEAN}
+    catalog = MetricCatalog(tuple({"name": m, "in_mean": True} for m in (*PROTOCOL_MEAN, "plugin")))
+    records = pd.DataFrame({**six, "plugin": [0.9, 0.0]})  # a plugin scorer declaring in_mean
+    add_combined(records, catalog)
+    assert "plugin" in catalog.table1_columns
+    assert records["hmean"].tolist() == pytest.approx([0.2, 0.5]) and records["gmean"].tolist() == pytest.approx([0.2, 0.5])

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from f2d_bench.aggregate.metrics import PROTOCOL_MEAN, MetricCatalog
+
 if TYPE_CHECKING:
     import pandas as pd
-
-    from f2d_bench.aggregate.metrics import MetricCatalog
 
 
 def clamped(values: np.ndarray) -> np.ndarray:
@@ -47,10 +47,11 @@ def geometric_mean_rows(values: np.ndarray) -> np.ndarray:
     return _row_means(values, lambda v: np.exp(np.mean(np.log(v), axis=1)))
 
 
-def add_combined(records: "pd.DataFrame", catalog: "MetricCatalog") -> None:
-    """Set ``records``' hmean and gmean columns from the catalog's mean metrics, when every metric the
-    protocol combines was scored (else leave the frame as it is)."""
-    means = list(catalog.mean_metrics)
+def add_combined(records: "pd.DataFrame", catalog: MetricCatalog) -> None:
+    """Set ``records``' hmean and gmean columns from the six metrics the protocol combines, when every one
+    was scored (else leave the frame as it is). A further metric a plugin scorer declares ``in_mean`` is a
+    Table 1 column, but never a seventh term of the paper's hMean and gMean."""
+    means = list(PROTOCOL_MEAN)
     if catalog.combines and all(m in records.columns for m in means):
         table = records[means].to_numpy(dtype=np.float64)
         records["hmean"] = harmonic_mean_rows(table)
