@@ -189,10 +189,14 @@ class RunDir:
     def prepare_seconds(self, method_id: str) -> list[float]:
         """A method's per-face cost in seconds (Table 2's time): each tuned face's tuning time when the
         method tunes per face (from its ``tune.json``), else the recorded ``prepare`` wall times."""
-        tuned = self.tune_records(method_id)
+        tuned = self.tune_seconds(method_id)
         if tuned:
-            return [float(r["seconds"]) for r in tuned]
+            return list(tuned.values())
         return [float(r["seconds"]) for r in read_jsonl(self.prepare_times_jsonl(method_id)) if "seconds" in r]
+
+    def tune_seconds(self, method_id: str) -> dict[str, float]:
+        """face id -> the face's tuning time in seconds, for every face a tuning method finished."""
+        return {str(r["face_id"]): float(r["seconds"]) for r in self.tune_records(method_id)}
 
     def tune_records(self, method_id: str) -> list[dict]:
         """The ``tune.json`` of every face a tuning method finished, sorted by face id (a damaged one is

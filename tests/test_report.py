@@ -564,3 +564,75 @@ def test_every_method_cell_shows_how_the_method_rendered(report):
     # The rows of this run's methods (the paper's own rows name no run method).
     rows = [r for r in re.findall(r'<th class="method">.*?</th>', html, re.DOTALL) if "Method " in r]
     assert len(rows) >= 8 and all('<span class="setup">external images</span>' in r for r in rows), rows[:3]
+
+
+# -- merging runs --------------------------------------------------------------------------------------
+
+
+def _two_copies(scored_run, tmp_path) -> tuple[Path, Path]:
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(scored_run, a)
+    shutil.copytree(scored_run, b)
+    return a, b
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_merged_runs_must_use_one_photo_and_one_prompt_per_id(scored_run, tmp_path):
+    from f2d_bench.report.data import load_runs
+
+    a, b = _two_copies(scored_run, tmp_path)
+    merged = load_runs([a, b])
+    n = len(pd.read_parquet(a / "records.parquet"))
+    assert len(merged.records) == n and merged.duplicates == n  # the same images: the first run's kept
+    face = json.loads((b / "grid.json").read_text())["faces"][0]["face_id"]
+
+    def other_photo(grid):
+        grid["faces"][0]["sha256"] = "0" * 64  # another person's photo under the same file name
+
+    _edit_json(b / "grid.json", other_photo)
+    with pytest.raises(F2DBenchError, match=rf"face id '{face}' is one photo in .* and another in .*separately"):
+        load_runs([a, b])
+    shutil.copy(a / "grid.json", b / "grid.json")
+
+    def other_prompt(grid):
+        grid["prompts"][0]["template"] = "{} riding a horse"
+
+    _edit_json(b / "grid.json", other_prompt)
+    with pytest.raises(F2DBenchError, match=r"prompt id .* riding a horse"):
+        load_runs([a, b])
+
+
+def test_runs_scored_differently_are_named_on_the_page(scored_run, tmp_path):
+    from f2d_bench.report.data import load_runs, scoring_differences
+
+    a, b = _two_copies(scored_run, tmp_path)
+    assert scoring_differences(load_runs([a, b]).runs) == []
+
+    def other_scoring(scoring):
+        scoring["no_face"] = "drop"
+        scoring["scorers"][0]["precision"] = "bf16"
+
+    _edit_json(b / "scores" / "scoring.json", other_scoring)
+    first = json.loads((a / "scores" / "scoring.json").read_text())["scorers"][0]["name"]
+    lines = scoring_differences(load_runs([a, b]).runs)
+    assert lines == ["scoring.no_face is 'zero' in a, 'drop' in b", f"{first}: precision differ between a and b"]
+    html = build_report([a, b], tmp_path / "r", n_resamples=50).read_text(encoding="utf-8")
+    assert "scored differently" in html and "precision differ between a and b" in html
+
+
+def test_a_face_tuned_once_counts_once_in_the_time_per_face(scored_run, tmp_path):
+    from f2d_bench.report.data import load_runs
+
+    a, b = _two_copies(scored_run, tmp_path)  # b: what an upper-bound child holds, linked from a
+    mid = sorted(pd.read_parquet(a / "records.parquet")["method"].unique())[0]
+    for run in (a, b):
+        for face, seconds in (("obama", 10.0), ("biden", 30.0)):
+            folder = run / "methods" / mid / "faces" / face
+            folder.mkdir(parents=True)
+            (folder / "tune.json").write_text(json.dumps({"face_id": face, "seconds": seconds, "files": {}}))
+    assert load_runs([a, b]).prepare_seconds()[mid] == [30.0, 10.0]  # sorted by face id, not twice each

@@ -3,7 +3,8 @@
 Several runs are merged into one table of records: each row keeps the run it came from (``run``, the
 run's position in the argument list, and ``run_root``), so that its image can be found. Method ids carry a
 hash of their settings, so the same id in two runs is the same method; an image key present in two runs is
-taken from the first run given and counted in ``ReportData.duplicates``.
+taken from the first run given and counted in ``ReportData.duplicates``. Face and prompt ids must mean
+the same photo and prompt in every run (``_check_same_inputs``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class RunData:
     fid: dict
     environment: list[dict]
     methods: dict[str, dict]  # method_id -> method.json
-    prepare_seconds: dict[str, list[float]]  # method_id -> per-face seconds
+    #: method_id -> per-face seconds of a method that prepares per process (every measurement counts)
+    prepare_seconds: dict[str, list[float]]
     scored_at: str | None
     best_of_n_csv: Path | None
     best_of_n_svg: Path | None
@@ -51,6 +53,8 @@ class RunData:
     #: per face-set folder of the run (those with a manifest): its name, ``selection`` (which sources were
     #: used: rule, limit, seed, counts) and ``settings`` (detection, alignment, frame) from manifest.json
     face_sets: list[dict] = field(default_factory=list)
+    #: method_id -> face_id -> tuning seconds of a method that tunes each face once (``tune.json``)
+    tuned_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -97,10 +101,16 @@ class ReportData:
         return self._first(lambda run: run.methods)
 
     def prepare_seconds(self) -> dict[str, list[float]]:
+        """method id -> per-face seconds (Table 2's time): every prepare measured, and each face's tuning
+        once (the first run's: an upper-bound child links its parent's tuned faces, records and all)."""
         out: dict[str, list[float]] = {}
         for run in self.runs:
             for mid, values in run.prepare_seconds.items():
                 out.setdefault(mid, []).extend(values)
+        tuned = self._first(lambda run: {(mid, face): seconds for mid, faces in run.tuned_seconds.items()
+                                         for face, seconds in faces.items()})
+        for (mid, _face), seconds in sorted(tuned.items()):
+            out.setdefault(mid, []).append(seconds)
         return out
 
     def face_quality(self) -> dict[str, dict]:
@@ -183,11 +193,13 @@ def load_run(root: str | Path, index: int = 0) -> RunData:
     run_json = read_json(run.run_json, {})
     methods: dict[str, dict] = {}
     prepare: dict[str, list[float]] = {}
+    tuned: dict[str, dict[str, float]] = {}
     for m in grid.get("methods", []):
         mid = m["method_id"]
         methods[mid] = run.method_info(mid) or {"method_id": mid, "label": m.get("label")}
-        times = run.prepare_seconds(mid)
-        if times:
+        if seconds := run.tune_seconds(mid):
+            tuned[mid] = seconds
+        elif times := run.prepare_seconds(mid):
             prepare[mid] = times
     scored_at = None
     try:
@@ -210,7 +222,54 @@ def load_run(root: str | Path, index: int = 0) -> RunData:
         methods=methods, prepare_seconds=prepare, scored_at=scored_at,
         best_of_n_csv=best.get("csv"), best_of_n_svg=best.get("svg"), best_of_n_column=best_column,
         input_faces=input_faces, face_quality=faces.quality, face_sources=faces.sources, face_sets=faces.sets,
+        tuned_seconds=tuned,
     )
+
+
+def _check_same_inputs(runs: list[RunData]) -> None:
+    """F2DBenchError when two runs use one face id for different photos, or one prompt id for different
+    prompts: their images would share keys (the second run's dropped as duplicates) and their faces one
+    bootstrap cluster, so the merged numbers would mix two experiments under one name."""
+    kinds = (("face", "faces", "face_id", "sha256", "photo"), ("prompt", "prompts", "id", "template", "prompt"))
+    for kind, list_key, id_key, value_key, noun in kinds:
+        seen: dict[str, tuple[object, RunData]] = {}
+        for run in runs:
+            for item in run.grid.get(list_key, []):
+                ident, value = item.get(id_key), item.get(value_key)
+                if ident not in seen:
+                    seen[ident] = (value, run)
+                    continue
+                first_value, first = seen[ident]
+                if value is not None and first_value is not None and value != first_value:
+                    raise F2DBenchError(
+                        f"{kind} id {ident!r} is one {noun} in {first.root} ({value_key} {first_value!r}) and "
+                        f"another in {run.root} ({value_key} {value!r}): a report merges runs made with the "
+                        f"same {list_key}. Report these runs separately, or give the {list_key} distinct ids."
+                    )
+
+
+def scoring_differences(runs: list[RunData]) -> list[str]:
+    """What the runs' last ``score`` did differently, one line each (empty when all agree): a scorer both
+    ran with other settings, version or precision, or another face rule. Their methods' numbers are then
+    not comparable with each other."""
+    def face_rules(run: RunData) -> dict:
+        return {k: run.scoring.get(k) for k in ("face_policy", "min_face_prob", "identity_clamp", "no_face")}
+
+    def scorers(run: RunData) -> dict:
+        return {s.get("name"): {k: s.get(k) for k in ("version", "settings", "precision")}
+                for s in run.scoring.get("scorers", []) if isinstance(s, dict)}
+
+    lines = []
+    first = runs[0]
+    for run in runs[1:]:
+        for key, value in face_rules(run).items():
+            if value != face_rules(first)[key]:
+                lines.append(f"scoring.{key} is {face_rules(first)[key]!r} in {first.name}, {value!r} in {run.name}")
+        mine, theirs = scorers(first), scorers(run)
+        for name in [n for n in mine if n in theirs and mine[n] != theirs[n]]:
+            what = ", ".join(k for k in mine[name] if mine[name][k] != theirs[name][k])
+            lines.append(f"{name}: {what} differ between {first.name} and {run.name}")
+    return lines
 
 
 def load_runs(run_dirs: list[str | Path]) -> ReportData:
@@ -218,6 +277,7 @@ def load_runs(run_dirs: list[str | Path]) -> ReportData:
     if not run_dirs:
         raise F2DBenchError("no run directory given")
     runs = [load_run(root, i) for i, root in enumerate(run_dirs)]
+    _check_same_inputs(runs)
     frames = []
     for run in runs:
         frame = run.records.copy()

@@ -28,7 +28,7 @@ from f2d_bench.report.numbers import (
 )
 from f2d_bench.aggregate.metrics import COMBINED, PROTOCOL_MEAN, MetricCatalog
 from f2d_bench.aggregate.tables import prompt_rows
-from f2d_bench.report.data import ReportData, load_runs
+from f2d_bench.report.data import ReportData, load_runs, scoring_differences
 from f2d_bench.report.plots import (
     COLUMN_NAMES,
     plot_categories,
@@ -491,6 +491,7 @@ def _write_report(data: ReportData, out_dir: Path, *, grid_faces: int, grid_seed
         "title": "f2d-bench report: " + ", ".join(r.name for r in data.runs),
         "generated": generated, "version": __version__,
         "runs": _metadata_view(data), "duplicates": data.duplicates,
+        "scoring_differences": scoring_differences(data.runs),
         "table1": table1, "table2": _table2_view(agg),
         "categories": _categories_view(agg, labels, catalog), "pairs": _pairs_view(agg, labels),
         "no_pairs": _no_pairs_reason(data, catalog),
