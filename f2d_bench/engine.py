@@ -420,7 +420,7 @@ def _run_method(
                     key=k, prompt=prompt_set.by_id(k.prompt_id), face=face_by_id[k.face_id],
                     prepared=prepared[k.face_id],
                     # Seeded from the key's seed alone: every method and prompt starts from the same noise
-                    # for the same seed, as the official scripts do.
+                    # for the same seed (the protocol's seeds; the official scripts differ among themselves).
                     generator=torch.Generator("cpu").manual_seed(k.seed),
                 )
                 for k in batch
