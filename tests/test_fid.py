@@ -28,7 +28,7 @@ from f2d_bench.scorers.fid.backends import (
     make_backend,
 )
 from f2d_bench.scorers.fid.cli import register
-from f2d_bench.scorers.fid.reference import build_reference, is_human_caption, read_captions
+from f2d_bench.scorers.fid.reference import build_reference, filter_text, is_human_caption, read_captions
 from f2d_bench.scorers.fid.stats import (
     FeatureStats,
     StatsAccumulator,
@@ -347,6 +347,17 @@ def test_build_reference_filters_by_caption_and_skips_unreadable(tmp_path):
     assert (stats.count, stats.backend) == (3, "pixels")
     assert stats.metadata["unreadable"] == 1 and stats.metadata["captions_file"] == "captions.tsv"
 
+    assert stats.metadata["caption_match"] == "word" and "whole words" in summary.text()
+    # The paper leaves the matching open: anywhere in the caption, "the manager's office" is human too.
+    loose = build_reference(images, tmp_path / "loose.npz", _PixelBackend(), captions=captions,
+                            caption_match="substring")
+    assert (loose.captions_matching, loose.count) == (6, 4) and "anywhere" in loose.text()
+    assert load_stats(tmp_path / "loose.npz").metadata["caption_match"] == "substring"
+    assert filter_text(load_stats(tmp_path / "loose.npz").metadata).endswith("(anywhere in the caption, any case)")
+    assert filter_text({}) == "all images (no caption filter)"
+    with pytest.raises(ConfigError, match="'regex' is not one of word, substring"):
+        build_reference(images, tmp_path / "x.npz", _PixelBackend(), captions=captions, caption_match="regex")
+
     limited = build_reference(images, tmp_path / "lim.npz", _PixelBackend(), captions=captions, limit=2)
     assert limited.count == 2 and load_stats(tmp_path / "lim.npz").count == 2
     everything = build_reference(images, tmp_path / "all.npz", _PixelBackend())
@@ -574,12 +585,17 @@ def test_cli_help_and_build_with_the_offline_backend(tmp_path, capsys):
         parser.parse_args(["fid-ref", "build", "--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--out", "--captions", "--backend", "--weights", "--limit", "clean-fid-torchscript", "JSONL"):
+    for option in ("--out", "--captions", "--caption-match", "--backend", "--weights", "--limit",
+                   "clean-fid-torchscript", "JSONL"):
         assert option in help_text
     from f2d_bench.scorers.fid import cli as fid_cli
 
     # The CLI lists the backends without importing the backends module (fast --help); keep them in sync.
     assert (fid_cli._BACKENDS, fid_cli._DEFAULT_BACKEND) == (fid_backends.BACKEND_NAMES, fid_backends.DEFAULT_BACKEND)
+    from f2d_bench.scorers.fid import reference as fid_reference
+
+    assert fid_cli._CAPTION_MATCHES == tuple(fid_reference.CAPTION_MATCHES)
+    assert fid_cli._CAPTION_MATCHES[0] == fid_reference.DEFAULT_CAPTION_MATCH
 
     images = tmp_path / "imgs"
     for seed in range(3):
@@ -595,6 +611,11 @@ def test_cli_help_and_build_with_the_offline_backend(tmp_path, capsys):
     assert (stats.count, stats.backend, stats.mu.shape) == (2, "clean-fid-torchscript", (2048,))
     assert stats.metadata["backend_info"]["weights"] == "default_1.pt"
     assert "2 images" in capsys.readouterr().out
+    args = parser.parse_args(["fid-ref", "build", str(images), "--out", str(out), "--captions", str(captions),
+                              "--caption-match", "substring", "--backend", "clean-fid-torchscript", "--device",
+                              "cpu", "--quiet"])
+    assert args.func(args) == 0  # "a human" holds "man" anywhere
+    assert (load_stats(out).count, load_stats(out).metadata["caption_match"]) == (3, "substring")
 
     args = parser.parse_args(["fid-ref", "build", str(images), "--out", str(out), "--backend", "pytorch-fid",
                               "--weights", str(tmp_path / "missing.pth")])

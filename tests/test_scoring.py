@@ -209,6 +209,7 @@ def test_fid_per_method_against_a_reference(tmp_path):
     fid = __import__("json").loads((out / "scores" / "fid.json").read_text())
     [(mid, r)] = fid.items()
     assert r["backend"] == "clean-fid-torchscript" and r["n_generated"] == 16 and r["n_reference"] == 16
+    assert r["reference_filter"] == "all images (no caption filter)"
     assert np.isfinite(r["value"]) and r["value"] > 1.0  # 4 noise images among 16: far from the photos
 
 

@@ -328,8 +328,9 @@ def _metadata_view(data: ReportData) -> list[dict]:
                             "precision": s.get("precision", "fp32"),
                             "settings": json.dumps(s.get("settings", {}), sort_keys=True),
                             "extra": json.dumps(rest, sort_keys=True) if rest else ""})
-        fid_backends = sorted({f"{r.get('backend')} (reference: {r.get('reference')}, "
-                               f"{r.get('n_reference')} images)" for r in run.fid.values()})
+        fid_backends = sorted({f"{r.get('backend')} (reference: {r.get('reference')}, {r.get('n_reference')} "
+                               f"images{', ' + r['reference_filter'] if r.get('reference_filter') else ''})"
+                               for r in run.fid.values()})
         runs.append({
             "index": run.index, "name": run.name, "path": str(run.root.resolve()),
             "created": run.run_json.get("created"), "scored": run.scored_at,

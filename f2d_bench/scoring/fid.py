@@ -88,10 +88,11 @@ def make_fid_backend(scoring: ScoringConfig, device: str):
 
 def compute_fid(run: RunDir, entries: Sequence[ImageEntry], scoring: ScoringConfig, device: str,
                 progress, *, backend=None, writer: str = "all") -> dict:
-    """method_id -> {value, backend, n_generated, n_reference, reference} against
+    """method_id -> {value, backend, n_generated, n_reference, reference, reference_filter} against
     ``scoring.fid_reference``, over every prompt image of ``entries`` (the whole run: FID is one statistic
     per method, never per shard); methods with fewer than two readable prompt images are left out."""
     from f2d_bench.scorers.fid import fid_from_features, load_stats
+    from f2d_bench.scorers.fid.reference import filter_text
     from f2d_bench.scorers.fid.stats import check_reference_weights
 
     grid = run.read_grid()
@@ -111,5 +112,6 @@ def compute_fid(run: RunDir, entries: Sequence[ImageEntry], scoring: ScoringConf
             continue
         r = fid_from_features(np.asarray(np.stack(feats), dtype=np.float64), reference, backend.name)
         results[m["method_id"]] = {"value": r.value, "backend": r.backend, "n_generated": r.n_generated,
-                                   "n_reference": r.n_reference, "reference": str(scoring.fid_reference)}
+                                   "n_reference": r.n_reference, "reference": str(scoring.fid_reference),
+                                   "reference_filter": filter_text(reference.metadata)}
     return results

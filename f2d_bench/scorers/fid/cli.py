@@ -11,6 +11,8 @@ from pathlib import Path
 # Kept in sync with backends.BACKEND_NAMES / DEFAULT_BACKEND without importing that module for --help.
 _BACKENDS = ("pytorch-fid", "clean-fid-torchscript")
 _DEFAULT_BACKEND = "pytorch-fid"
+# Kept in sync with reference.CAPTION_MATCHES (the default first).
+_CAPTION_MATCHES = ("word", "substring")
 
 _BUILD_DESCRIPTION = """\
 Compute the Inception feature statistics (mean and covariance of 2048-d pool3 features) of a folder of
@@ -18,7 +20,9 @@ reference images and write them to FILE.npz (keys mu, sigma, count, backend, met
 
 The Face2Diffusion protocol compares generated images with the human-centric part of CC12M: images
 whose caption contains the word "person", "man" or "woman". Pass --captions to apply that filter
-(whole words, any letter case: "woman" and "Person" match; "manager", "human", "personal" do not).
+(whole words, any letter case: "woman" and "Person" match; "manager", "human", "personal" do not). The
+paper does not say how it matched: --caption-match substring matches the words anywhere, any case
+("human", "manager" and "Germany" then match too). The rule is recorded in FILE.npz and shown with FID.
 
 Captions file, UTF-8, one image per line:
   TSV    FILENAME<TAB>CAPTION          (optional header line: filename<TAB>caption)
@@ -57,7 +61,8 @@ def _build(args: argparse.Namespace) -> int:
 
     backend = make_backend(args.backend, weights=args.weights, device=args.device, batch_size=args.batch_size)
     summary = build_reference(
-        args.images, args.out, backend, captions=args.captions, limit=args.limit, progress=not args.quiet
+        args.images, args.out, backend, captions=args.captions, limit=args.limit, progress=not args.quiet,
+        caption_match=args.caption_match,
     )
     print(summary.text())
     return 0
@@ -83,6 +88,10 @@ def register(subparsers) -> None:
     build.add_argument(
         "--captions", type=Path, metavar="FILE",
         help="TSV or JSONL of filename + caption; keep only images whose caption has person/man/woman",
+    )
+    build.add_argument(
+        "--caption-match", choices=_CAPTION_MATCHES, default=_CAPTION_MATCHES[0],
+        help="how a caption contains the words: whole words or anywhere, any case (default: %(default)s)",
     )
     build.add_argument(
         "--backend", choices=_BACKENDS, default=_DEFAULT_BACKEND,

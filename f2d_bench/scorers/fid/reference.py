@@ -1,8 +1,8 @@
 """Reference statistics for FID from a folder of images, optionally filtered by caption.
 
 The protocol's reference set is the human-centric part of CC12M: images whose caption contains
-"person", "man" or "woman" (paper §4.2). `build_reference` applies that filter with whole-word,
-case-insensitive matching and writes the statistics with `save_stats`.
+"person", "man" or "woman" (paper §4.2). `build_reference` applies that filter (whole words in any
+letter case by default; the paper leaves the matching open) and writes the statistics with `save_stats`.
 
 Captions file formats (chosen by suffix: `.jsonl` / `.tsv`; otherwise by the first non-blank character,
 `{` meaning JSONL), UTF-8, one image per line, blank lines ignored:
@@ -32,14 +32,33 @@ HUMAN_WORDS = ("person", "man", "woman")
 # word "man" and "manager", "personal", "human" match nothing. CC12M's name placeholder "<PERSON>" does
 # match "person".
 _HUMAN_PATTERN = re.compile(r"\b(?:" + "|".join(HUMAN_WORDS) + r")\b", re.IGNORECASE)
+_HUMAN_SUBSTRING = re.compile("|".join(HUMAN_WORDS), re.IGNORECASE)
+#: How a caption "contains" the words (the paper does not say): ``word``, whole words in any letter case
+#: (the default), or ``substring``, anywhere in any case ("woman" then also holds "man", and "human",
+#: "manager", "Germany" match). The choice is recorded in the statistics file and shown with the FID.
+CAPTION_MATCHES = {"word": "whole words, any case", "substring": "anywhere in the caption, any case"}
+DEFAULT_CAPTION_MATCH = "word"
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 _BATCH = 64  # images read and sent to the backend at once (bounded memory)
 
 
-def is_human_caption(caption: str) -> bool:
-    """True when `caption` contains "person", "man" or "woman" as a whole word, in any letter case."""
-    return _HUMAN_PATTERN.search(caption) is not None
+def is_human_caption(caption: str, match: str = DEFAULT_CAPTION_MATCH) -> bool:
+    """True when `caption` contains "person", "man" or "woman" (``match``: one of :data:`CAPTION_MATCHES`;
+    ``word``: as a whole word, in any letter case)."""
+    if match not in CAPTION_MATCHES:
+        raise ConfigError(f"caption match {match!r} is not one of {', '.join(CAPTION_MATCHES)}")
+    pattern = _HUMAN_PATTERN if match == "word" else _HUMAN_SUBSTRING
+    return pattern.search(caption) is not None
+
+
+def filter_text(metadata: dict) -> str:
+    """The caption filter a statistics file records, in words (for fid.json and reports)."""
+    words = metadata.get("caption_words")
+    if not words:
+        return "all images (no caption filter)"
+    match = metadata.get("caption_match") or "word"  # files written before the choice existed: whole words
+    return f"captions with {' / '.join(words)} ({CAPTION_MATCHES.get(match, match)})"
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
@@ -128,6 +147,7 @@ class ReferenceSummary:
     missing: list[str] = field(default_factory=list)  # matching captions whose image file is absent
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (filename, reason)
     limit: int | None = None
+    caption_match: str = DEFAULT_CAPTION_MATCH
 
     def text(self) -> str:
         """A short human-readable report."""
@@ -135,7 +155,8 @@ class ReferenceSummary:
         if self.captions_total is not None:
             lines.append(
                 f"captions: {self.captions_matching} of {self.captions_total} contain "
-                f"{' / '.join(HUMAN_WORDS)}; image file missing for {len(self.missing)} of them"
+                f"{' / '.join(HUMAN_WORDS)} ({CAPTION_MATCHES[self.caption_match]}); image file missing for "
+                f"{len(self.missing)} of them"
             )
         lines.append(f"candidate images: {self.candidates}" + (f", limit {self.limit}" if self.limit else ""))
         if self.unreadable:
@@ -158,11 +179,12 @@ def build_reference(
     captions: Path | None = None,
     limit: int | None = None,
     progress: bool = False,
+    caption_match: str = DEFAULT_CAPTION_MATCH,
 ) -> ReferenceSummary:
     """Compute Inception statistics of the images in `images_dir` and write them to `out_npz`.
 
-    With `captions`, only images whose caption `is_human_caption` are used; images without a caption
-    entry are ignored. Candidates are taken in sorted path order; `limit` stops after that many
+    With `captions`, only images whose caption `is_human_caption` (by `caption_match`) are used; images
+    without a caption entry are ignored. Candidates are taken in sorted path order; `limit` stops after that many
     readable images. Unreadable images are skipped and listed in the summary. `backend`: a
     FeatureBackend or a backend name. The file's metadata records the counts, the filter and
     `backend.describe()`. Raises ConfigError when the folder is missing or fewer than 2 images are
@@ -175,14 +197,17 @@ def build_reference(
         raise ConfigError(f"output file {str(out_npz)!r} must end in .npz")
     if limit is not None and int(limit) < 2:
         raise ConfigError(f"limit must be >= 2 (a covariance needs 2 images), got {limit}")
+    if caption_match not in CAPTION_MATCHES:
+        raise ConfigError(f"caption match {caption_match!r} is not one of {', '.join(CAPTION_MATCHES)}")
     if isinstance(backend, str):
         backend = make_backend(backend)
 
     available = list_images(images_dir)
-    summary = ReferenceSummary(out=Path(out_npz), backend=backend.describe(), count=0, candidates=0, limit=limit)
+    summary = ReferenceSummary(out=Path(out_npz), backend=backend.describe(), count=0, candidates=0, limit=limit,
+                               caption_match=caption_match)
     if captions is not None:
         table = read_captions(captions)
-        matching = sorted(name for name, caption in table.items() if is_human_caption(caption))
+        matching = sorted(name for name, caption in table.items() if is_human_caption(caption, caption_match))
         present = set(available)
         candidates = [name for name in matching if name in present]
         summary.captions_total = len(table)
@@ -220,6 +245,7 @@ def build_reference(
         "images_dir": images_dir.name,
         "captions_file": Path(captions).name if captions is not None else None,
         "caption_words": list(HUMAN_WORDS) if captions is not None else None,
+        "caption_match": caption_match if captions is not None else None,
         "captions_total": summary.captions_total,
         "captions_matching": summary.captions_matching,
         "missing": len(summary.missing),
