@@ -1,8 +1,10 @@
 """Per-method means with face-level bootstrap intervals, and paired differences between methods.
 
-Faces are the independent unit of the protocol: the 16 images of one face (4 seeds x 40 prompts x ...)
-share an input identity and are strongly correlated, so an interval that resamples images would be far
-too narrow. Here each resample draws FACES with replacement, and a drawn face brings all of its images.
+Faces are the independent unit of the protocol: the 160 images of one face (40 prompts x 4 seeds) share
+an input identity and are strongly correlated, so an interval that resamples images would be far too
+narrow. Here each resample draws FACES with replacement, and a drawn face brings all of its images. The
+prompts are held fixed (every face has the same 40): the intervals say how the numbers would move with
+another sample of faces, not with another prompt list.
 
 The point estimate is the same as :func:`f2d_bench.aggregate.tables.method_means`: the mean over the
 method's prompt images, reference images and rows with a non-empty ``error`` left out, NaN values of a
