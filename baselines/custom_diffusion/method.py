@@ -76,7 +76,8 @@ class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
         "hflip": True,
         "prior_loss_weight": 1.0,
         "num_class_images": 200,
-        "class_prompt": "a photo of a person",
+        # The diffusers README's run on human faces: `--class_prompt="person"` (the images' prompt and caption).
+        "class_prompt": "person",
         # One vocabulary entry, as diffusers resolves --initializer_token (tokenizer.encode([token]) looks
         # the string up whole) and Adobe's code hard-codes: "ktn" is id 42170 of CLIP's BPE vocabulary.
         "initializer_token": "ktn",
