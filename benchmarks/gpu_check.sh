@@ -2,7 +2,8 @@
 # The generation checks that need a CUDA GPU, as one script: the smoke preset on the GPU, then the
 # engine and engine + --compile against the naive loop on SD 1.4's full-size architecture (random
 # weights) at 512x512 fp16, with MFU, wall-time breakdown and max pixel differences against the naive images;
-# then generate --score against generation alone, and the score command per precision.
+# then generate --score against generation alone, the score command per precision, and the per-face
+# tuning baselines in float16 (loss scaling on, losses finite).
 # Usage: bash benchmarks/gpu_check.sh   (with f2d_bench importable, e.g. PYTHONPATH=.)
 set -euo pipefail
 export F2D_BENCH_CACHE=${F2D_BENCH_CACHE:-/tmp/f2d-bench-cache} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -19,3 +20,5 @@ echo "== generate --score: scoring overlapped with generation, full-size scorers
     --faces 2 --seeds 4 --batch-size 16 --no-compile --score --full-size-scorers
 echo "== the score command on PNG files, per precision"
 "$PY" benchmarks/score_throughput.py --command --device cuda --full-size --precision fp32 bf16 tf32
+echo "== per-face tuning in float16 with loss scaling, SD 1.4 architecture (3 timed updates per method)"
+"$PY" benchmarks/tune_throughput.py --unet-config sd14 --device cuda --dtype float16 --steps 3

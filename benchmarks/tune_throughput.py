@@ -62,7 +62,7 @@ def main() -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    rows = []
+    rows, checks = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.methods:
             def build(steps):
@@ -88,6 +88,10 @@ def main() -> int:
             per_step = seconds / args.steps
             official_steps = type(method).defaults["steps"]
             rows.append((name, per_step, official_steps, per_step * official_steps, facts["trained_params"], t_warm))
+            losses = [float(v) for v in facts.get("losses", [])]
+            finite = all(v == v and abs(v) != float("inf") for v in losses)
+            checks.append(f"{name}: loss scaling {'on' if facts.get('loss_scaling') else 'off'}, losses "
+                          f"{', '.join(f'{v:.4g}' for v in losses)} ({'all finite' if finite else 'NOT FINITE'})")
 
     print(f"{'method':<18} {'s/update':>9} {'updates':>8} {'s/face (proj.)':>15} {'paper A100':>11} {'#params':>12}")
     for name, per_step, steps, projected, params, _ in rows:
@@ -99,6 +103,8 @@ def main() -> int:
         print("ratios to " + rows[0][0] + ": " + ", ".join(f"{n} {p / base:.2f}x" for n, _, _, p, _, _ in rows))
     print("first tuning of each method (1 update + class images + warm-up): "
           + ", ".join(f"{n} {w:.1f} s" for n, *_, w in rows))
+    # In float16 the losses must stay finite under dynamic loss scaling (an overflowing update is skipped).
+    print("\n".join(checks))
     return 0
 
 
