@@ -226,3 +226,33 @@ def test_native_sampling_is_the_official_ddim_50_steps_at_scale_10():
     assert (sampling.scheduler, sampling.num_inference_steps, sampling.guidance_scale) == ("DDIMScheduler", 50, 10.0)
     assert (sampling.height, sampling.width) == (64, 64)  # the run's size
     assert type(method.context.pipeline().scheduler).__name__ == "DDIMScheduler"
+
+
+def test_entries_differing_only_in_sampling_tune_each_face_once(tmp_path):
+    """CelebBasis reads no sampling setting while tuning: its protocol and native entries share a face's
+    tuning (one tuning id), linked with its record; a run of the native entry alone tunes the same bytes."""
+    from f2d_bench.engine import tune_run
+    from f2d_bench.run_dir import RunDir
+    from f2d_bench.tuning.artifacts import TunedFaces
+
+    from conftest import face_dir
+
+    faces = str(face_dir(tmp_path / "faces", ["obama"]))
+    protocol = {"name": "celeb-basis", "params": FAST}
+    native = {"name": "celeb-basis", "label": "celeb-basis-native", "sampling": "native", "params": FAST}
+    both = config_from_dict(small_config_dict(faces=faces, seeds=[0], methods=[protocol, native]))
+    summary = tune_run(both, tmp_path / "both", progress=False)
+    assert [row[3] for row in summary.methods] == [1, 0]  # tuned once, linked once
+    run = RunDir(tmp_path / "both")
+    first, second = (TunedFaces(run, row[0]) for row in summary.methods)
+    a, b = first.path("obama") / ARTIFACT, second.path("obama") / ARTIFACT
+    assert a.stat().st_ino == b.stat().st_ino or sha256_file(a) == sha256_file(b)
+    assert second.record("obama") == first.record("obama")  # the tuning's own time, for Table 2
+    [m1, m2] = build_methods(both, load_prompt_set("smoke"), pipeline=lambda: None)
+    assert m1.method_id != m2.method_id and m1.tuning_id == m2.tuning_id
+
+    alone = config_from_dict(small_config_dict(faces=faces, seeds=[0], methods=[native]))
+    tune_run(alone, tmp_path / "alone", progress=False)
+    [(mid, *_)] = [(m["method_id"],) for m in RunDir(tmp_path / "alone").read_grid()["methods"]]
+    assert mid == m2.method_id
+    assert sha256_file(TunedFaces(RunDir(tmp_path / "alone"), mid).path("obama") / ARTIFACT) == sha256_file(b)

@@ -128,6 +128,7 @@ class CelebBasisMethod(WordVectorMethod):
     name = "celeb-basis"
     summary = "CelebBasis (Yuan et al. 2023): face MLP to 2 x 512 coefficients on a celebrity-name basis"
     tunes = True
+    tuning_reads_sampling = False  # no class images: sampling decides only the renders
     n_vectors = N_TOKENS
     # 02_start_test.sh: stable_txt2img.py with DDIM (eta 0), 50 steps, scale 10.0.
     native_sampling = {"scheduler": "DDIMScheduler", "num_inference_steps": 50, "guidance_scale": 10.0}

@@ -39,6 +39,7 @@ class TextualInversionMethod(WordVectorMethod):
     name = "textual-inversion"
     summary = "TextualInversion (Gal et al. 2023): one learned word vector per face"
     tunes = True
+    tuning_reads_sampling = False  # no class images: sampling decides only the renders
     n_vectors = 1
     defaults = {
         # The diffusers example's documented run: 3000 steps, lr 5e-4 scaled by batch x accumulation.

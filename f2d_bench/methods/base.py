@@ -87,6 +87,9 @@ class Method:
     uses_pipeline: ClassVar[bool] = True
     #: Whether the method tunes per face (``tune`` and ``load_tuned`` instead of ``prepare``).
     tunes: ClassVar[bool] = False
+    #: Whether a tuning method's artifact depends on the sampling settings (class images rendered with
+    #: them); False: entries that differ only in ``sampling`` share each face's tuning (``tuning_id``).
+    tuning_reads_sampling: ClassVar[bool] = True
     #: The official scheduler, steps and CFG (SamplingConfig keys) that ``sampling: native`` selects;
     #: None: the method has no sampling of its own.
     native_sampling: ClassVar[Mapping[str, Any] | None] = None
@@ -140,6 +143,16 @@ class Method:
     def method_id(self) -> str:
         """``<name>-<8 hex>``: the registry name plus a hash of ``identity()``."""
         return f"{self.name}-{canonical_hash(self.identity(), 8)}"
+
+    @property
+    def tuning_id(self) -> str:
+        """``<name>-<8 hex>`` of every setting that decides a tuning method's artifact: the method id's
+        settings, less the sampling when the tuning does not read it. Two entries of a run with one
+        tuning id tune each face once (:func:`f2d_bench.tuning.stage.ensure_tuned`)."""
+        ident = self.identity()
+        if not self.tuning_reads_sampling:
+            ident = {k: v for k, v in ident.items() if k not in ("sampling", "sampling_mode")}
+        return f"{self.name}-{canonical_hash(ident, 8)}"
 
     def info(self) -> dict:
         """Facts recorded in ``methods/<id>/method.json`` and shown in reports.

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from f2d_bench.files import atomic_link_or_copy, atomic_write_json, exclusive_lock, file_sha256
 from f2d_bench.run_dir import TUNE_RECORD, RunDir
@@ -61,17 +61,23 @@ class TunedFaces:
 
     def ensure(
         self, face_id: str, tune: Callable[[Path], dict[str, Any]], *, waiting: Callable[[], Any] | None = None,
+        reuse: Sequence["TunedFaces"] = (),
     ) -> tuple[Path, dict | None]:
         """The face's artifact folder, tuning it first when needed; returns (folder, new record or None).
 
         ``tune(work_dir)`` writes the artifact files into ``work_dir`` and returns facts (trained
         parameters, steps, losses) that go into ``tune.json`` with the wall time and file hashes. Another
         process tuning the same face is waited for (``waiting()`` is called once), not duplicated.
+        ``reuse``: other methods' artifacts known to be the same (one tuning id); an intact one of this
+        face is linked instead of tuning, its record (and tuning time) with it.
         """
         final = self.path(face_id)
         with exclusive_lock(final.parent / f".{face_id}.lock", waiting=waiting):
             if self.ready(face_id):
                 return final, None
+            for other in reuse:
+                if other.ready(face_id) and self.link_face(other, face_id):
+                    return final, None
             work = final.parent / f".{face_id}.tuning"
             shutil.rmtree(work, ignore_errors=True)  # an unfinished tuning restarts from scratch
             work.mkdir(parents=True)
@@ -111,18 +117,22 @@ class TunedFaces:
         """Hard-link (else copy) every intact artifact of ``other`` this run lacks; returns how many faces.
 
         The upper-bound child run renders more seeds of the same faces: it reuses the parent's tuning
-        instead of tuning again. Each folder appears in one rename, as a tuning's does.
+        instead of tuning again.
         """
-        count = 0
-        for record in other.records():
-            face_id = record["face_id"]
-            if record.get("weights_deleted") or self.path(face_id).exists() or other.damage(face_id):
-                continue
-            work = self.path(face_id).parent / f".{face_id}.linking"
-            shutil.rmtree(work, ignore_errors=True)
-            source = other.path(face_id)
-            for src in sorted(p for p in source.rglob("*") if p.is_file()):
-                atomic_link_or_copy(src, work / src.relative_to(source))
-            os.rename(work, self.path(face_id))
-            count += 1
-        return count
+        return sum(self.link_face(other, record["face_id"]) for record in other.records())
+
+    def link_face(self, other: "TunedFaces", face_id: str) -> bool:
+        """Hard-link (else copy) ``other``'s intact artifact of ``face_id`` here, unless this one has a
+        folder for the face (finished, or with dropped weights); returns whether it linked. The folder
+        appears in one rename, as a tuning's does; the record keeps the tuning's own facts and time."""
+        record = other.record(face_id)
+        final = self.path(face_id)
+        if record is None or record.get("weights_deleted") or final.exists() or other.damage(face_id):
+            return False
+        work = final.parent / f".{face_id}.linking"
+        shutil.rmtree(work, ignore_errors=True)
+        source = other.path(face_id)
+        for src in sorted(p for p in source.rglob("*") if p.is_file()):
+            atomic_link_or_copy(src, work / src.relative_to(source))
+        os.rename(work, final)
+        return True

@@ -22,15 +22,28 @@ def ensure_tuned(method: "Method", face: "Face", run: "RunDir", writer: str) -> 
     names the process in the record (``all``, ``shard-i-of-N``, ``tune-...``).
     """
     tuned = TunedFaces(run, method.method_id)
+    tuning_id = method.tuning_id
 
     def waiting():
         print(f"{method.label}: waiting for another process tuning face {face.face_id}", file=sys.stderr)
 
     def tune(work):
-        return {**method.tune(face, work), "writer": writer}
+        return {**method.tune(face, work), "writer": writer, "tuning_id": tuning_id}
 
-    folder, record = tuned.ensure(face.face_id, tune, waiting=waiting)
+    folder, record = tuned.ensure(face.face_id, tune, waiting=waiting,
+                                  reuse=same_tuning(run, method.method_id, tuning_id, face.face_id))
     return folder, record is not None
+
+
+def same_tuning(run: "RunDir", method_id: str, tuning_id: str, face_id: str) -> list[TunedFaces]:
+    """The run's other methods whose artifact of ``face_id`` records ``tuning_id``: the same settings
+    tuned it (two entries of one method differing only in a sampling the tuning does not read)."""
+    out = []
+    for other in run.read_grid().get("methods", []):
+        mid = other.get("method_id")
+        if mid and mid != method_id and (run.tune_record(mid, face_id) or {}).get("tuning_id") == tuning_id:
+            out.append(TunedFaces(run, mid))
+    return out
 
 
 def tuned_prepared(method: "Method", face: "Face", run: "RunDir", writer: str) -> Any:
