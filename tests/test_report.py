@@ -6,6 +6,7 @@ Chromium when it is installed."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -371,6 +372,26 @@ def test_cli_register_writes_the_report(scored_run, tmp_path, capsys):
     assert "Showing 2 of 4 faces" in html
 
 
+@pytest.mark.parametrize("option, value, says", [
+    ("--confidence", "1.5", "strictly between 0 and 1"), ("--confidence", "0", "strictly between 0 and 1"),
+    ("--confidence", "nan", "must be a number"), ("--resamples", "0", "integer >= 1"),
+    ("--grid-faces", "-1", "integer >= 0"), ("--grid-seeds", "two", "must be an integer"),
+])
+def test_report_options_out_of_range_are_usage_errors(tmp_path, capsys, option, value, says):
+    from f2d_bench.report.cli import register
+
+    with pytest.raises(SystemExit) as exc:
+        cli_parser(register).parse_args(["report", "RUN", "-o", str(tmp_path / "r"), option, value])
+    assert exc.value.code == 2 and says in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_report_settings_out_of_range_are_refused_by_the_library_too(scored_run, tmp_path):
+    for bad in ({"confidence": 1.0}, {"n_resamples": 0}, {"grid_faces": -2}):
+        with pytest.raises(F2DBenchError, match="report settings out of range"):
+            build_report([scored_run], tmp_path / "r", **bad)
+    assert not (tmp_path / "r").exists()
+
+
 def test_two_runs_are_merged(scored_run, tmp_path):
     rec = pd.read_parquet(scored_run / "records.parquet")
     a, b = sorted(rec["method"].unique())
@@ -513,6 +534,40 @@ def test_unscored_run_is_a_clear_error(tmp_path, scored_run):
     with pytest.raises(F2DBenchError, match="score it first"):
         build_report([copy], tmp_path / "r")
 
+
+def test_report_refuses_a_folder_it_would_delete_and_replaces_an_earlier_report(scored_run, tmp_path):
+    """The report swaps in a whole folder: -o must not name a folder of other files, a run or its parent,
+    nor sit beside an index.html that is not f2d-bench's; an earlier report is replaced."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "paper-draft.tex").write_text("keep me")
+    with pytest.raises(F2DBenchError, match=r"not empty and holds no f2d-bench report"):
+        build_report([scored_run], notes, n_resamples=RESAMPLES)
+    assert (notes / "paper-draft.tex").read_text() == "keep me" and sorted(os.listdir(notes)) == ["paper-draft.tex"]
+
+    runs = tmp_path / "runs"
+    run = runs / "paper"
+    shutil.copytree(scored_run, run)
+    for target in (run, runs):  # the run itself, and the folder holding it
+        with pytest.raises(F2DBenchError, match="holds the run"):
+            build_report([run], target, n_resamples=RESAMPLES)
+    assert (run / "records.parquet").is_file() and (run / "run.json").is_file()
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html>my lab page</html>")
+    with pytest.raises(F2DBenchError, match=r"not an f2d-bench reports index"):
+        build_report([run], site / "r", n_resamples=RESAMPLES)
+    assert (site / "index.html").read_text() == "<html>my lab page</html>" and not (site / "r").exists()
+
+    out = tmp_path / "reports" / "r"
+    first = build_report([run], out, n_resamples=RESAMPLES)
+    (out / "stale.txt").write_text("from an earlier report")
+    second = build_report([run], out, n_resamples=RESAMPLES)  # an earlier report is replaced whole
+    assert first == second and second.is_file() and not (out / "stale.txt").exists()
+    empty = tmp_path / "reports" / "empty"
+    empty.mkdir()
+    assert build_report([run], empty, n_resamples=RESAMPLES).is_file()
 
 # -- in a browser -------------------------------------------------------------------------------------
 

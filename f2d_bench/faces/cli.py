@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from f2d_bench.argtypes import int_at_least, number_at_least, probability
+
 _PREPARE_DESCRIPTION = """\
 Detect the face in every photo (jpg, jpeg, png, webp) and video (mp4, avi, mov, mkv, webm) of SRC with
 MTCNN, align it the way FFHQ does, and write DST/<face_id>.png plus DST/manifest.json. The face id is
@@ -25,33 +27,6 @@ choice; manifest.json records it under "selection" (rule, limit, seed, chosen na
 FastComposer need: --class-word obama=man for one face (repeatable), --class-word man for every other face.
 SRC/class_words.json, a JSON object of face id -> class word, is read too (--class-word NAME=WORD wins over
 it, and it wins over the default). Class words can also be edited in manifest.json later."""
-
-
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-
-    return parse
-
-
-def _number_at_least(minimum: float):
-    def parse(text: str) -> float:
-        value = float(text)
-        if not value >= minimum:  # also refuses nan
-            raise argparse.ArgumentTypeError(f"must be a number >= {minimum:g}, got {text}")
-        return value
-
-    return parse
 
 
 def _class_word_option(text: str) -> tuple[str | None, str]:
@@ -118,22 +93,22 @@ def register(subparsers) -> None:
     prepare.add_argument("src", type=Path, metavar="SRC", help="directory of photos and/or videos (not recursive)")
     prepare.add_argument("dst", type=Path, metavar="DST",
                          help="output directory for the aligned PNGs and manifest.json")
-    prepare.add_argument("--frame", type=_int_at_least(0), default=0, metavar="N",
+    prepare.add_argument("--frame", type=int_at_least(0), default=0, metavar="N",
                          help="0-based frame index read from each video")
     prepare.add_argument("--several", choices=("skip", "largest"), default="skip",
                          help="when several faces reach --min-prob: skip the source, or keep the largest face")
-    prepare.add_argument("--min-prob", type=_probability, default=0.9, metavar="P",
+    prepare.add_argument("--min-prob", type=probability, default=0.9, metavar="P",
                          help="ignore detections whose MTCNN face probability is below P (0..1)")
-    prepare.add_argument("--size", type=_int_at_least(16), default=512, metavar="PX",
+    prepare.add_argument("--size", type=int_at_least(16), default=512, metavar="PX",
                          help="side of the aligned square output, pixels")
-    prepare.add_argument("--min-face-size", type=_number_at_least(0.0), default=0.0, metavar="PX",
+    prepare.add_argument("--min-face-size", type=number_at_least(0.0), default=0.0, metavar="PX",
                          help="skip a face whose aligned crop spans fewer than PX source pixels per side (it "
                               "would be upscaled more than SIZE/PX times); 0 keeps all. Kept faces are still "
                               "flagged when weak (small, padded, uncertain, several faces in the crop)")
     # SUPPRESS: no "(default: None)" in the help; absent options are read as None.
-    prepare.add_argument("--limit", type=_int_at_least(1), default=argparse.SUPPRESS, metavar="N",
+    prepare.add_argument("--limit", type=int_at_least(1), default=argparse.SUPPRESS, metavar="N",
                          help="use N photos/videos, chosen by file name before detection (default: all)")
-    prepare.add_argument("--limit-seed", type=_int_at_least(0), default=argparse.SUPPRESS, metavar="S",
+    prepare.add_argument("--limit-seed", type=int_at_least(0), default=argparse.SUPPRESS, metavar="S",
                          help="with --limit: a sample seeded S instead of the first N sorted names")
     prepare.add_argument("--class-word", type=_class_word_option, action="append", default=argparse.SUPPRESS,
                          metavar="[NAME=]WORD",

