@@ -165,6 +165,47 @@ def test_a_failing_scorer_stops_the_generate_early_and_keeps_its_images(setup, t
     assert not list(out.rglob("*.tmp"))
 
 
+def test_a_failed_generation_stops_the_scoring_thread_at_once_however_far_it_lags(setup, tmp_path, monkeypatch):
+    """abort() ends the scoring after the group it is in: the faces settled behind it are not scored on the
+    way out (a Ctrl-C or a crash would otherwise wait for all of them), and are left to a later score."""
+    import threading
+    import time
+
+    from f2d_bench.methods.sd_class import SDClassMethod
+    from f2d_bench.scoring.live import LiveScore
+
+    data, _ = setup
+    in_first = threading.Event()
+    render, score_group = SDClassMethod.generate, LiveScore._score
+    scored: list[str] = []
+
+    def last_face_fails(self, requests):
+        if requests[-1].key.face_id == FACES[-1]:
+            in_first.wait(timeout=120)  # every earlier face is settled; the scorer is still on the first
+            raise RuntimeError("the GPU fell off the bus (simulated)")
+        return render(self, requests)
+
+    def slow_scorer(self, group, pixels):
+        scored.append(group[0].face_id)
+        if len(scored) == 1:
+            in_first.set()
+            deadline = time.monotonic() + 120
+            while not self._stop and time.monotonic() < deadline:  # lag until the generation has failed
+                time.sleep(0.01)
+        return score_group(self, group, pixels)
+
+    monkeypatch.setattr(SDClassMethod, "generate", last_face_fails)
+    monkeypatch.setattr(LiveScore, "_score", slow_scorer)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="fell off the bus"):
+        generate_run(config_from_dict({**data, "batch_size": 2}), out, progress=False, score=True)
+    assert scored == [FACES[0]]  # the second face was settled and waiting, and was not scored
+    run = RunDir(out)
+    assert {k.face_id for k in run.keys() if run.store.has_image(k)} == set(FACES[:2])
+    score_run(out, progress=False)  # a later score does the rest
+    assert set(run.records()["face"]) == set(FACES[:2])
+
+
 def test_scorers_that_disagree_on_tf32_are_refused(setup, tmp_path):
     data, _ = setup
     scoring = offline_scoring(scorers=["clip", "facenet"])

@@ -56,7 +56,8 @@ class LiveScore:
         self._cond = threading.Condition()
         self._settled: set[ItemKey] = set()
         self._pixels: dict[ItemKey, object] = {}
-        self._stop = False
+        self._stop = False  # generation is over: score the groups settled by now, then end
+        self._abort = False  # generation failed: end before the next group
         self._error: BaseException | None = None
         self._start = time.perf_counter()
         self._held = contextlib.ExitStack()
@@ -97,7 +98,7 @@ class LiveScore:
             for group in self.groups:
                 with self._cond:
                     self._cond.wait_for(lambda: self._stop or self._settled.issuperset(group))
-                    if not self._settled.issuperset(group):
+                    if self._abort or not self._settled.issuperset(group):
                         return  # stopped: the rest is left to the end pass (or a later score)
                     pixels = {k: self._pixels.pop(k) for k in group if k in self._pixels}
                 self._score(group, pixels)
@@ -124,9 +125,10 @@ class LiveScore:
                 walk.decoder.put(e.path, pixels[e.key])
         walk.step(owned)
 
-    def _join(self) -> None:
+    def _join(self, *, abort: bool = False) -> None:
         with self._cond:
             self._stop = True
+            self._abort = abort
             self._cond.notify_all()
         self._thread.join()
 
@@ -160,9 +162,11 @@ class LiveScore:
         return summary
 
     def abort(self) -> None:
-        """Generation failed: stop the thread (the whole chunks it wrote stay cached), release the lock."""
+        """Generation failed: stop the thread after the group it is scoring (the whole chunks it wrote stay
+        cached; the groups not begun are left to a later score, so a Ctrl-C or an error ends the run
+        promptly however far the scoring lags), release the lock."""
         try:
-            self._join()
+            self._join(abort=True)
             self.walk.close(finished=False)
         finally:
             self._held.close()
