@@ -307,7 +307,8 @@ class BackgroundWriter:
 
     PNG encoding, hashing, fsync and rename run on at most ``threads`` threads with at most
     ``max_pending`` images in flight (bounded memory); manifest lines are appended on the calling thread,
-    in submission order. ``close`` waits for every write and raises the first error any of them hit.
+    in submission order. A failed write is raised by the first ``submit`` that finds it done, at the latest
+    by ``close``, which waits for every write; the lines of the images submitted before it are in by then.
     """
 
     def __init__(self, store: RunStore, *, threads: int = 4, max_pending: int = 64):

@@ -149,15 +149,19 @@ def test_background_writer_records_every_image_in_order_and_raises_a_failed_writ
     assert list(records) == keys  # manifest lines in submission order
     for key, p in zip(keys, pixels):
         assert np.array_equal(np.asarray(Image.open(run.store.image_path(key))), p)
-    # A write that fails (its folder is a file) is raised by close; the images before it keep their lines.
+    # A write that fails (its folder is a file) is raised by the next submit that finds it done, or at the
+    # latest by close; the images submitted before it keep their lines either way.
     bad = ItemKey(mid, "obama", "blocked", 0)
     run.store.image_path(bad).parent.parent.mkdir(parents=True, exist_ok=True)
     run.store.image_path(bad).parent.write_text("not a folder")
     writer = BackgroundWriter(run.store, threads=2)
     writer.submit(ItemKey(mid, "obama", "ref", 9), Image.fromarray(pixels[1]), **fields)
-    writer.submit(bad, Image.fromarray(pixels[2]), **fields)
     with pytest.raises(OSError):
-        writer.close()
+        try:
+            writer.submit(bad, Image.fromarray(pixels[2]), **fields)
+            writer.submit(ItemKey(mid, "obama", "after", 0), Image.fromarray(pixels[3]), **fields)
+        finally:
+            writer.close()
     assert ItemKey(mid, "obama", "ref", 9) in run.store.manifest_records()
     assert bad not in run.store.manifest_records()
 
