@@ -199,14 +199,17 @@ class OpenedRun:
     prompt_set: PromptSet
     faces: list[Face]
     methods: list[Method]
+    #: per method id, what its preflight reported (empty where it was not run)
+    preflight: dict[str, list[str]] = field(default_factory=dict)
 
 
 def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=None,
-             compile: bool = False) -> OpenedRun:
+             compile: bool = False, preflight: bool = True) -> OpenedRun:
     """Resolve prompts, faces, scorers, methods and the model, then create or open ``run_dir``.
 
     Everything is resolved before the run directory is created: a start that fails on a missing model,
-    face set or a misspelled name leaves nothing behind that would block the corrected config.
+    face set or a misspelled name leaves nothing behind that would block the corrected config. So does
+    ``preflight`` (each method's :meth:`~Method.preflight`, which loads its weights: a corrupt checkpoint).
     ``compile`` is recorded in the run's environment record (it changes float rounding, not the method ids).
     """
     from f2d_bench.scorers import DEFAULT_SCORERS, check_scoring
@@ -220,6 +223,8 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
         if method.uses_pipeline:
             pipe = method.context.pipeline()  # loads each base model (once) before the run directory exists
             rendering = rendering or {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")}
+    face_ids, prompt_ids = [f.face_id for f in faces], [p.id for p in prompt_set.all_prompts()]
+    problems = {m.method_id: m.preflight(face_ids, prompt_ids, config.seeds) for m in methods} if preflight else {}
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
     # Check and record as one step: two shards starting at once would each pass the check before
     # the other's record exists.
@@ -229,7 +234,7 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
                                 **({"rendering": rendering} if rendering else {})})
     for method in methods:
         method.shared_dir = run.method_shared_dir(method.method_id)
-    return OpenedRun(run, prompt_set, faces, methods)
+    return OpenedRun(run, prompt_set, faces, methods, problems)
 
 
 def check_rendering(run: RunDir, rendering: dict[str, str]) -> None:
@@ -302,7 +307,7 @@ def _generate_methods(opened: OpenedRun, config: RunConfig, shard: Shard, progre
             keys = [k for k in grid_keys([mid], face_ids, prompt_ids, config.seeds) if shard.owns(k)]
             repaired = run.store.reconcile(keys, writer=shard.tag, config_hash=config_hash)
             prog = MethodProgress(mid, method.label, expected=len(keys))
-            prog.problems = base_model_notes(method) + method.preflight(face_ids, prompt_ids, config.seeds)
+            prog.problems = base_model_notes(method) + opened.preflight.get(mid, [])
             if method.tunes and (note := non_square_note(faces, method.label)):
                 prog.problems.append(note)
             if repaired["damaged_removed"]:
@@ -346,7 +351,7 @@ def tune_run(
     from f2d_bench.tuning.stage import ensure_tuned
 
     start = time.perf_counter()
-    opened = open_run(config, run_dir, shard=shard, pipeline=pipeline)
+    opened = open_run(config, run_dir, shard=shard, pipeline=pipeline, preflight=False)  # generate's checks
     owned = [f for f in opened.faces if shard.owns_face(f.face_id)]
     rows, notes = [], []
     for method in opened.methods:

@@ -413,3 +413,25 @@ def test_moved_checkpoints_resume_the_same_run(official_files, faces, tmp_path):
     torch.save(_random_state(lambda: MappingNetwork(32), 99), moved / "mapping.pt")  # other weights
     with pytest.raises(F2DBenchError, match="different settings"):
         generate_run(config(moved), out, progress=False)
+
+
+def test_a_bad_checkpoint_stops_generate_before_the_run_exists(official_files, faces, tmp_path):
+    """The weights load before the run directory is written: the corrected config then starts the same
+    --out (a run folder made by the failed start would hold another method id and refuse it)."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    sd = torch.load(official_files / "mapping.pt", weights_only=True)
+    del sd["i2t_last.fc_out.bias"]
+    torch.save(sd, broken / "mapping.pt")
+
+    def config(mapping):
+        params = {"weights": "official", "msid": str(official_files / "msid.pt"), "mapping": str(mapping)}
+        return config_from_dict(small_config_dict(methods=[{"name": "f2d", "params": params}],
+                                                  faces=str(faces), seeds=[0]))
+
+    out = tmp_path / "run"
+    with pytest.raises(CheckpointError, match=r"mapping\.pt .*missing keys 1"):
+        generate_run(config(broken / "mapping.pt"), out, progress=False)
+    assert not out.exists()
+    fixed = generate_run(config(official_files / "mapping.pt"), out, progress=False)
+    assert fixed.complete and fixed.written == len(FACES) * 5
