@@ -302,6 +302,7 @@ def _generate_methods(opened: OpenedRun, config: RunConfig, shard: Shard, progre
     config_hash = run.read_grid()["config_hash"]  # a run made by an earlier version keeps its own
     results: list[MethodProgress] = []
     with run.store.writer_lock(shard.tag):
+        run.store.check_layouts(shard.tag)
         for method in opened.methods:
             mid = method.method_id
             keys = [k for k in grid_keys([mid], face_ids, prompt_ids, config.seeds) if shard.owns(k)]

@@ -87,6 +87,16 @@ class Shard:
         """A name for this shard's files (manifest, temporary files)."""
         return "all" if self.count == 1 else f"shard-{self.index}-of-{self.count}"
 
+    @classmethod
+    def from_tag(cls, tag: str) -> "Shard | None":
+        """The shard whose :attr:`tag` is ``tag``; None for a name that is not a shard's."""
+        if tag == "all":
+            return UNSHARDED
+        match = re.fullmatch(r"shard-(\d+)-of-(\d+)", tag)
+        if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+            return None
+        return cls(int(match.group(1)), int(match.group(2)))
+
 
 UNSHARDED = Shard(1, 1)
 

@@ -23,7 +23,7 @@ from f2d_bench.files import (
     TMP_SUFFIX, append_jsonl, atomic_write_bytes, atomic_write_text, exclusive_lock, file_sha256, final_name,
     read_jsonl, system_failure,
 )
-from f2d_bench.grid import ItemKey
+from f2d_bench.grid import ItemKey, Shard
 
 if TYPE_CHECKING:
     from f2d_bench.run_dir import RunDir
@@ -111,6 +111,12 @@ def _line_key(line: str) -> ItemKey | None:
     except json.JSONDecodeError:
         return None
     return record.key if record is not None else None
+
+
+def _layout(writer: str) -> int | None:
+    """The shard count of a generate's writer tag; None for a name that is not a shard's."""
+    shard = Shard.from_tag(writer)
+    return shard.count if shard is not None else None
 
 
 class RunStore:
@@ -295,6 +301,26 @@ class RunStore:
         busy = (f"another process is writing the images of {self.run.root} as {writer!r} (it holds {path}); "
                 "wait for it to finish, or give this one another --shard")
         return exclusive_lock(path, busy=busy)
+
+    def check_layouts(self, writer: str) -> None:
+        """Refuse to write while a writer of another ``--shard`` layout is running (call it holding
+        :meth:`writer_lock`): the two would own some keys both, and each one's :meth:`reconcile` would take
+        the other's files in flight for a kill's leftovers (removing its temporary files, adopting images it
+        has not recorded yet). Shards of one layout own disjoint keys and run side by side. Each writer checks
+        after taking its own lock, so of two starting together at least one sees the other.
+        """
+        mine = _layout(writer)
+        if mine is None or not self.run.manifests_dir.is_dir():
+            return
+        for lock in sorted(self.run.manifests_dir.glob("*.lock")):
+            other = lock.stem
+            if other == writer or _layout(other) in (None, mine):
+                continue
+            busy = (f"{other} is writing images of {self.run.root} with another --shard layout ({other} vs "
+                    f"{writer}); the two would write the same images. Wait for {other} to finish, then resume "
+                    "with one layout")
+            with exclusive_lock(lock, busy=busy):
+                pass
 
     def temporary_files(self) -> list[Path]:
         """Temporary files left anywhere under images/ (by a killed writer of any shard)."""

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TEST_PHOTOS, small_config_dict
+from f2d_bench.files import temporary_sibling
 from f2d_bench.cli import main
 from f2d_bench.config import config_from_dict, load_config
 from f2d_bench.engine import generate_run
@@ -211,6 +212,34 @@ def test_the_repair_locks_only_the_writer_whose_line_it_drops(tmp_path):
         generate_run(config, out, shard=new[0], progress=False)
     assert path.read_bytes() == good
     assert run.store.manifest_records()[key].writer == "shard-1-of-4"
+
+
+def test_a_writer_of_another_layout_still_running_is_left_alone(tmp_path):
+    """While shard 1/2 runs, shard 1/3 must not start: it owns some of the same keys and would take 1/2's
+    files in flight (its temporary files, its images not yet recorded) for what a kill left."""
+    from f2d_bench.grid import Shard
+
+    data = small_config_dict(seeds=[0], sampling={"num_inference_steps": 2, "height": 32, "width": 32})
+    out, config = tmp_path / "run", config_from_dict(data)
+    generate_run(config, out, shard=Shard(2, 2), progress=False)
+    run = RunDir(out)
+    key = next(k for k in run.keys() if Shard(1, 2).owns(k) and Shard(1, 3).owns(k))
+    in_flight = temporary_sibling(run.image_path(key))
+    in_flight.parent.mkdir(parents=True, exist_ok=True)
+    in_flight.write_bytes(b"half a PNG that shard 1/2 is writing")
+    def images():
+        return {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "images").rglob("*") if p.is_file()}
+
+    before = images()
+    with run.store.writer_lock("shard-1-of-2"):
+        for other in (Shard(1, 3), Shard(1, 1)):
+            with pytest.raises(F2DBenchError, match=r"shard-1-of-2 is writing images of .* another --shard "
+                                                    r"layout .*resume with one layout"):
+                generate_run(config, out, shard=other, progress=False)
+        assert in_flight.read_bytes() == b"half a PNG that shard 1/2 is writing"
+        assert images() == before and len(run.store.manifest_records()) == len(before) - 1  # the tmp file
+    assert generate_run(config, out, shard=Shard(1, 3), progress=False).complete  # once 1/2 is gone
+    assert not in_flight.exists()  # then it is a kill's leftover, and removed
 
 
 def test_a_line_left_by_a_kill_inside_the_repair_is_dropped_later(tmp_path):
