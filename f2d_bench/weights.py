@@ -91,9 +91,14 @@ def read_torch_file(file: Path, *, metadata: Iterable[str] = (), error: type[Exc
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f"the global {asked.group(1)}" if asked else "objects besides tensors"
+        if asked is None:  # no pickle at all: an HTML error page saved as .pt, a text file, a damaged file
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            raise error(f"{str(file)!r} is not a readable PyTorch file (its bytes are not a torch.save pickle"
+                        f"{': ' + detail.group(1).strip() if detail else ''}); download it again, and check that "
+                        "the link gives the file itself, not a web page") from exc
         raise error(
-            f"{str(file)!r} asks the unpickler for {what}, which a weight file does not need; it was refused "
+            f"{str(file)!r} asks the unpickler for the global {asked.group(1)}, which a weight file does not "
+            "need; it was refused "
             "and nothing in the file was run. Use the official file (a plain state dict"
             + (", or a Lightning checkpoint of tensors and hyper-parameters" if stand_ins else "")
             + "); if you made this file yourself, save model.state_dict() instead"

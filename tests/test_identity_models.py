@@ -387,6 +387,8 @@ def sphere_default():
         ("extra", "unexpected keys 1: 'fc6.weight'"),
         ("fc-112x96", "fc.weight [512, 21504] (expected [512, 25088])"),
         ("whole-module", "asks the unpickler for the global"),
+        ("web-page", "is not a readable PyTorch file (its bytes are not a torch.save pickle"),
+        ("truncated", "is not a readable PyTorch file"),
     ],
 )
 def test_sphereface_wrong_layouts_are_refused(tmp_path, sphere_default, case, needle):
@@ -402,6 +404,11 @@ def test_sphereface_wrong_layouts_are_refused(tmp_path, sphere_default, case, ne
         state["fc.weight"] = torch.zeros(512, 512 * 7 * 6)
     if case == "whole-module":
         torch.save(sphere_default, path)
+    elif case == "web-page":  # a download link that answered with its sign-in page
+        path.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+    elif case == "truncated":  # an interrupted download
+        torch.save(state, path)
+        path.write_bytes(path.read_bytes()[:4096])
     else:
         torch.save(state, path)
     with pytest.raises(WeightsLayoutError) as info:
