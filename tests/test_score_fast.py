@@ -95,14 +95,22 @@ def test_decoder_gives_read_image_pixels_and_its_errors(tmp_path, run):
         ImageDecoder(-1)
 
 
-def test_a_killed_score_resumes_on_the_decode_once_path(run, baseline, tmp_path):
-    """Rows cached by an earlier (here: partial) score are used, the rest computed: same records."""
+@pytest.mark.parametrize("kept", [1, 2, 3])
+def test_a_killed_score_resumes_on_the_decode_once_path(run, baseline, tmp_path, kept):
+    """Rows cached by an earlier (here: partial) score are used, the rest computed: the same records bit for
+    bit wherever the kill fell. Scorer batches of 3 and chunks of 4: a chunk holds whole batches, so the
+    rest is cut into the same batches; CLIP's texts and dCLIP's reference images are embedded the same way
+    whatever was scored before."""
     out = _copy(run, tmp_path / "run")
-    first, _ = _score(out, scorers=["facenet"], workers=0)
-    for chunk in sorted((out / "scores").glob("facenet-*/chunk-*.parquet"))[1:]:
-        chunk.unlink()  # as if killed after the first chunk
+    first, _ = _score(out, scorers=["facenet", "clip"], workers=0)
+    for name in ("facenet", "clip"):
+        chunks = sorted((out / "scores").glob(f"{name}-*/chunk-*.parquet"))
+        assert len(chunks) > kept
+        for chunk in chunks[kept:]:
+            chunk.unlink()  # as if killed after the first `kept` chunks
     summary, records = _score(out, workers=1, block_size=5)
-    assert 0 < summary.computed["facenet"] < first.computed["facenet"]
+    for name in ("facenet", "clip"):
+        assert 0 < summary.computed[name] < first.computed[name]
     pd.testing.assert_frame_equal(records, baseline, check_exact=True)
 
 

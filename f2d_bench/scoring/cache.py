@@ -137,13 +137,22 @@ class ChunkCache:
 
 
 class ChunkWriter:
-    """Collects rows and writes them as whole chunks of ``size`` rows (the rest on ``close``)."""
+    """Collects rows and writes them as chunks of at least ``size`` rows (the rest on ``close``).
+
+    Rows come in groups (a scorer's batch) and a chunk never splits one: a killed score then leaves whole
+    batches cached, so its resumption cuts the remaining images into the same batches as an uninterrupted
+    score and computes the same values bit for bit (a batch's size changes a model's float rounding).
+    """
 
     def __init__(self, cache: ChunkCache, size: int):
         self.cache, self.size, self.rows = cache, size, []
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
+        self.add_rows([row])
+
+    def add_rows(self, rows: list[dict]) -> None:
+        """Add one group of rows, written in the same chunk."""
+        self.rows.extend(rows)
         if len(self.rows) >= self.size:
             self.close()
 

@@ -103,9 +103,9 @@ class ScoreBatcher:
             values = scorer.score([item for _, item in batch])
         if len(values) != len(batch):
             raise RuntimeError(f"scorer {scorer.name} returned {len(values)} rows for {len(batch)} images")
-        for (e, _), v in zip(batch, values):
-            self.writer.add({"cache_key": self.cached.cache_key(e),
-                             **{name: _as_float(v.get(name)) for name in self.cached.metric_names}})
+        self.writer.add_rows([{"cache_key": self.cached.cache_key(e),
+                               **{name: _as_float(v.get(name)) for name in self.cached.metric_names}}
+                              for (e, _), v in zip(batch, values)])
         self.on_batch(len(batch))
 
     def close(self) -> None:

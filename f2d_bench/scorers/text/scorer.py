@@ -87,12 +87,17 @@ class _OpenClipScorer(Scorer):
         return info
 
     def text_embeddings(self, texts: Sequence[str]):
+        """The text embeddings of ``texts``, each computed in a batch that does not depend on which
+        images came first: every text of the prompt set in one sorted batch, at the first call (a batch's
+        size changes the model's float rounding, and a resumed score must give the same values)."""
         from f2d_bench.scorers.text.clip_models import text_embeds
 
-        missing = sorted(set(texts) - set(self._text))
-        if missing:
-            for text, emb in zip(missing, text_embeds(self.bundle(), missing)):
-                self._text[text] = emb
+        if not self._text:
+            ps = self.context.prompt_set
+            known = sorted({p.render(ps.class_phrase) for p in ps.all_prompts()})
+            self._text.update(zip(known, text_embeds(self.bundle(), known)))
+        for text in sorted(set(texts) - set(self._text)):  # outside the prompt set: alone
+            self._text[text] = text_embeds(self.bundle(), [text])[0]
         import torch
 
         return torch.stack([self._text[t] for t in texts])
@@ -129,11 +134,10 @@ class ClipScorer(_OpenClipScorer):
 
         from f2d_bench.scorers.text.clip_models import image_embeds
 
-        missing = sorted({p for p in paths if p not in self._ref_images})
-        if missing:
-            read = self.context.read_image
-            for p, emb in zip(missing, image_embeds(self.bundle(), [read(p) for p in missing])):
-                self._ref_images[p] = emb
+        # Each reference image alone (about one extra image per 40): in a batch of those the current
+        # batch needed first, its embedding would depend on where a resumed score started.
+        for p in sorted({p for p in paths if p not in self._ref_images}):
+            self._ref_images[p] = image_embeds(self.bundle(), [self.context.read_image(p)])[0]
         return torch.stack([self._ref_images[p] for p in paths])
 
     def score(self, items: Sequence[ScoreItem]) -> list[dict[str, float]]:
