@@ -384,6 +384,25 @@ def config_from_dict(data: Any, source: str = "<config>") -> RunConfig:
         raise _config_error(exc, RunConfig, source) from None
 
 
+class _DuplicateKey(yaml.MarkedYAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one
+    silently, so a second ``seeds:`` further down a config would quietly replace the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(None, None, f"the key {key!r} is given twice (first on line {seen[key]}); "
+                                    "YAML would keep only the last one: remove one of them", key_node.start_mark)
+            seen.setdefault(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Load a run config from a YAML file."""
     path = Path(path)
@@ -396,10 +415,12 @@ def load_config(path: str | Path) -> RunConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
+        if isinstance(exc, _DuplicateKey):
+            raise ConfigError(f"{path}:{where}: {exc.problem}") from None
         raise ConfigError(f"{path}:{where} is not valid YAML: {getattr(exc, 'problem', exc)}") from None
     return config_from_dict(data, str(path))
 

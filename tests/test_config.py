@@ -74,6 +74,26 @@ def test_missing_required_key_and_bad_yaml(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    """Plain YAML keeps the last of two equal keys: a second seeds: would silently replace the first."""
+    data = small_config_dict()
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(data))
+    assert list(load_config(good).seeds) == list(data["seeds"])  # the control: each key once
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(yaml.safe_dump(data) + "seeds: [7]\n")
+    first = 1 + next(i for i, line in enumerate(good.read_text().splitlines()) if line.startswith("seeds:"))
+    last = len(twice.read_text().splitlines())
+    with pytest.raises(ConfigError, match=rf"twice\.yaml: line {last}: the key 'seeds' is given twice "
+                                          rf"\(first on line {first}\)"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "model"})
+                      + "model:\n  pretrained: a\n  dtype: float32\n  pretrained: b\n")
+    with pytest.raises(ConfigError, match=r"the key 'pretrained' is given twice"):
+        load_config(nested)
+
+
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(ConfigError, match="paper"):
         load_preset("papr")
@@ -235,3 +255,12 @@ def test_keys_added_later_are_written_only_when_set():
     assert changed["methods"][0]["base"] == "f2d-bench/tiny-sd14"
     assert config_from_dict(changed) == config_from_dict(small_config_dict(
         scoring={"precision": "bf16", "workers": 0}, methods=[{"name": "sd-class", "base": "f2d-bench/tiny-sd14"}]))
+
+
+def test_an_unknown_scorer_setting_lists_every_allowed_one_precision_included():
+    from f2d_bench.scorers import check_scoring
+
+    with pytest.raises(ConfigError, match=r"scoring\.settings\.clip\.modle: scorer clip has no such setting; "
+                                          r"allowed: model, precision, pretrained, weights$"):
+        check_scoring(["clip"], {"clip": {"modle": "ViT-B-32"}})
+    check_scoring(["clip"], {"clip": {"model": "ViT-B-32", "precision": "bf16"}})  # both are settings

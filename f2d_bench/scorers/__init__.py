@@ -47,6 +47,6 @@ def check_scoring(names, settings) -> None:
         extra = sorted(set(settings.get(name, {})) - set(cls.defaults) - {"precision"})  # every scorer's
         if extra:
             raise ConfigError(f"scoring.settings.{name}.{extra[0]}: scorer {name} has no such setting; "
-                              f"allowed: {', '.join(sorted(cls.defaults)) or '(none)'}")
+                              f"allowed: {cls.allowed_settings()}")
         if name in names and hasattr(cls, "check_installed"):
             cls.check_installed()  # an optional extra that is missing fails here, not after hours of work

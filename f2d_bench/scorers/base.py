@@ -129,11 +129,14 @@ class Scorer:
         self.precision = asked or (context.precision if context.precision in self.precisions else "fp32")
         unknown = sorted(set(settings) - set(self.defaults))
         if unknown:
-            raise ConfigError(
-                f"scorer {self.name}: unknown setting {unknown[0]!r}; allowed: {', '.join(sorted(self.defaults)) or '(none)'}"
-            )
+            raise ConfigError(f"scorer {self.name}: unknown setting {unknown[0]!r}; allowed: {self.allowed_settings()}")
         self.settings = {**self.defaults, **settings}
         self.context = context
+
+    @classmethod
+    def allowed_settings(cls) -> str:
+        """The settings this scorer takes, as text for an error: its own and ``precision`` (every scorer's)."""
+        return ", ".join(sorted({*cls.defaults, "precision"}))
 
     def cache_identity(self) -> dict:
         ident = {"scorer": self.name, "version": self.version, "settings": self.settings}
