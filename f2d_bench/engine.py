@@ -225,6 +225,7 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
             rendering = rendering or {"device": str(pipe.device), "dtype": str(pipe.dtype).removeprefix("torch.")}
     face_ids, prompt_ids = [f.face_id for f in faces], [p.id for p in prompt_set.all_prompts()]
     problems = {m.method_id: m.preflight(face_ids, prompt_ids, config.seeds) for m in methods} if preflight else {}
+    check_input_faces([m for m in methods if preflight or m.tunes], faces)
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
     # Check and record as one step: two shards starting at once would each pass the check before
     # the other's record exists.
@@ -235,6 +236,20 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
     for method in methods:
         method.shared_dir = run.method_shared_dir(method.method_id)
     return OpenedRun(run, prompt_set, faces, methods, problems)
+
+
+def check_input_faces(methods: list[Method], faces: list[Face]) -> None:
+    """Refuse a face set with photos that some method finds no face in, naming every one of them: found
+    at its face instead, hours into a run, the fix (a corrected face set) would no longer fit the run."""
+    lines, photos = [], set()
+    for method in methods:
+        for face in method.faceless(faces):
+            lines.append(f"  {face.path} (face {face.face_id}): no face for {method.label} ({method.face_need})")
+            photos.add(face.path)
+    if lines:
+        raise F2DBenchError("no face detected in {} photo(s) of the face set:\n{}\nReplace those images or "
+                            "remove them from the face set (`f2d-bench faces prepare` keeps only photos with a "
+                            "face), then run again; nothing was written".format(len(photos), "\n".join(lines)))
 
 
 def check_rendering(run: RunDir, rendering: dict[str, str]) -> None:

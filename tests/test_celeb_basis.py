@@ -256,3 +256,17 @@ def test_entries_differing_only_in_sampling_tune_each_face_once(tmp_path):
     [(mid, *_)] = [(m["method_id"],) for m in RunDir(tmp_path / "alone").read_grid()["methods"]]
     assert mid == m2.method_id
     assert sha256_file(TunedFaces(RunDir(tmp_path / "alone"), mid).path("obama") / ARTIFACT) == sha256_file(b)
+
+
+def test_a_photo_without_a_face_is_named_before_tuning(provider, tmp_path):
+    from PIL import Image
+
+    from f2d_bench.faces.faceset import Face
+
+    method = _method(provider, **FAST)
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (512, 512), (120, 130, 140)).save(wall)
+    blank, real = Face("wall", wall), _face("obama")
+    assert method.faceless([real, blank]) == [blank]
+    with pytest.raises(F2DBenchError, match=r"celeb-basis: no face detected in .*wall\.png \(face wall\); its face MLP"):
+        method.face_features(blank)

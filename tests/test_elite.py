@@ -347,3 +347,21 @@ def test_random_mappers_are_reported(files):
     assert m.info()["weights"] == "random weights: not meaningful"
     assert m.method_id != _elite(files).method_id
     assert any("not meaningful" in w for w in m.preflight(["obama"], ["ref"], [0]))
+
+
+def test_a_photo_without_a_face_is_named_for_face_box_masks_only(method, tmp_path):
+    """mask: face-box needs the face's box (the photo is named before a run starts); mask: full needs none."""
+    from PIL import Image
+
+    from f2d_bench.errors import F2DBenchError
+    from f2d_bench.faces.faceset import Face
+
+    wall = tmp_path / "wall.png"
+    Image.new("RGB", (512, 512), (120, 130, 140)).save(wall)
+    blank, real = Face("wall", wall), _face("obama")
+    assert method.faceless([real, blank]) == [blank]
+    with pytest.raises(F2DBenchError, match=r"elite: no face detected in .*wall\.png \(face wall\); mask: face-box"):
+        method.prepare(blank)
+    full = _elite({k: method.params[k] for k in ("global_mapper", "local_mapper", "image_encoder")}, mask="full")
+    assert full.face_need is None and full.faceless([real, blank]) == []
+    assert full.prepare(blank).mask.all()

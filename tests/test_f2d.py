@@ -355,6 +355,24 @@ def test_no_face_is_an_error_naming_the_file(method, tmp_path):
         method.prepare(Face("blank-wall", path))
 
 
+def test_a_photo_without_a_face_stops_generate_before_the_run_exists(faces, tmp_path):
+    """Named at the start, with every such photo, not at its face hours in: once the photo is removed the
+    same --out starts (a run folder made first would list the face and refuse the corrected set)."""
+    face_set = tmp_path / "faces"
+    shutil.copytree(faces, face_set)
+    Image.new("RGB", (512, 512), (120, 130, 140)).save(face_set / "blank-wall.png")
+    Image.new("RGB", (512, 512), (30, 30, 30)).save(face_set / "dark.png")
+    cfg = lambda: config_from_dict(small_config_dict(methods=[RANDOM], faces=str(face_set), seeds=[0]))  # noqa: E731
+    out = tmp_path / "run"
+    with pytest.raises(F2DBenchError, match=r"no face detected in 2 photo\(s\) of the face set:\n.*blank-wall\.png "
+                                            r"\(face blank-wall\): no face for .*F2D needs a visible face.*\n.*dark\.png"):
+        generate_run(cfg(), out, progress=False)
+    assert not out.exists()
+    (face_set / "blank-wall.png").unlink()
+    (face_set / "dark.png").unlink()
+    assert generate_run(cfg(), out, progress=False).complete
+
+
 def test_expression_reference_replaces_null_exp(method, prepared, faces, tmp_path):
     vec = np.random.default_rng(0).normal(size=64).astype(np.float32)
     np.save(tmp_path / "smile.npy", vec)

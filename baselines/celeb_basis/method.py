@@ -36,7 +36,7 @@ from baselines.celeb_basis.basis import (
     random_token_columns, read_names, token_rows, word_vectors,
 )
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
-from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
+from f2d_bench.faces.choice import INPUT_FACE_RULE
 from f2d_bench.faces.detect import FaceDetector
 from f2d_bench.files import weights_sha256
 from f2d_bench.methods.base import MethodContext
@@ -253,6 +253,11 @@ class CelebBasisMethod(WordVectorMethod):
             self._backbone = model.to(self.context.pipeline().device).eval()
         return self._backbone
 
+    face_need = "its face MLP needs a visible face"
+
+    def detect_input(self, image):
+        return self.detector.detect(image)
+
     @torch.no_grad()
     def face_features(self, face) -> torch.Tensor:
         """(2, 512) float32 CPU: unit backbone features of the face's CelebBasis crop and of its mirror
@@ -265,10 +270,7 @@ class CelebBasisMethod(WordVectorMethod):
         key = (face.face_id, str(face.path))
         if key not in self._features:
             image = read_image(face.path)
-            chosen, _ = choose_face(self.detector.detect(image), INPUT_FACE_RULE)  # the scorers' face too
-            if chosen is None:
-                raise F2DBenchError(f"celeb-basis: no face detected in {face.path} (face {face.face_id}); its "
-                                    "face MLP needs a visible face. Replace the image or remove it from the face set.")
+            chosen = self.input_face(face, image)  # the scorers' face too
             crop = warp_to_template(image, chosen.landmarks, CELEBBASIS_TEMPLATE_112, (INPUT_SIZE, INPUT_SIZE))
             model = self.backbone()
             features = model(to_input(np.stack([crop, crop[:, ::-1]])).to(model.fc.weight.device))

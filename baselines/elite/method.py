@@ -31,7 +31,7 @@ from baselines.elite.mappers import (
     HIDDEN_LAYERS, PUBLISHED, GlobalMapper, LocalMapper, cross_attention_shapes, load_mapper, parameter_count,
 )
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
-from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
+from f2d_bench.faces.choice import INPUT_FACE_RULE
 from f2d_bench.files import folder_sha256s, weights_sha256
 from f2d_bench.methods.base import GenerationRequest, MethodContext
 from f2d_bench.methods.stable_diffusion import StableDiffusionMethod
@@ -291,14 +291,18 @@ class ELITEMethod(StableDiffusionMethod):
         return self._models
 
     # -- per face ---------------------------------------------------------------------------------------
+    @property
+    def face_need(self) -> str | None:
+        return None if self.detector is None else "mask: face-box needs a visible face (or use mask: full)"
+
+    def detect_input(self, image):
+        return self.detector.detect(image)
+
     def subject_mask(self, image: Image.Image, face) -> tuple[np.ndarray, tuple | None]:
         """(H, W) 0/1 mask of the subject and the face box it came from (None for ``mask: full``)."""
         if self.detector is None:
             return np.ones((image.height, image.width), np.float32), None
-        chosen, _ = choose_face(self.detector.detect(image), INPUT_FACE_RULE)  # the scorers' face too
-        if chosen is None:
-            raise F2DBenchError(f"elite: no face detected in {face.path} (face {face.face_id}); mask: face-box needs "
-                                "a visible face. Replace the image, remove it from the face set, or use mask: full.")
+        chosen = self.input_face(face, image)  # the scorers' face too
         return box_mask(chosen.box, image.height, image.width), tuple(chosen.box)
 
     @torch.inference_mode()

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from f2d_bench.errors import ConfigError, F2DBenchError
-from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
+from f2d_bench.faces.choice import INPUT_FACE_RULE
 from f2d_bench.faces.detect import Detection, FaceDetector
 from f2d_bench.faces.imageio import read_image
 from f2d_bench.files import folder_sha256s, weights_sha256
@@ -177,6 +177,11 @@ def check_adapter_state(state: Any, layout: Mapping[str, Mapping[str, tuple[int,
 
 
 # -- the face encoder ----------------------------------------------------------------------------------
+
+
+def _bgr(image: Image.Image) -> np.ndarray:
+    """``image`` as the contiguous BGR uint8 array insightface (cv2's convention) works on."""
+    return np.ascontiguousarray(np.asarray(image)[:, :, ::-1])
 
 
 @dataclass(frozen=True, eq=False)
@@ -479,10 +484,12 @@ class IPAdapterFaceIDMethod(Method):
         return self._negative_clip
 
     # -- per face ----------------------------------------------------------------------------------------
-    def detections(self, image: Image.Image, bgr: np.ndarray) -> list[Detection]:
+    face_need = "the adapter needs a visible face"
+
+    def detect_input(self, image: Image.Image) -> list[Detection]:
         if self.mtcnn is not None:
             return self.mtcnn.detect(image)
-        boxes, kpss = self.scrfd().detect(bgr, max_num=0, metric="default")
+        boxes, kpss = self.scrfd().detect(_bgr(image), max_num=0, metric="default")
         if kpss is None:
             raise F2DBenchError(f"{self.detector_file}: the detector gives no keypoints; use the buffalo_l SCRFD")
         return [Detection(tuple(float(v) for v in b[:4]), k, float(b[4])) for b, k in zip(boxes, kpss)]
@@ -492,12 +499,8 @@ class IPAdapterFaceIDMethod(Method):
         from insightface.utils.face_align import norm_crop
 
         image = read_image(face.path)
-        bgr = np.ascontiguousarray(np.asarray(image)[:, :, ::-1])  # insightface works on cv2's BGR
-        # The same function and rule as the identity scorers: the face encoded is the face scored against.
-        chosen, _ = choose_face(self.detections(image, bgr), INPUT_FACE_RULE)
-        if chosen is None:
-            raise F2DBenchError(f"{self.name}: no face detected in {face.path} (face {face.face_id}); the adapter "
-                                "needs a visible face. Replace the image or remove it from the face set.")
+        bgr = _bgr(image)
+        chosen = self.input_face(face, image)  # the identity scorers' face: the face encoded is the one scored
         kps = np.asarray(chosen.landmarks, dtype=np.float32)
         found = InsightFace(bbox=np.asarray(chosen.box, dtype=np.float32), kps=kps, det_score=chosen.prob)
         self.recognizer().get(bgr, found)

@@ -175,6 +175,40 @@ class Method:
         """Problems found before generating (reported, not fatal). Default: none."""
         return []
 
+    # -- the face in each photo (methods that encode one) -------------------------------------------
+    #: What the method does with the detected face, for the error when a photo has none ("F2D needs a
+    #: visible face to encode"); None for methods that need no face detected.
+    face_need: ClassVar[str | None] = None
+
+    def detect_input(self, image: Image.Image) -> list:
+        """The faces (``f2d_bench.faces.detect.Detection``) this method's detector finds in ``image``."""
+        raise NotImplementedError
+
+    def input_face(self, face: "Face", image: Image.Image):
+        """The face of ``image`` (``face``'s photo) this method encodes: the one the identity scorers
+        choose (``INPUT_FACE_RULE``), so the face encoded is the face scored against. An error naming the
+        file when there is none."""
+        from f2d_bench.errors import F2DBenchError
+        from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
+
+        chosen, _ = choose_face(self.detect_input(image), INPUT_FACE_RULE)
+        if chosen is None:
+            raise F2DBenchError(f"{self.name}: no face detected in {face.path} (face {face.face_id}); "
+                                f"{self.face_need}. Replace the image or remove it from the face set.")
+        return chosen
+
+    def faceless(self, faces: Sequence["Face"]) -> list["Face"]:
+        """The faces whose photo has no face this method can use (none when :attr:`face_need` is None).
+
+        ``generate`` asks before the run folder exists, so a photo that would stop the run at its face,
+        hours in, is named at the start, while the face set can still be corrected for the same --out."""
+        if self.face_need is None:
+            return []
+        from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
+        from f2d_bench.faces.imageio import read_image
+
+        return [f for f in faces if choose_face(self.detect_input(read_image(f.path)), INPUT_FACE_RULE)[0] is None]
+
     def prepare(self, face: "Face") -> Any:
         """Per-face work done once (encoders, tuned weights). Its wall time is recorded per face."""
         return None

@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 from f2d_bench.devices import resolve_device
-from f2d_bench.errors import ConfigError, F2DBenchError
+from f2d_bench.errors import ConfigError
 from f2d_bench.faces.align import arcface_align
-from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
+from f2d_bench.faces.choice import INPUT_FACE_RULE
 from f2d_bench.faces.detect import FaceDetector
 from f2d_bench.faces.imageio import read_image
 from f2d_bench.files import weights_sha256
@@ -214,19 +214,17 @@ class F2DMethod(StableDiffusionMethod):
         tokens = enc.mapping(enc.msid(x), expression)
         return tokens.float().cpu()  # .cpu() also waits for the GPU, so the engine times the real work
 
+    face_need = "F2D needs a visible face to encode"
+
+    def detect_input(self, image):
+        return self.detector.detect(image)
+
     def prepare(self, face) -> F2DFace:
         """Detect the face (MTCNN; the one :data:`INPUT_FACE_RULE` chooses), warp it to the ArcFace 112
         template, encode it into two tokens."""
         image = read_image(face.path)
-        # The same function and rule as the identity scorers' input face: the face encoded is the face
-        # scored against (a reflection-padding ghost can be MTCNN's most probable face).
-        chosen, _ = choose_face(self.detector.detect(image), INPUT_FACE_RULE)
-        if chosen is None:
-            raise F2DBenchError(
-                f"f2d: no face detected in {face.path} (face {face.face_id}); F2D needs a visible face to "
-                "encode. Replace the image or remove it from the face set."
-            )
-        landmarks = chosen.landmarks
+        # The identity scorers' input face (a reflection-padding ghost can be MTCNN's most probable face).
+        landmarks = self.input_face(face, image).landmarks
         crop = arcface_align(image, landmarks, size=IMAGE_SIZE)
         return F2DFace(tokens=self.encode_crops(crop[None])[0], landmarks=landmarks)
 
