@@ -395,8 +395,10 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<: *anchor` merges (its keys may be overridden); a list key: YAML's own error
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if key in seen:
                 raise _DuplicateKey(None, None, f"the key {key!r} is given twice (first on line {seen[key]}); "
                                     "YAML would keep only the last one: remove one of them", key_node.start_mark)
             seen.setdefault(key, key_node.start_mark.line + 1)

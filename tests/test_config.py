@@ -92,6 +92,11 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
                       + "model:\n  pretrained: a\n  dtype: float32\n  pretrained: b\n")
     with pytest.raises(ConfigError, match=r"the key 'pretrained' is given twice"):
         load_config(nested)
+    # Merge keys are not duplicates: a method entry built on an anchored one, with a key overridden.
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "methods"})
+                      + "methods:\n  - &base {name: sd-class}\n  - <<: *base\n    label: second\n")
+    assert [(m.name, m.label) for m in load_config(merged).methods] == [("sd-class", None), ("sd-class", "second")]
 
 
 def test_unknown_preset_lists_the_available_ones():
