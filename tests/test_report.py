@@ -535,7 +535,7 @@ def test_unscored_run_is_a_clear_error(tmp_path, scored_run):
         build_report([copy], tmp_path / "r")
 
 
-def test_report_refuses_a_folder_it_would_delete_and_replaces_an_earlier_report(scored_run, tmp_path):
+def test_report_refuses_a_folder_it_would_delete_and_replaces_an_earlier_report(scored_run, tmp_path, monkeypatch):
     """The report swaps in a whole folder: -o must not name a folder of other files, a run or its parent,
     nor sit beside an index.html that is not f2d-bench's; an earlier report is replaced."""
     notes = tmp_path / "notes"
@@ -568,6 +568,16 @@ def test_report_refuses_a_folder_it_would_delete_and_replaces_an_earlier_report(
     empty = tmp_path / "reports" / "empty"
     empty.mkdir()
     assert build_report([run], empty, n_resamples=RESAMPLES).is_file()
+
+    # A link is followed to its folder: the index rewritten is that folder's, never the link's neighbour.
+    (site / "latest").symlink_to(out, target_is_directory=True)
+    assert build_report([run], site / "latest", n_resamples=RESAMPLES) == out / "index.html"
+    assert (site / "index.html").read_text() == "<html>my lab page</html>" and (site / "latest").is_symlink()
+    assert not [p for p in site.iterdir() if p.name.startswith(".")]
+    # The working folder (-o .) is refused: the swap would pull it from under the process.
+    monkeypatch.chdir(empty)
+    with pytest.raises(F2DBenchError, match="is the working folder"):
+        build_report([run], ".", n_resamples=RESAMPLES)
 
 # -- in a browser -------------------------------------------------------------------------------------
 

@@ -428,7 +428,8 @@ def build_report(run_dirs, out_dir, *, grid_faces: int = 8, grid_seeds: int = 4,
     beside ``out_dir`` and swapped into place whole: a killed report leaves the old report or the new one.
     Then the index of the folder holding ``out_dir`` (``index.html``, ``index.json``) is rewritten.
     """
-    out_dir = Path(out_dir)
+    # The folder itself, not a link to it: the checks, the swap and the index all see one place.
+    out_dir = Path(out_dir).resolve()
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
     if not 0.0 < confidence < 1.0 or n_resamples < 1 or grid_faces < 0 or grid_seeds < 0:
         raise F2DBenchError(f"report settings out of range: confidence {confidence} (strictly between 0 and 1), "
@@ -463,6 +464,10 @@ def check_report_target(out_dir: Path, run_dirs: list[Path]) -> None:
     likewise be f2d-bench's own (``index.json`` beside it) or not yet exist.
     """
     target = out_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise F2DBenchError(f"the report folder {out_dir} is the working folder or holds it, and the report "
+                            "replaces its folder whole; give a folder by its own name (e.g. -o reports/NAME)")
     for r in run_dirs:
         run = r.resolve()
         if run == target or target in run.parents:
