@@ -227,6 +227,24 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def lock_is_held(path: str | Path) -> bool:
+    """Whether a process holds :func:`exclusive_lock` on ``path`` now (False when the file is missing).
+
+    Probes with a shared lock, so that two processes probing one file at once do not see each other as
+    its holder."""
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return False
+    with fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, *, busy: str | None = None, waiting: Callable[[], Any] | None = None
                    ) -> Iterator[None]:

@@ -21,7 +21,7 @@ from PIL import Image, PngImagePlugin
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import (
     TMP_SUFFIX, append_jsonl, atomic_write_bytes, atomic_write_text, exclusive_lock, file_sha256, final_name,
-    read_jsonl, system_failure,
+    lock_is_held, read_jsonl, system_failure,
 )
 from f2d_bench.grid import ItemKey, Shard
 
@@ -316,11 +316,11 @@ class RunStore:
             other = lock.stem
             if other == writer or _layout(other) in (None, mine):
                 continue
-            busy = (f"{other} is writing images of {self.run.root} with another --shard layout ({other} vs "
+            if lock_is_held(lock):
+                raise F2DBenchError(
+                    f"{other} is writing images of {self.run.root} with another --shard layout ({other} vs "
                     f"{writer}); the two would write the same images. Wait for {other} to finish, then resume "
                     "with one layout")
-            with exclusive_lock(lock, busy=busy):
-                pass
 
     def temporary_files(self) -> list[Path]:
         """Temporary files left anywhere under images/ (by a killed writer of any shard)."""

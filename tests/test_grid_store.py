@@ -207,3 +207,20 @@ def test_link_or_copy_copies_across_file_systems(tmp_path, monkeypatch):
     dst = files.atomic_link_or_copy(src, tmp_path / "child" / "a.png")
     assert dst.read_bytes() == b"pixels" and dst.stat().st_ino != src.stat().st_ino
     assert [p.name for p in dst.parent.iterdir()] == ["a.png"]  # no temporary file left
+
+
+def test_lock_probe_sees_a_holder_but_not_another_probe(tmp_path):
+    """check_layouts probes other writers' locks: a running writer (exclusive) is seen, two probes of one
+    lock at once are not (a probe taking the lock exclusively made same-layout shards refuse each other)."""
+    import fcntl
+
+    from f2d_bench.files import exclusive_lock, lock_is_held
+
+    path = tmp_path / "shard-1-of-2.lock"
+    assert not lock_is_held(path)  # no file: nobody
+    with exclusive_lock(path):
+        assert lock_is_held(path)
+    assert not lock_is_held(path)  # released (a stale file left by a finished writer)
+    with open(path, "rb") as other_probe:
+        fcntl.flock(other_probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe in progress elsewhere
+        assert not lock_is_held(path)
