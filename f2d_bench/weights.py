@@ -91,11 +91,17 @@ def read_torch_file(file: Path, *, metadata: Iterable[str] = (), error: type[Exc
             return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         asked = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if asked is None:  # no pickle at all: an HTML error page saved as .pt, a text file, a damaged file
+        if asked is None:  # an HTML error page saved as .pt, a damaged file, or a pickle of an old format
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            raise error(f"{str(file)!r} is not a readable PyTorch file (its bytes are not a torch.save pickle"
-                        f"{': ' + detail.group(1).strip() if detail else ''}); download it again, and check that "
-                        "the link gives the file itself, not a web page") from exc
+            detail = f": {detail.group(1).strip()}" if detail else ""
+            if _looks_like_text(file):
+                raise error(f"{str(file)!r} is not a readable PyTorch file: it holds text (a web page?), not a "
+                            f"torch.save file{detail}; download it again, and check that the link gives the file "
+                            "itself") from exc
+            raise error(f"{str(file)!r} is not a readable PyTorch file: the tensors-only unpickler cannot read "
+                        f"it{detail}. A damaged download: download it again; a file saved by an old PyTorch in "
+                        "an old pickle format: load it once where you trust it and save its state_dict with a "
+                        "current torch") from exc
         raise error(
             f"{str(file)!r} asks the unpickler for the global {asked.group(1)}, which a weight file does not "
             "need; it was refused "
@@ -105,6 +111,17 @@ def read_torch_file(file: Path, *, metadata: Iterable[str] = (), error: type[Exc
         ) from exc
     except Exception as exc:  # a truncated download, an HTML error page saved as .pt, ...
         raise error(f"{str(file)!r} is not a readable PyTorch file: {exc}") from exc
+
+
+def _looks_like_text(file: Path) -> bool:
+    """Whether ``file`` begins with markup, after any whitespace (what a link that answered with a web
+    page saves: ``<!DOCTYPE html>``, ``<html>``, an XML error)."""
+    try:
+        with open(file, "rb") as fh:
+            head = fh.read(512).lstrip()
+    except OSError:
+        return False
+    return head[:1] == b"<"
 
 
 def key_listing(keys: Iterable[str]) -> str:

@@ -387,8 +387,9 @@ def sphere_default():
         ("extra", "unexpected keys 1: 'fc6.weight'"),
         ("fc-112x96", "fc.weight [512, 21504] (expected [512, 25088])"),
         ("whole-module", "asks the unpickler for the global"),
-        ("web-page", "is not a readable PyTorch file (its bytes are not a torch.save pickle"),
+        ("web-page", "is not a readable PyTorch file: it holds text (a web page?)"),
         ("truncated", "is not a readable PyTorch file"),
+        ("old-pickle", "is not a readable PyTorch file: the tensors-only unpickler cannot read it"),
     ],
 )
 def test_sphereface_wrong_layouts_are_refused(tmp_path, sphere_default, case, needle):
@@ -406,6 +407,8 @@ def test_sphereface_wrong_layouts_are_refused(tmp_path, sphere_default, case, ne
         torch.save(sphere_default, path)
     elif case == "web-page":  # a download link that answered with its sign-in page
         path.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+    elif case == "old-pickle":  # a legacy torch.save in pickle protocol 1: real tensors, no web page
+        torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=1)
     elif case == "truncated":  # an interrupted download
         torch.save(state, path)
         path.write_bytes(path.read_bytes()[:4096])
