@@ -373,6 +373,24 @@ def test_a_photo_without_a_face_stops_generate_before_the_run_exists(faces, tmp_
     assert generate_run(cfg(), out, progress=False).complete
 
 
+def test_faceless_searches_each_photo_once_per_detector_until_it_changes(faces, tmp_path, monkeypatch):
+    from f2d_bench.faces.detect import FaceDetector
+    from f2d_bench.faces.faceset import load_face_set
+
+    face_set = tmp_path / "faces"
+    shutil.copytree(faces, face_set)
+    Image.new("RGB", (512, 512), (120, 130, 140)).save(face_set / "blank.png")
+    calls = []
+    detect = FaceDetector.detect
+    monkeypatch.setattr(FaceDetector, "detect", lambda self, image: calls.append(1) or detect(self, image))
+    listed = load_face_set(face_set)
+    first, second = _build(RANDOM, faces=str(face_set)), _build(RANDOM, faces=str(face_set))
+    assert [f.face_id for f in first.faceless(listed)] == ["blank"] and len(calls) == len(listed)
+    assert [f.face_id for f in second.faceless(listed)] == ["blank"] and len(calls) == len(listed)  # shared
+    shutil.copy(faces / "obama.png", face_set / "blank.png")  # the photo replaced: searched again
+    assert first.faceless(listed) == [] and len(calls) == len(listed) + 1
+
+
 def test_expression_reference_replaces_null_exp(method, prepared, faces, tmp_path):
     vec = np.random.default_rng(0).normal(size=64).astype(np.float32)
     np.save(tmp_path / "smile.npy", vec)

@@ -255,9 +255,6 @@ class CelebBasisMethod(WordVectorMethod):
 
     face_need = "its face MLP needs a visible face"
 
-    def detect_input(self, image):
-        return self.detector.detect(image)
-
     @torch.no_grad()
     def face_features(self, face) -> torch.Tensor:
         """(2, 512) float32 CPU: unit backbone features of the face's CelebBasis crop and of its mirror

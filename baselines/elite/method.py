@@ -295,9 +295,6 @@ class ELITEMethod(StableDiffusionMethod):
     def face_need(self) -> str | None:
         return None if self.detector is None else "mask: face-box needs a visible face (or use mask: full)"
 
-    def detect_input(self, image):
-        return self.detector.detect(image)
-
     def subject_mask(self, image: Image.Image, face) -> tuple[np.ndarray, tuple | None]:
         """(H, W) 0/1 mask of the subject and the face box it came from (None for ``mask: full``)."""
         if self.detector is None:

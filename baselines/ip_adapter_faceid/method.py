@@ -486,6 +486,11 @@ class IPAdapterFaceIDMethod(Method):
     # -- per face ----------------------------------------------------------------------------------------
     face_need = "the adapter needs a visible face"
 
+    def detect_input_id(self) -> tuple:
+        if self.mtcnn is not None:
+            return self.mtcnn.identity
+        return ("scrfd", str(self.detector_file), int(self.params["det_size"]))
+
     def detect_input(self, image: Image.Image) -> list[Detection]:
         if self.mtcnn is not None:
             return self.mtcnn.detect(image)

@@ -77,6 +77,11 @@ class FaceDetector:
         self._mtcnn = None
         self._lock = threading.Lock()
 
+    @property
+    def identity(self) -> tuple:
+        """The settings that decide the detections (two detectors with equal identities agree)."""
+        return ("mtcnn", self.device, self.min_face_size)
+
     def load(self) -> None:
         """Build MTCNN now (it is built on first use otherwise)."""
         self._model()

@@ -27,6 +27,10 @@ if TYPE_CHECKING:  # keep torch and diffusers out of import time
     from f2d_bench.faces.faceset import Face
 
 
+#: :meth:`Method.faceless`'s verdicts: (detector id, photo path, size, mtime) -> a usable face was found.
+_HAS_FACE: dict[tuple, bool] = {}
+
+
 @dataclass(frozen=True)
 class MethodContext:
     """What a method may use: the run's config, its prompt set, its base pipeline and its sampling."""
@@ -181,8 +185,15 @@ class Method:
     face_need: ClassVar[str | None] = None
 
     def detect_input(self, image: Image.Image) -> list:
-        """The faces (``f2d_bench.faces.detect.Detection``) this method's detector finds in ``image``."""
-        raise NotImplementedError
+        """The faces (``f2d_bench.faces.detect.Detection``) this method's detector finds in ``image``.
+        Default: those of ``self.detector``, the :class:`~f2d_bench.faces.detect.FaceDetector` (MTCNN)
+        the method sets."""
+        return self.detector.detect(image)
+
+    def detect_input_id(self) -> tuple:
+        """What decides :meth:`detect_input`'s answer besides the image: methods with equal ones share
+        :meth:`faceless`'s detections within a process. Default: ``self.detector``'s settings."""
+        return self.detector.identity
 
     def input_face(self, face: "Face", image: Image.Image):
         """The face of ``image`` (``face``'s photo) this method encodes: the one the identity scorers
@@ -207,7 +218,17 @@ class Method:
         from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
         from f2d_bench.faces.imageio import read_image
 
-        return [f for f in faces if choose_face(self.detect_input(read_image(f.path)), INPUT_FACE_RULE)[0] is None]
+        out = []
+        for f in faces:
+            stat = Path(f.path).stat()
+            # Each start of generate asks (every Ray shard, every method that encodes a face): a photo is
+            # searched once per process and detector, unless the file changes.
+            key = (self.detect_input_id(), str(Path(f.path).resolve()), stat.st_size, stat.st_mtime_ns)
+            if key not in _HAS_FACE:
+                _HAS_FACE[key] = choose_face(self.detect_input(read_image(f.path)), INPUT_FACE_RULE)[0] is not None
+            if not _HAS_FACE[key]:
+                out.append(f)
+        return out
 
     def prepare(self, face: "Face") -> Any:
         """Per-face work done once (encoders, tuned weights). Its wall time is recorded per face."""

@@ -216,9 +216,6 @@ class F2DMethod(StableDiffusionMethod):
 
     face_need = "F2D needs a visible face to encode"
 
-    def detect_input(self, image):
-        return self.detector.detect(image)
-
     def prepare(self, face) -> F2DFace:
         """Detect the face (MTCNN; the one :data:`INPUT_FACE_RULE` chooses), warp it to the ArcFace 112
         template, encode it into two tokens."""
