@@ -390,19 +390,25 @@ class _DuplicateKey(yaml.MarkedYAMLError):
 
 class _StrictLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last one
-    silently, so a second ``seeds:`` further down a config would quietly replace the first)."""
+    silently, so a second ``seeds:`` further down a config would quietly replace the first).
 
-    def construct_mapping(self, node, deep=False):
-        seen: dict = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
-                continue  # `<<: *anchor` merges (its keys may be overridden); a list key: YAML's own error
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise _DuplicateKey(None, None, f"the key {key!r} is given twice (first on line {seen[key]}); "
-                                    "YAML would keep only the last one: remove one of them", key_node.start_mark)
-            seen.setdefault(key, key_node.start_mark.line + 1)
-        return super().construct_mapping(node, deep=deep)
+    Each mapping is checked once, as written, before PyYAML splices the keys of its merges (``<<:``) in:
+    a key that overrides a merged one is no duplicate, at any depth of merging."""
+
+    def flatten_mapping(self, node):
+        checked = self.__dict__.setdefault("_checked", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # a merge; a list key gets YAML's own error
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise _DuplicateKey(None, None, f"the key {key!r} is given twice (first on line {seen[key]}); "
+                                        "YAML would keep only the last one: remove one of them", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        super().flatten_mapping(node)
 
 
 def load_config(path: str | Path) -> RunConfig:

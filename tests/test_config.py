@@ -97,6 +97,12 @@ def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path):
     merged.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "methods"})
                       + "methods:\n  - &base {name: sd-class}\n  - <<: *base\n    label: second\n")
     assert [(m.name, m.label) for m in load_config(merged).methods] == [("sd-class", None), ("sd-class", "second")]
+    nested = tmp_path / "nested-merge.yaml"  # a merged mapping that itself merges and overrides
+    nested.write_text(yaml.safe_dump({k: v for k, v in data.items() if k != "methods"})
+                      + "methods:\n  - {name: sd-class, label: a, params: {opts: &o {<<: {x: 1}, x: 2}}}\n"
+                      + "  - {name: sd-class, label: b, params: {<<: *o}}\n")
+    assert yaml.safe_load(nested.read_text())["methods"][0]["params"] == {"opts": {"x": 2}}  # valid YAML
+    load_config(nested)  # overriding a merged key is no duplicate, however deep the merges
 
 
 def test_unknown_preset_lists_the_available_ones():
