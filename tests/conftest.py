@@ -243,3 +243,19 @@ TWO_PROCESS_LAUNCHERS = [
     ("torchrun", [{"RANK": str(i), "WORLD_SIZE": "2", "LOCAL_RANK": str(i), "LOCAL_WORLD_SIZE": "2"}
                   for i in range(2)]),
 ]
+
+
+def faceless_photo(path: Path, **save_options) -> Path:
+    """A 512x512 photo of a plain grey wall (no face for MTCNN) at ``path``."""
+    from PIL import Image
+
+    Image.new("RGB", (512, 512), (120, 130, 140)).save(path, **save_options)
+    return path
+
+
+def a_real_and_a_faceless_face(tmp_path: Path):
+    """(obama's prepared crop, the face "wall" of :func:`faceless_photo`) as Faces."""
+    from f2d_bench.faces.faceset import Face
+
+    return Face("obama", prepared_crops()["obama"]), Face("wall", faceless_photo(tmp_path / "wall.png"))
+

@@ -259,14 +259,10 @@ def test_entries_differing_only_in_sampling_tune_each_face_once(tmp_path):
 
 
 def test_a_photo_without_a_face_is_named_before_tuning(provider, tmp_path):
-    from PIL import Image
-
-    from f2d_bench.faces.faceset import Face
+    from conftest import a_real_and_a_faceless_face
 
     method = _method(provider, **FAST)
-    wall = tmp_path / "wall.png"
-    Image.new("RGB", (512, 512), (120, 130, 140)).save(wall)
-    blank, real = Face("wall", wall), _face("obama")
+    real, blank = a_real_and_a_faceless_face(tmp_path)
     assert method.faceless([real, blank]) == [blank]
     with pytest.raises(F2DBenchError, match=r"celeb-basis: no face detected in .*wall\.png \(face wall\); its face MLP"):
         method.face_features(blank)

@@ -351,14 +351,10 @@ def test_random_mappers_are_reported(files):
 
 def test_a_photo_without_a_face_is_named_for_face_box_masks_only(method, tmp_path):
     """mask: face-box needs the face's box (the photo is named before a run starts); mask: full needs none."""
-    from PIL import Image
-
+    from conftest import a_real_and_a_faceless_face
     from f2d_bench.errors import F2DBenchError
-    from f2d_bench.faces.faceset import Face
 
-    wall = tmp_path / "wall.png"
-    Image.new("RGB", (512, 512), (120, 130, 140)).save(wall)
-    blank, real = Face("wall", wall), _face("obama")
+    real, blank = a_real_and_a_faceless_face(tmp_path)
     assert method.faceless([real, blank]) == [blank]
     with pytest.raises(F2DBenchError, match=r"elite: no face detected in .*wall\.png \(face wall\); mask: face-box"):
         method.prepare(blank)

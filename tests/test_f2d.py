@@ -7,6 +7,7 @@ official layout, which exercises the same loading code. Faces are the real test 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -32,7 +33,7 @@ from f2d_bench.methods.f2d.msid import MSIDEncoder
 from f2d_bench.prompts import load_prompt_set
 from f2d_bench.files import read_jsonl
 
-from conftest import small_config_dict
+from conftest import faceless_photo, small_config_dict
 
 # --- the official file layout, written from the official structure (PROTOCOL.md section 4) -----------
 _VIT_BLOCK = {
@@ -350,7 +351,7 @@ def test_face_input_is_the_arcface_crop(method, prepared, faces):
 
 def test_no_face_is_an_error_naming_the_file(method, tmp_path):
     path = tmp_path / "blank-wall.png"
-    Image.new("RGB", (512, 512), (120, 130, 140)).save(path)
+    faceless_photo(path)
     with pytest.raises(F2DBenchError, match=r"no face detected in .*blank-wall\.png"):
         method.prepare(Face("blank-wall", path))
 
@@ -360,7 +361,7 @@ def test_a_photo_without_a_face_stops_generate_before_the_run_exists(faces, tmp_
     same --out starts (a run folder made first would list the face and refuse the corrected set)."""
     face_set = tmp_path / "faces"
     shutil.copytree(faces, face_set)
-    Image.new("RGB", (512, 512), (120, 130, 140)).save(face_set / "blank-wall.png")
+    faceless_photo(face_set / "blank-wall.png")
     Image.new("RGB", (512, 512), (30, 30, 30)).save(face_set / "dark.png")
     cfg = lambda: config_from_dict(small_config_dict(methods=[RANDOM], faces=str(face_set), seeds=[0]))  # noqa: E731
     out = tmp_path / "run"
@@ -379,7 +380,7 @@ def test_faceless_searches_each_photo_once_per_detector_until_it_changes(faces, 
 
     face_set = tmp_path / "faces"
     shutil.copytree(faces, face_set)
-    Image.new("RGB", (512, 512), (120, 130, 140)).save(face_set / "blank.png")
+    faceless_photo(face_set / "blank.png")
     calls = []
     detect = FaceDetector.detect
     monkeypatch.setattr(FaceDetector, "detect", lambda self, image: calls.append(1) or detect(self, image))
@@ -389,6 +390,17 @@ def test_faceless_searches_each_photo_once_per_detector_until_it_changes(faces, 
     assert [f.face_id for f in second.faceless(listed)] == ["blank"] and len(calls) == len(listed)  # shared
     shutil.copy(faces / "obama.png", face_set / "blank.png")  # the photo replaced: searched again
     assert first.faceless(listed) == [] and len(calls) == len(listed) + 1
+    # Replaced by a copy that keeps size and mtime (uncompressed PNGs of one size, cp -p): searched again.
+    wall = tmp_path / "wall.png"
+    faceless_photo(wall, compress_level=0)
+    Image.fromarray(np.asarray(Image.open(faces / "obama.png").convert("RGB"))).save(face_set / "blank.png", compress_level=0)
+    assert first.faceless(listed) == [] and len(calls) == len(listed) + 2
+    stat = (face_set / "blank.png").stat()
+    assert wall.stat().st_size == stat.st_size
+    os.utime(wall, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    shutil.copy2(wall, face_set / "blank.png")
+    assert (face_set / "blank.png").stat().st_mtime_ns == stat.st_mtime_ns
+    assert [f.face_id for f in first.faceless(listed)] == ["blank"] and len(calls) == len(listed) + 3
 
 
 def test_expression_reference_replaces_null_exp(method, prepared, faces, tmp_path):

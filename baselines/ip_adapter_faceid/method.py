@@ -489,7 +489,8 @@ class IPAdapterFaceIDMethod(Method):
     def detect_input_id(self) -> tuple:
         if self.mtcnn is not None:
             return self.mtcnn.identity
-        return ("scrfd", str(self.detector_file), int(self.params["det_size"]))
+        # What scrfd() is built from: the file's contents, and the settings that filter its detections.
+        return ("scrfd", self._sha256["detector"], int(self.params["det_size"]), float(self.params["det_thresh"]))
 
     def detect_input(self, image: Image.Image) -> list[Detection]:
         if self.mtcnn is not None:

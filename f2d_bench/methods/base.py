@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # keep torch and diffusers out of import time
     from f2d_bench.faces.faceset import Face
 
 
-#: :meth:`Method.faceless`'s verdicts: (detector id, photo path, size, mtime) -> a usable face was found.
+#: :meth:`Method.faceless`'s verdicts: (detector id, photo path, its stat) -> a usable face was found.
 _HAS_FACE: dict[tuple, bool] = {}
 
 
@@ -222,8 +222,10 @@ class Method:
         for f in faces:
             stat = Path(f.path).stat()
             # Each start of generate asks (every Ray shard, every method that encodes a face): a photo is
-            # searched once per process and detector, unless the file changes.
-            key = (self.detect_input_id(), str(Path(f.path).resolve()), stat.st_size, stat.st_mtime_ns)
+            # searched once per process and detector, unless the file changes. ctime and the inode too, as
+            # a copy that keeps the mtime (cp -p, rsync -a) may also keep the size.
+            key = (self.detect_input_id(), str(Path(f.path).resolve()), stat.st_size, stat.st_mtime_ns,
+                   stat.st_ctime_ns, stat.st_ino, stat.st_dev)
             if key not in _HAS_FACE:
                 _HAS_FACE[key] = choose_face(self.detect_input(read_image(f.path)), INPUT_FACE_RULE)[0] is not None
             if not _HAS_FACE[key]:
