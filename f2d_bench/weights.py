@@ -94,14 +94,14 @@ def read_torch_file(file: Path, *, metadata: Iterable[str] = (), error: type[Exc
         if asked is None:  # an HTML error page saved as .pt, a damaged file, or a pickle of an old format
             detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
             detail = f": {detail.group(1).strip()}" if detail else ""
-            if _looks_like_text(file):
-                raise error(f"{str(file)!r} is not a readable PyTorch file: it holds text (a web page?), not a "
-                            f"torch.save file{detail}; download it again, and check that the link gives the file "
-                            "itself") from exc
-            raise error(f"{str(file)!r} is not a readable PyTorch file: the tensors-only unpickler cannot read "
-                        f"it{detail}. A damaged download: download it again; a file saved by an old PyTorch in "
-                        "an old pickle format: load it once where you trust it and save its state_dict with a "
-                        "current torch") from exc
+            kind = _file_kind(file)
+            if kind == "legacy":
+                raise error(f"{str(file)!r} is a PyTorch file in an old pickle format that the tensors-only "
+                            f"unpickler cannot read{detail}; load it once where you trust it and save its "
+                            "state_dict with a current torch") from exc
+            what = "text (a web page, an error message?)" if kind == "text" else "damaged or other binary data"
+            raise error(f"{str(file)!r} is not a readable PyTorch file: it holds {what}, not a torch.save "
+                        f"file{detail}; download it again, and check that the link gives the file itself") from exc
         raise error(
             f"{str(file)!r} asks the unpickler for the global {asked.group(1)}, which a weight file does not "
             "need; it was refused "
@@ -113,15 +113,24 @@ def read_torch_file(file: Path, *, metadata: Iterable[str] = (), error: type[Exc
         raise error(f"{str(file)!r} is not a readable PyTorch file: {exc}") from exc
 
 
-def _looks_like_text(file: Path) -> bool:
-    """Whether ``file`` begins with markup, after any whitespace (what a link that answered with a web
-    page saves: ``<!DOCTYPE html>``, ``<html>``, an XML error)."""
+#: How torch.save's legacy (pre-zip) format begins in pickle protocols 0 and 1: its magic number.
+_LEGACY_MAGIC = b"L119547037146038801333356L\n"
+
+
+def _file_kind(file: Path) -> str:
+    """From its first 512 bytes: ``"legacy"`` (torch.save's old format in an old pickle protocol),
+    ``"text"`` (printable text in UTF-8 or UTF-16: a web page, a JSON error, a git-lfs pointer) or
+    ``"binary"`` (anything else: a damaged or foreign file)."""
     try:
         with open(file, "rb") as fh:
-            head = fh.read(512).lstrip()
+            head = fh.read(512)
     except OSError:
-        return False
-    return head[:1] == b"<"
+        return "binary"
+    if head.startswith(_LEGACY_MAGIC):
+        return "legacy"
+    codec = "utf-16" if head[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    text = head.decode(codec, errors="replace").rstrip("\ufffd")  # a character cut at byte 512
+    return "text" if text.strip() and all(c.isprintable() or c in "\r\n\t" for c in text) else "binary"
 
 
 def key_listing(keys: Iterable[str]) -> str:

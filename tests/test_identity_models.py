@@ -387,9 +387,10 @@ def sphere_default():
         ("extra", "unexpected keys 1: 'fc6.weight'"),
         ("fc-112x96", "fc.weight [512, 21504] (expected [512, 25088])"),
         ("whole-module", "asks the unpickler for the global"),
-        ("web-page", "is not a readable PyTorch file: it holds text (a web page?)"),
+        ("web-page", "is not a readable PyTorch file: it holds text (a web page, an error message?)"),
+        ("lfs-pointer", "is not a readable PyTorch file: it holds text"),
         ("truncated", "is not a readable PyTorch file"),
-        ("old-pickle", "is not a readable PyTorch file: the tensors-only unpickler cannot read it"),
+        ("old-pickle", "is a PyTorch file in an old pickle format"),
     ],
 )
 def test_sphereface_wrong_layouts_are_refused(tmp_path, sphere_default, case, needle):
@@ -407,6 +408,8 @@ def test_sphereface_wrong_layouts_are_refused(tmp_path, sphere_default, case, ne
         torch.save(sphere_default, path)
     elif case == "web-page":  # a download link that answered with its sign-in page
         path.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>")
+    elif case == "lfs-pointer":  # a clone without git-lfs: the pointer file instead of the weights
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1234\n")
     elif case == "old-pickle":  # a legacy torch.save in pickle protocol 1: real tensors, no web page
         torch.save(state, path, _use_new_zipfile_serialization=False, pickle_protocol=1)
     elif case == "truncated":  # an interrupted download
