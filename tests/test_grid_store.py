@@ -224,3 +224,29 @@ def test_lock_probe_sees_a_holder_but_not_another_probe(tmp_path):
     with open(path, "rb") as other_probe:
         fcntl.flock(other_probe.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)  # a probe in progress elsewhere
         assert not lock_is_held(path)
+
+
+def test_a_lock_held_a_moment_is_not_a_running_writer(tmp_path):
+    """A shard repairing another layout's manifest holds that writer's lock for a moment: a sibling shard
+    starting then must not take it for a running writer of that layout."""
+    import threading
+
+    from f2d_bench.files import exclusive_lock
+    from f2d_bench.store import _held_throughout
+
+    path = tmp_path / "all.lock"
+    taken, release = threading.Event(), threading.Event()
+
+    def repair():
+        with exclusive_lock(path):
+            taken.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=repair)
+    holder.start()
+    assert taken.wait(10)
+    threading.Timer(0.3, release.set).start()  # the repair ends within the probe's window
+    assert not _held_throughout(path, seconds=5.0)
+    holder.join(10)
+    with exclusive_lock(path):  # held for the whole window: a running writer
+        assert _held_throughout(path, seconds=0.3)

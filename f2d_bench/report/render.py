@@ -464,8 +464,11 @@ def check_report_target(out_dir: Path, run_dirs: list[Path]) -> None:
     likewise be f2d-bench's own (``index.json`` beside it) or not yet exist.
     """
     target = out_dir.resolve()
-    cwd = Path.cwd().resolve()
-    if target == cwd or target in cwd.parents:
+    try:
+        cwd = Path.cwd().resolve()
+    except FileNotFoundError:  # the working folder was deleted: nothing the swap could pull away
+        cwd = None
+    if cwd is not None and (target == cwd or target in cwd.parents):
         raise F2DBenchError(f"the report folder {out_dir} is the working folder or holds it, and the report "
                             "replaces its folder whole; give a folder by its own name (e.g. -o reports/NAME)")
     for r in run_dirs:
