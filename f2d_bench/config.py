@@ -395,10 +395,13 @@ class _StrictLoader(yaml.SafeLoader):
     Each mapping is checked once, as written, before PyYAML splices the keys of its merges (``<<:``) in:
     a key that overrides a merged one is no duplicate, at any depth of merging."""
 
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._checked: set[int] = set()  # ids of the mappings checked (flatten_mapping meets some again)
+
     def flatten_mapping(self, node):
-        checked = self.__dict__.setdefault("_checked", set())
-        if id(node) not in checked:
-            checked.add(id(node))
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
             seen: dict = {}
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
