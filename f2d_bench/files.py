@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -112,7 +113,15 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-#: (device, inode, size, mtime, ctime) of a weights file -> its sha256, for this process.
+def file_version(path: str | Path) -> tuple:
+    """(device, inode, size, mtime, ctime) of ``path``: equal while the file stays as it was. The inode
+    change time moves on every write and no tool sets it back, so a file rewritten in place, or replaced
+    by a copy that keeps size and mtime (cp -p, rsync -a), gets another version."""
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+#: :func:`file_version` of a weights file -> its sha256, for this process.
 _WEIGHTS_SHA256: dict[tuple, str] = {}
 
 
@@ -120,12 +129,10 @@ def weights_sha256(path: str | Path) -> str:
     """:func:`file_sha256` of a model file, hashed once per process while the file stays as it was.
 
     Methods identify their checkpoints by content each time they are built (once per shard under Ray,
-    1-2 s per GB). The key holds the inode change time, which every write moves and no tool sets back,
-    so a file rewritten in place is hashed again. Not for run images: the store's damage checks read
-    their bytes every time.
+    1-2 s per GB). A file rewritten in place is hashed again (:func:`file_version`). Not for run images:
+    the store's damage checks read their bytes every time.
     """
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    key = file_version(path)
     if key not in _WEIGHTS_SHA256:
         _WEIGHTS_SHA256[key] = file_sha256(path)
     return _WEIGHTS_SHA256[key]
@@ -227,22 +234,29 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def lock_is_held(path: str | Path) -> bool:
-    """Whether a process holds :func:`exclusive_lock` on ``path`` now (False when the file is missing).
+def lock_is_held(path: str | Path, *, seconds: float = 0.0) -> bool:
+    """Whether a process holds :func:`exclusive_lock` on ``path`` now and still after ``seconds`` (re-probed
+    every 0.1 s; a lock released meanwhile is not held). False when the file is missing.
 
     Probes with a shared lock, so that two processes probing one file at once do not see each other as
     its holder."""
-    try:
-        fh = open(path, "rb")
-    except FileNotFoundError:
-        return False
-    with fh:
+    deadline = time.monotonic() + seconds
+    while True:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
+            else:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+                return False
+        if time.monotonic() >= deadline:
             return True
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        return False
+        time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -113,19 +113,6 @@ def _line_key(line: str) -> ItemKey | None:
     return record.key if record is not None else None
 
 
-def _held_throughout(lock: Path, seconds: float = 2.0) -> bool:
-    """Whether ``lock`` stays held for ``seconds``: a running writer holds its lock for its whole run,
-    while a shard of this layout repairing that writer's manifest (reconcile) holds it a moment only."""
-    import time
-
-    deadline = time.monotonic() + seconds
-    while lock_is_held(lock):
-        if time.monotonic() >= deadline:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def _layout(writer: str) -> int | None:
     """The shard count of a generate's writer tag; None for a name that is not a shard's."""
     shard = Shard.from_tag(writer)
@@ -329,7 +316,9 @@ class RunStore:
             other = lock.stem
             if other == writer or _layout(other) in (None, mine):
                 continue
-            if _held_throughout(lock):
+            # Held for 2 s: a running writer holds its lock for its whole run, while a shard of this layout
+            # repairing that writer's manifest (reconcile) holds it a moment only.
+            if lock_is_held(lock, seconds=2.0):
                 raise F2DBenchError(
                     f"{other} is writing images of {self.run.root} with another --shard layout ({other} vs "
                     f"{writer}); the two would write the same images. Wait for {other} to finish, then resume "

@@ -231,8 +231,7 @@ def test_a_lock_held_a_moment_is_not_a_running_writer(tmp_path):
     starting then must not take it for a running writer of that layout."""
     import threading
 
-    from f2d_bench.files import exclusive_lock
-    from f2d_bench.store import _held_throughout
+    from f2d_bench.files import exclusive_lock, lock_is_held
 
     path = tmp_path / "all.lock"
     taken, release = threading.Event(), threading.Event()
@@ -246,7 +245,7 @@ def test_a_lock_held_a_moment_is_not_a_running_writer(tmp_path):
     holder.start()
     assert taken.wait(10)
     threading.Timer(0.3, release.set).start()  # the repair ends within the probe's window
-    assert not _held_throughout(path, seconds=5.0)
+    assert not lock_is_held(path, seconds=5.0)
     holder.join(10)
     with exclusive_lock(path):  # held for the whole window: a running writer
-        assert _held_throughout(path, seconds=0.3)
+        assert lock_is_held(path, seconds=0.3)

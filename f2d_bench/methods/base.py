@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # keep torch and diffusers out of import time
     from f2d_bench.faces.faceset import Face
 
 
-#: :meth:`Method.faceless`'s verdicts: (detector id, photo path, its stat) -> a usable face was found.
+#: :meth:`Method.faceless`'s verdicts: (detector id, the photo's file_version) -> a usable face was found.
 _HAS_FACE: dict[tuple, bool] = {}
 
 
@@ -200,13 +200,18 @@ class Method:
         choose (``INPUT_FACE_RULE``), so the face encoded is the face scored against. An error naming the
         file when there is none."""
         from f2d_bench.errors import F2DBenchError
-        from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
 
-        chosen, _ = choose_face(self.detect_input(image), INPUT_FACE_RULE)
+        chosen = self._chosen_input(image)
         if chosen is None:
             raise F2DBenchError(f"{self.name}: no face detected in {face.path} (face {face.face_id}); "
                                 f"{self.face_need}. Replace the image or remove it from the face set.")
         return chosen
+
+    def _chosen_input(self, image: Image.Image):
+        """The detection :meth:`input_face` takes from ``image``, or None."""
+        from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
+
+        return choose_face(self.detect_input(image), INPUT_FACE_RULE)[0]
 
     def faceless(self, faces: Sequence["Face"]) -> list["Face"]:
         """The faces whose photo has no face this method can use (none when :attr:`face_need` is None).
@@ -215,19 +220,18 @@ class Method:
         hours in, is named at the start, while the face set can still be corrected for the same --out."""
         if self.face_need is None:
             return []
-        from f2d_bench.faces.choice import INPUT_FACE_RULE, choose_face
         from f2d_bench.faces.imageio import read_image
+        from f2d_bench.files import file_version
 
         out = []
         for f in faces:
-            stat = Path(f.path).stat()
             # Each start of generate asks (every Ray shard, every method that encodes a face): a photo is
-            # searched once per process and detector, unless the file changes. ctime and the inode too, as
-            # a copy that keeps the mtime (cp -p, rsync -a) may also keep the size.
-            key = (self.detect_input_id(), str(Path(f.path).resolve()), stat.st_size, stat.st_mtime_ns,
-                   stat.st_ctime_ns, stat.st_ino, stat.st_dev)
+            # searched once per process and detector, unless the file changes.
+            key = (self.detect_input_id(), file_version(f.path))
+            # Only the verdict is kept: prepare detects again, as the per-face time it records (Table 2's
+            # cost per face) includes the detection.
             if key not in _HAS_FACE:
-                _HAS_FACE[key] = choose_face(self.detect_input(read_image(f.path)), INPUT_FACE_RULE)[0] is not None
+                _HAS_FACE[key] = self._chosen_input(read_image(f.path)) is not None
             if not _HAS_FACE[key]:
                 out.append(f)
         return out
