@@ -46,10 +46,7 @@ def _method(provider, **params) -> CelebBasisMethod:
     return method
 
 
-
-
 # --- sizes and the basis ---------------------------------------------------------------------------
-
 
 def test_trained_parameters_equal_closed_forms_at_sd14_size():
     width = 768  # SD 1.4's text width

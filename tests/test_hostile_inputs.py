@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 from conftest import REPO, TEST_PHOTOS, small_config_dict
-from f2d_bench.files import temporary_sibling
 from f2d_bench.cli import main
 from f2d_bench.config import config_from_dict, load_config
 from f2d_bench.engine import generate_run
 from f2d_bench.errors import ConfigError, F2DBenchError, ModelUnavailableError
 from f2d_bench.faces.detect import FaceDetector
 from f2d_bench.faces.prepare import prepare_faces
+from f2d_bench.files import temporary_sibling
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scorers.identity import adaface
 from f2d_bench.weights import WeightsLayoutError
@@ -227,6 +227,7 @@ def test_a_writer_of_another_layout_still_running_is_left_alone(tmp_path):
     in_flight = temporary_sibling(run.image_path(key))
     in_flight.parent.mkdir(parents=True, exist_ok=True)
     in_flight.write_bytes(b"half a PNG that shard 1/2 is writing")
+
     def images():
         return {p.relative_to(out).as_posix(): p.read_bytes() for p in (out / "images").rglob("*") if p.is_file()}
 

@@ -579,6 +579,7 @@ def test_report_refuses_a_folder_it_would_delete_and_replaces_an_earlier_report(
     with pytest.raises(F2DBenchError, match="is the working folder"):
         build_report([run], ".", n_resamples=RESAMPLES)
 
+
 # -- in a browser -------------------------------------------------------------------------------------
 
 
