@@ -15,7 +15,7 @@ Layout of ``RUN/``::
     scores/<stage>-<hash>/     one chunk cache per scoring stage and settings (faces, each scorer, FID)
     scores/scoring.json        what the last `score` ran; scores/fid.json: FID per method
     records.parquet, table1.csv  one row per image with every metric; per-method means
-    upper_bound/n<N>/          the child run topped up to N seeds; upper_bound/best_of_n.{csv,json,svg}
+    upper_bound/n<N>/          the child run topped up to N seeds; upper_bound/best_of_n-<column>-n<N>.{csv,json,svg}
 
 Reading a run needs no torch: report code opens runs through this class too.
 """
@@ -129,9 +129,22 @@ class RunDir:
         """The child run that tops this run up to seeds ``0..n-1``."""
         return RunDir(self.upper_bound_dir / f"n{n}")
 
-    def best_of_n_paths(self) -> dict[str, Path]:
-        """``csv``, ``json`` and ``svg`` of the best-of-N curve."""
-        return {ext: self.upper_bound_dir / f"best_of_n.{ext}" for ext in ("csv", "json", "svg")}
+    def best_of_n_paths(self, column: str, n: int) -> dict[str, Path]:
+        """``csv``, ``json`` and ``svg`` of the best-of-N curve of ``column`` up to ``n``: one set per
+        (column, N), so a quick ``--n 2`` or a gMean curve leaves the ``--n 16`` hMean one in place."""
+        stem = f"best_of_n-{column}-n{n}"
+        return {ext: self.upper_bound_dir / f"{stem}.{ext}" for ext in ("csv", "json", "svg")}
+
+    def best_of_n_files(self) -> list[dict[str, Path]]:
+        """Every best-of-N curve on disk, sorted by name: per ``.csv``, a dict with ``csv`` and, where
+        present, the ``json`` and ``svg`` of the same name (the older single ``best_of_n.csv`` included)."""
+        if not self.upper_bound_dir.is_dir():
+            return []
+        found = []
+        for csv in sorted(self.upper_bound_dir.glob("best_of_n*.csv")):
+            siblings = {ext: csv.with_suffix(f".{ext}") for ext in ("json", "svg")}
+            found.append({"csv": csv, **{ext: p for ext, p in siblings.items() if p.is_file()}})
+        return found
 
     # -- readers ------------------------------------------------------------------------------------
     def read_grid(self) -> dict:

@@ -10,8 +10,10 @@ the parent's config and seeds ``0..N-1``:
 3. the parent's score caches (``scores/*/chunk-*.parquet``) are copied, so linked images are not rescored;
 4. the missing seeds are generated (resumable, like ``generate``) and the child is scored with the
    parent's scorers and settings;
-5. ``best_of_n_curve`` over the child's records gives ``RUN/upper_bound/best_of_n.{csv,json,svg}``; an image
-   without a face counts 0 there under either ``scoring.no_face`` (``no_face_counts_zero``).
+5. ``best_of_n_curve`` over the child's records gives ``RUN/upper_bound/best_of_n-<column>-n<N>.{csv,json,svg}``
+   (one set per column and N, so curves of other N or columns stay); an image without a face counts 0
+   there under either ``scoring.no_face`` (``no_face_counts_zero``). The ``.json`` records the scoring
+   the curve used, so the report can say when the run was scored differently since.
 
 A parent whose seeds already include ``0..N-1`` is used directly, without a child.
 """
@@ -110,6 +112,12 @@ def upper_bound(
     pseeds = [int(s) for s in pgrid["seeds"]]
     wanted = list(range(n))
     summary_kw: dict = {}
+    # Score with the parent's last `score`: its scorers and settings (``score --config`` may have changed
+    # them from the run config's), so the curve's hMean is Table 1's. Before any score: the run config's.
+    recorded = dict(parent.scoring_info().get("scoring") or {})
+    names = [str(n) for n in recorded.pop("scorers", [])] or None
+    scoring = config.scoring.replace(**recorded) if recorded else config.scoring
+    _check_column(column, names or scoring.scorers, parent.root)  # before any image is generated
 
     if set(wanted) <= set(pseeds):
         # The parent already has every seed: no child; complete the parent itself if asked.
@@ -160,11 +168,6 @@ def upper_bound(
             summary_kw.update(linked=linked)
         summary_kw.update(score_chunks_copied=copy_score_caches(parent, target))
 
-    # Score with the parent's last `score`: its scorers and settings (``score --config`` may have changed
-    # them from the run config's), so the curve's hMean is Table 1's. Before any score: the run config's.
-    recorded = dict(parent.scoring_info().get("scoring") or {})
-    names = [str(n) for n in recorded.pop("scorers", [])] or None
-    scoring = config.scoring.replace(**recorded) if recorded else config.scoring
     scored = score_run(target.root, scorers=names, scoring=scoring, progress=progress)
     summary_kw.update(score_computed=dict(scored.computed))
     records = target.records()
@@ -182,12 +185,35 @@ def upper_bound(
     return summary
 
 
+def _check_column(column: str, scorer_names: Sequence[str], root: Path) -> None:
+    """F2DBenchError unless the scorers (empty: the default set) give ``column``: hMean and gMean need
+    every metric of PROTOCOL_MEAN. Read from the scorer classes, so nothing is loaded or generated."""
+    from f2d_bench.aggregate.metrics import COMBINED, PROTOCOL_MEAN
+    from f2d_bench.scorers import DEFAULT_SCORERS, SCORERS
+
+    if column not in COMBINED:
+        return
+    names = list(scorer_names) or list(DEFAULT_SCORERS)
+    given = {spec.name for name in names for spec in SCORERS.load(name).metrics if spec.in_mean}
+    lacking = [m for m in PROTOCOL_MEAN if m not in given]
+    if lacking:
+        providers = [n for n in DEFAULT_SCORERS if any(s.name in lacking for s in SCORERS.load(n).metrics)]
+        raise F2DBenchError(
+            f"{root} is scored with {', '.join(names)}, which give no {', '.join(lacking)}: its {column} (the "
+            f"mean of {', '.join(PROTOCOL_MEAN)}) would not exist. Score it with them first (f2d-bench score "
+            f"{root} --scorers {','.join(dict.fromkeys(names + providers))}), then run upper-bound again; "
+            "nothing was generated."
+        )
+
+
 def write_outputs(summary: UpperBoundSummary) -> dict[str, Path]:
-    """``RUN/upper_bound/best_of_n.csv``, ``.json`` (settings, counts, curve) and ``.svg`` (Fig. 7)."""
+    """``RUN/upper_bound/best_of_n-<column>-n<N>.csv``, ``.json`` (settings, the scoring used, counts,
+    curve) and ``.svg`` (Fig. 7)."""
+    from f2d_bench.aggregate.metrics import scoring_signature
     from f2d_bench.report.fig7 import plot_best_of_n
 
     curve = summary.curve
-    paths = RunDir(summary.run_dir).best_of_n_paths()
+    paths = RunDir(summary.run_dir).best_of_n_paths(summary.column, summary.n)
     csv_path, json_path, svg_path = paths["csv"], paths["json"], paths["svg"]
     atomic_write_bytes(csv_path, curve.to_csv(index=False).encode("utf-8"))
     per_method = {
@@ -198,7 +224,7 @@ def write_outputs(summary: UpperBoundSummary) -> dict[str, Path]:
     rel = os.path.relpath(summary.scored_dir, summary.run_dir)
     atomic_write_json(json_path, {
         "N": summary.n, "ns": summary.ns, "column": summary.column, "seeds": list(range(summary.n)),
-        "scored_run": rel, "counts": {
+        "scored_run": rel, "scoring": scoring_signature(RunDir(summary.scored_dir).scoring_info()), "counts": {
             "methods": per_method, "linked_from_parent": summary.linked, "generated": summary.generated,
             "not_generated": len(summary.not_generated), "score_chunks_copied": summary.score_chunks_copied,
             "scored_this_call": summary.score_computed,
@@ -322,8 +348,9 @@ def register(subparsers) -> None:
             "for N = 1, 2, 4, ... up to --n. The run is topped up to seeds 0..N-1 in a child run "
             "RUN_DIR/upper_bound/nN/: the run's images are hard-linked into it and its score caches copied, so "
             "only the missing seeds are generated and scored. Re-running resumes. Writes "
-            "RUN_DIR/upper_bound/best_of_n.csv, best_of_n.json and best_of_n.svg. The 'expected' curve is the "
-            "closed-form expected best of N images drawn from all N_max; 'first' is the best of the first N seeds."
+            "RUN_DIR/upper_bound/best_of_n-COLUMN-nN.csv, .json and .svg (one set per column and N). The "
+            "'expected' curve is the closed-form expected best of N images drawn from all N_max; 'first' is the "
+            "best of the first N seeds."
         ),
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a generated run (f2d-bench generate)")

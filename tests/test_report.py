@@ -104,7 +104,7 @@ def _build_scored_run(tmp: Path) -> Path:
 def _add_fid_and_upper_bound(run: Path) -> None:
     """What `score --fid-ref` and `upper-bound` write, in their documented formats."""
     from f2d_bench.aggregate.best_of_n import best_of_n_curve
-    from f2d_bench.report.fig7 import plot_best_of_n
+    from f2d_bench.upper_bound import UpperBoundSummary, write_outputs
 
     rec = pd.read_parquet(run / "records.parquet")
     methods = sorted(rec["method"].unique())
@@ -113,9 +113,7 @@ def _add_fid_and_upper_bound(run: Path) -> None:
     (run / "scores" / "fid.json").write_text(json.dumps(fid), encoding="utf-8")
     curve = best_of_n_curve(rec, ns=(1,), k=1)
     (run / "upper_bound").mkdir(exist_ok=True)
-    curve.to_csv(run / "upper_bound" / "best_of_n.csv", index=False)
-    (run / "upper_bound" / "best_of_n.json").write_text(json.dumps({"N": 1, "column": "hmean"}), encoding="utf-8")
-    plot_best_of_n(curve, run / "upper_bound" / "best_of_n.svg")
+    write_outputs(UpperBoundSummary(run_dir=run, scored_dir=run, n=1, ns=[1], column="hmean", curve=curve))
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +187,7 @@ def test_report_has_every_section_and_file(report):
     out = report.parent
     for name in ("table1", "table2", "categories", "paired", "best_of_n"):
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.json").is_file(), name
-    for svg in ("plots/means.svg", "plots/tradeoff.svg", "plots/categories.svg", "upper_bound/run0-best_of_n.svg"):
+    for svg in ("plots/means.svg", "plots/tradeoff.svg", "plots/categories.svg", "upper_bound/run0-best_of_n-hmean-n1.svg"):
         assert (out / svg).read_text(encoding="utf-8").lstrip().startswith("<?xml"), svg
         assert f'src="{svg}"' in html, svg
     assert "Reference: the paper's published numbers" in html and "Face2Diffusion" in html
@@ -482,10 +480,24 @@ def test_the_count_behind_hmean_is_shown_when_it_is_smaller(scored_run, tmp_path
 def test_published_counts_best_of_n_column_and_index_image_count(report, scored_run):
     html = _html(report)
     assert ">1,024<" in html  # CelebBasis's trained parameters, not "1.02e3"
-    assert "Best hMean among N images" in html
+    assert "Best hMean among N images" in html and "best hMean, N up to 1" in html
+    assert "may not match the run" not in html  # the curve was computed from the records as they are
     rec = pd.read_parquet(scored_run / "records.parquet")
     facts = json.loads((report.parent / "aggregates.json").read_text())
     assert facts["n_images"] == len(_prompt_rows(rec)) == 32  # the images behind Table 1, not the references
+
+
+def test_a_curve_from_an_earlier_scoring_is_marked_out_of_date(scored_run, tmp_path):
+    from f2d_bench.run_dir import RunDir
+    from f2d_bench.scoring import score_run
+
+    run = tmp_path / "run"
+    shutil.copytree(scored_run, run)
+    score_run(run, scoring=RunDir(run).config().scoring.replace(identity_clamp=True), progress=False)
+    html = _html(build_report([run], tmp_path / "out", n_resamples=RESAMPLES))
+    assert "may not match the run" in html
+    assert "scoring.identity_clamp is False in the curve, True in the run&#39;s records" in html
+    assert "<code>f2d-bench upper-bound run --n 1</code> brings it up to date" in html
 
 
 def test_the_trade_off_plot_puts_the_paper_on_the_metrics_it_averages(monkeypatch, tmp_path):

@@ -171,15 +171,18 @@ def test_top_up_reuses_parent_images_and_generates_only_the_missing_seeds(topped
 def test_outputs_and_curve(topped_up):
     parent, _, _, first, _ = topped_up
     out = parent / "upper_bound"
-    assert first.outputs == {"csv": out / "best_of_n.csv", "json": out / "best_of_n.json", "svg": out / "best_of_n.svg"}
-    csv = pd.read_csv(out / "best_of_n.csv")
+    assert first.outputs == {ext: out / f"best_of_n-hmean-n4.{ext}" for ext in ("csv", "json", "svg")}
+    csv = pd.read_csv(out / "best_of_n-hmean-n4.csv")
     assert set(csv["variant"]) == {"expected", "first"} and sorted(set(csv["n"])) == [1, 2, 4]
     assert (csv["n_pairs"] == 8).all() and (csv["n_too_few"] == 0).all()
-    meta = json.loads((out / "best_of_n.json").read_text())
+    meta = json.loads((out / "best_of_n-hmean-n4.json").read_text())
     assert meta["N"] == 4 and meta["ns"] == [1, 2, 4] and meta["column"] == "hmean"
+    # the scoring the curve used: the parent's last score (identity_clamp set by `score`, not the config)
+    assert meta["scoring"]["rules"]["identity_clamp"] is True
+    assert set(meta["scoring"]["scorers"]) == {"adaface", "sphereface", "facenet", "clip", "siglip"}
     assert meta["counts"]["generated"] == 20 or meta["counts"]["generated"] == 0  # the second call rewrote it
     assert len(meta["curve"]) == len(csv)
-    svg = (out / "best_of_n.svg").read_text()
+    svg = (out / "best_of_n-hmean-n4.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "<svg" in svg and "hMean" in svg
     for _, rows in csv[csv["variant"] == "expected"].groupby("method"):
         v = rows.sort_values("n")["value"].to_numpy()
@@ -190,11 +193,11 @@ def test_outputs_and_curve(topped_up):
     exp = clip[clip["variant"] == "expected"].sort_values("n")["value"].to_numpy()
     assert exp[0] == pytest.approx(rec.loc[~rec["is_reference"], "clip"].mean())
     assert exp[0] < exp[1] < exp[2]
-    assert "expected" in first.text() and "best_of_n.svg" in first.text()
+    assert "expected" in first.text() and "best_of_n-hmean-n4.svg" in first.text()
     from f2d_bench.report.fig7 import plot_best_of_n
 
     plot_best_of_n(first.curve, out / "again.svg")
-    assert (out / "again.svg").read_bytes() == (out / "best_of_n.svg").read_bytes()  # deterministic
+    assert (out / "again.svg").read_bytes() == (out / "best_of_n-hmean-n4.svg").read_bytes()  # deterministic
 
 
 @pytest.mark.slow
@@ -215,6 +218,41 @@ def test_no_generate_after_top_up_and_direct_use_of_a_parent_with_all_seeds(topp
     direct = upper_bound(parent, 2, generate=False, progress=False)
     assert direct.scored_dir == parent and not (parent / "upper_bound" / "n2").exists()
     assert sorted(set(direct.curve["n"])) == [1, 2]
+
+
+@pytest.mark.slow
+def test_curves_of_other_n_and_columns_stay_and_the_report_takes_each_columns_largest_n(topped_up):
+    from f2d_bench.report.data import best_of_n_curves
+
+    parent = topped_up[0]
+    upper_bound(parent, 2, generate=False, progress=False)
+    upper_bound(parent, 4, generate=False, progress=False, column="gmean")
+    out = parent / "upper_bound"
+    assert {p.name for p in out.glob("best_of_n*.csv")} == {
+        "best_of_n-hmean-n4.csv", "best_of_n-hmean-n2.csv", "best_of_n-gmean-n4.csv"}
+    run = RunDir(parent)
+    curves = best_of_n_curves(run, run.scoring_info())
+    assert [(c.column, c.n, c.csv.name, c.svg.name, c.stale) for c in curves] == [
+        ("hmean", 4, "best_of_n-hmean-n4.csv", "best_of_n-hmean-n4.svg", []),
+        ("gmean", 4, "best_of_n-gmean-n4.csv", "best_of_n-gmean-n4.svg", [])]
+    # the run scored again since with another face rule, or a scorer in another precision
+    info = run.scoring_info()
+    info["identity_clamp"] = False
+    info["scorers"][0]["precision"] = "bf16"
+    assert best_of_n_curves(run, info)[0].stale == [
+        "scoring.identity_clamp is True in the curve, False in the run's records",
+        f"{info['scorers'][0]['name']}: precision differ between the curve and the run's records"]
+    # a curve of the earlier single-file layout is still read; it records no scoring, and says so
+    legacy = out / "best_of_n.csv"
+    shutil.copyfile(out / "best_of_n-hmean-n2.csv", legacy)
+    (out / "best_of_n.json").write_text(json.dumps({"N": 16, "column": "hmean"}))
+    try:
+        first = best_of_n_curves(run, run.scoring_info())[0]
+        assert (first.csv, first.n, first.svg) == (legacy, 16, None)
+        assert first.stale == ["the curve does not record the scoring it used"]
+    finally:
+        legacy.unlink()
+        (out / "best_of_n.json").unlink()
 
 
 @pytest.mark.slow
@@ -241,7 +279,7 @@ def test_command_line(topped_up, capsys):
     args = parser.parse_args(["upper-bound", str(parent), "--n", "4", "--no-generate", "--no-progress"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "best_of_n.csv" in out and "expected" in out
+    assert "best_of_n-hmean-n4.csv" in out and "expected" in out
     args = parser.parse_args(["upper-bound", str(parent), "--n", "8", "--no-generate", "--no-progress"])
     with pytest.raises(F2DBenchError, match="fewer than 8 images"):
         args.func(args)
@@ -285,7 +323,19 @@ def test_the_upper_bound_of_a_run_scored_with_no_face_drop_keeps_its_faceless_pa
         # The tiny model draws no faces: every image is faceless, hMean 0 under the paper's rule either way.
         assert (drop.curve["n_pairs"] == 8).all() and (drop.curve["n_nan"] == 0).all()
         pd.testing.assert_frame_equal(first.curve, drop.curve)
-        meta = json.loads((parent / "upper_bound" / "best_of_n.json").read_text())
+        meta = json.loads((parent / "upper_bound" / "best_of_n-hmean-n4.json").read_text())
         assert "0.0" in meta["no_face"]
     finally:
         score_run(parent, scoring=scoring, progress=False)
+
+
+def test_a_run_scored_without_every_mean_metric_is_refused_before_anything_is_generated(tmp_path):
+    data = small_config_dict(faces=str(face_dir(tmp_path / "faces", ("obama",))), seeds=[0], batch_size=4,
+                             scoring=offline_scoring(scorers=["adaface", "clip"]))
+    parent = tmp_path / "run"
+    assert generate_run(config_from_dict(data), parent, progress=False).complete
+    score_run(parent, progress=False)
+    with pytest.raises(F2DBenchError, match=r"give no sphereface, facenet, siglip: its hmean .* --scorers "
+                                            r"adaface,clip,sphereface,facenet,siglip\).* nothing was generated"):
+        upper_bound(parent, 2, progress=False)
+    assert not (parent / "upper_bound").exists()

@@ -63,3 +63,31 @@ class MetricCatalog:
     def notes(self) -> dict[str, str]:
         """metric -> note (e.g. "random weights: not meaningful"); metrics without a note are absent."""
         return {s["name"]: s["note"] for s in self.specs if s.get("note")}
+
+
+#: The face rules of ``scores/scoring.json`` that change identity values (each scorer's own settings,
+#: version and precision are recorded per scorer).
+FACE_RULES = ("face_policy", "min_face_prob", "identity_clamp", "no_face")
+
+
+def scoring_signature(info: Mapping) -> dict:
+    """What in a ``scores/scoring.json`` decides the values: the face rules and, per scorer, its version,
+    settings and precision; not the device, batch size or worker count. JSON-ready."""
+    return {
+        "rules": {k: info.get(k) for k in FACE_RULES},
+        "scorers": {s.get("name"): {k: s.get(k) for k in ("version", "settings", "precision")}
+                    for s in info.get("scorers", []) if isinstance(s, Mapping)},
+    }
+
+
+def signature_differences(a: Mapping, b: Mapping, a_name: str, b_name: str) -> list[str]:
+    """How two :func:`scoring_signature` values differ, one line each (empty when they agree): a face
+    rule, or a scorer both ran with another version, settings or precision."""
+    rules_a, rules_b = a.get("rules", {}), b.get("rules", {})
+    lines = [f"scoring.{k} is {rules_a.get(k)!r} in {a_name}, {rules_b.get(k)!r} in {b_name}"
+             for k in FACE_RULES if rules_a.get(k) != rules_b.get(k)]
+    mine, theirs = a.get("scorers", {}), b.get("scorers", {})
+    for name in [n for n in mine if n in theirs and mine[n] != theirs[n]]:
+        what = ", ".join(k for k in mine[name] if mine[name][k] != theirs[name].get(k))
+        lines.append(f"{name}: {what} differ between {a_name} and {b_name}")
+    return lines

@@ -16,13 +16,27 @@ from typing import Callable
 
 import pandas as pd
 
-from f2d_bench.aggregate.metrics import MetricCatalog
+from f2d_bench.aggregate.metrics import MetricCatalog, scoring_signature, signature_differences
 from f2d_bench.errors import F2DBenchError
 from f2d_bench.files import file_sha256
 from f2d_bench.run_dir import RunDir, read_json
 
 KEY_COLUMNS = ("method", "face", "prompt", "seed")
 FACE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+
+@dataclass
+class BestOfNCurve:
+    """One curve ``upper-bound`` wrote into a run (``RUN/upper_bound/best_of_n-<column>-n<N>.*``)."""
+
+    #: the per-image value it maximised (``--column``); None when its ``.json`` is missing or damaged
+    column: str | None
+    n: int | None  # ``--n``: images per (face, prompt); None when not recorded
+    csv: Path
+    svg: Path | None
+    #: why its numbers may not be the run's current ones: the scoring it used differs from the run's
+    #: last ``score`` (one line per difference), or it did not record its scoring
+    stale: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -41,10 +55,8 @@ class RunData:
     #: method_id -> per-face seconds of a method that prepares per process (every measurement counts)
     prepare_seconds: dict[str, list[float]]
     scored_at: str | None
-    best_of_n_csv: Path | None
-    best_of_n_svg: Path | None
-    #: the per-image value the upper bound maximised (``upper-bound --column``, best_of_n.json)
-    best_of_n_column: str | None
+    #: the upper bound's curves (``upper-bound``): of each column, the one with the largest N
+    best_of_n: list[BestOfNCurve]
     input_faces: dict[str, Path]  # face_id -> the input photo, when it is still where the run found it
     #: face_id -> the input-quality record ``faces prepare`` wrote for it (manifest ``quality``), if any
     face_quality: dict[str, dict] = field(default_factory=dict)
@@ -209,21 +221,40 @@ def load_run(root: str | Path, index: int = 0) -> RunData:
             timespec="seconds")
     except OSError:
         pass
-    best = {ext: path for ext, path in run.best_of_n_paths().items() if path.is_file()}
-    try:
-        best_column = read_json(best["json"], {}).get("column") if "json" in best else None
-    except (F2DBenchError, AttributeError):  # a damaged best_of_n.json costs the caption its column only
-        best_column = None
     input_faces = _find_input_faces(run_json, grid)
     faces = _face_set_info(input_faces)
     return RunData(
         index=index, root=run.root, run_json=run_json, grid=grid, records=records,
         scoring=run.scoring_info(), fid=run.fid_results(), environment=run.environment(),
         methods=methods, prepare_seconds=prepare, scored_at=scored_at,
-        best_of_n_csv=best.get("csv"), best_of_n_svg=best.get("svg"), best_of_n_column=best_column,
+        best_of_n=best_of_n_curves(run, run.scoring_info()),
         input_faces=input_faces, face_quality=faces.quality, face_sources=faces.sources, face_sets=faces.sets,
         tuned_seconds=tuned,
     )
+
+
+def best_of_n_curves(run: RunDir, scoring: dict) -> list[BestOfNCurve]:
+    """Of each column's curves in ``run``, the one with the largest N (the newest of equal N): a quick
+    ``--n 2`` beside the ``--n 16`` curve is not shown. hMean's first. ``scoring``: the run's
+    ``scoring.json``, against which each curve's recorded scoring is checked."""
+    chosen: dict[str | None, tuple[tuple, BestOfNCurve]] = {}
+    for paths in run.best_of_n_files():
+        try:
+            meta = read_json(paths["json"], {}) if "json" in paths else {}
+        except F2DBenchError:  # a damaged .json costs the curve its caption, not the report
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+        n = meta.get("N") if isinstance(meta.get("N"), int) else None
+        if "scoring" in meta:
+            stale = signature_differences(meta["scoring"], scoring_signature(scoring), "the curve", "the run's records")
+        else:
+            stale = ["the curve does not record the scoring it used"]
+        curve = BestOfNCurve(column=meta.get("column"), n=n, csv=paths["csv"], svg=paths.get("svg"), stale=stale)
+        rank = (n or 0, paths["csv"].stat().st_mtime_ns)
+        if curve.column not in chosen or rank > chosen[curve.column][0]:
+            chosen[curve.column] = (rank, curve)
+    order = {"hmean": 0, "gmean": 1}
+    return [c for _, c in sorted(chosen.values(), key=lambda rc: (order.get(rc[1].column, 2), str(rc[1].column)))]
 
 
 def _check_same_inputs(runs: list[RunData]) -> None:
@@ -252,24 +283,10 @@ def scoring_differences(runs: list[RunData]) -> list[str]:
     """What the runs' last ``score`` did differently, one line each (empty when all agree): a scorer both
     ran with other settings, version or precision, or another face rule. Their methods' numbers are then
     not comparable with each other."""
-    def face_rules(run: RunData) -> dict:
-        return {k: run.scoring.get(k) for k in ("face_policy", "min_face_prob", "identity_clamp", "no_face")}
-
-    def scorers(run: RunData) -> dict:
-        return {s.get("name"): {k: s.get(k) for k in ("version", "settings", "precision")}
-                for s in run.scoring.get("scorers", []) if isinstance(s, dict)}
-
-    lines = []
     first = runs[0]
-    for run in runs[1:]:
-        for key, value in face_rules(run).items():
-            if value != face_rules(first)[key]:
-                lines.append(f"scoring.{key} is {face_rules(first)[key]!r} in {first.name}, {value!r} in {run.name}")
-        mine, theirs = scorers(first), scorers(run)
-        for name in [n for n in mine if n in theirs and mine[n] != theirs[n]]:
-            what = ", ".join(k for k in mine[name] if mine[name][k] != theirs[name][k])
-            lines.append(f"{name}: {what} differ between {first.name} and {run.name}")
-    return lines
+    return [line for run in runs[1:]
+            for line in signature_differences(scoring_signature(first.scoring), scoring_signature(run.scoring),
+                                              first.name, run.name)]
 
 
 def load_runs(run_dirs: list[str | Path]) -> ReportData:

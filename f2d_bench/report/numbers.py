@@ -29,7 +29,7 @@ class Aggregates:
     categories: pd.DataFrame  # index (method, category): Table 1 columns
     category_marks: dict  # category -> marks over methods
     pairs: pd.DataFrame  # method_a, method_b, column, diff, lo, hi, p_a_better, n_faces
-    best_of_n: pd.DataFrame  # run, method, method_label, n, variant, value, n_pairs
+    best_of_n: pd.DataFrame  # run, column, method, method_label, n, variant, value, n_pairs
     confidence: float
     n_resamples: int
     notes: dict = field(default_factory=dict)
@@ -78,9 +78,10 @@ def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence:
 
     frames = []
     for run in data.runs:
-        if run.best_of_n_csv is not None:
-            frame = pd.read_csv(run.best_of_n_csv)
+        for curve in run.best_of_n:
+            frame = pd.read_csv(curve.csv)
             frame.insert(0, "run", run.index)
+            frame.insert(1, "column", curve.column)
             frames.append(frame)
     best = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     identity = [m for m in identity_columns(catalog) if m in records.columns]

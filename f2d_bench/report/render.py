@@ -231,28 +231,33 @@ def _paper_view() -> dict:
 
 
 def _best_of_n_view(agg: Aggregates, data: ReportData, out_dir: Path) -> list[dict]:
+    """One view per run and curve (of each column, the largest N), with its staleness if any."""
     views = []
     for run in data.runs:
-        if run.best_of_n_svg is None and run.best_of_n_csv is None:
-            continue
-        column = run.best_of_n_column
-        view = {"run": run.name, "svg": None, "ns": [], "rows": [],
-                "column": COLUMN_NAMES.get(column, column) if column else "hMean or gMean (not recorded)"}
-        if run.best_of_n_svg is not None:
-            rel = f"upper_bound/run{run.index}-best_of_n.svg"
-            (out_dir / "upper_bound").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(run.best_of_n_svg, out_dir / rel)
-            view["svg"] = rel
-        part = agg.best_of_n[agg.best_of_n["run"] == run.index] if len(agg.best_of_n) else pd.DataFrame()
-        if len(part):
-            ns = sorted(int(n) for n in part["n"].unique())
-            view["ns"] = ns
-            for (method, variant), g in part.groupby(["method", "variant"], sort=True):
-                by_n = dict(zip(g["n"].astype(int), g["value"]))
-                view["rows"].append({"method": method, "label": g["method_label"].iloc[0], "variant": variant,
-                                     "cells": [fmt(by_n.get(n)) for n in ns],
-                                     "n_pairs": int(g["n_pairs"].max())})
-        views.append(view)
+        for curve in run.best_of_n:
+            column = curve.column
+            again = " ".join(["f2d-bench upper-bound", run.name, *(["--n", str(curve.n)] if curve.n else []),
+                              *(["--column", column] if column and column != "hmean" else [])])
+            view = {"run": run.name, "svg": None, "ns": [], "rows": [], "n": curve.n, "stale": curve.stale,
+                    "again": again,
+                    "column": COLUMN_NAMES.get(column, column) if column else "hMean or gMean (not recorded)"}
+            if curve.svg is not None:
+                rel = f"upper_bound/run{run.index}-{curve.svg.name}"
+                (out_dir / "upper_bound").mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(curve.svg, out_dir / rel)
+                view["svg"] = rel
+            part = agg.best_of_n
+            if len(part):
+                part = part[(part["run"] == run.index) & (part["column"].fillna("") == (column or ""))]
+            if len(part):
+                ns = sorted(int(n) for n in part["n"].unique())
+                view["ns"] = ns
+                for (method, variant), g in part.groupby(["method", "variant"], sort=True):
+                    by_n = dict(zip(g["n"].astype(int), g["value"]))
+                    view["rows"].append({"method": method, "label": g["method_label"].iloc[0], "variant": variant,
+                                         "cells": [fmt(by_n.get(n)) for n in ns],
+                                         "n_pairs": int(g["n_pairs"].max())})
+            views.append(view)
     return views
 
 
