@@ -179,7 +179,7 @@ def test_sharded_in_process_scores_then_a_plain_score_computes_nothing(generated
     out = _copy_run(generated[0], tmp_path / "run")
     first = score_run(out, progress=False, shard=Shard(2, 3))
     assert not first.assembled and first.waiting == ["1/3", "3/3"] and not RunDir(out).records_parquet.exists()
-    assert "records.parquet not written yet" in first.text()
+    assert "records.parquet not assembled from this round yet" in first.text()
     assert not (out / "scores" / "fid.json").exists()  # FID waits for the whole set
     # A plain score now assembles the records: it computes the other shards' images only.
     done = score_run(out, progress=False)
@@ -187,6 +187,11 @@ def test_sharded_in_process_scores_then_a_plain_score_computes_nothing(generated
     assert RunDir(out).records().equals(RunDir(unsharded).records())
     again = score_run(out, progress=False)
     assert again.computed == {"clip": 0, "facenet": 0}
+    # The assembly cleared shard 2/3's mark: in a later round, shard 3/3 waits for both others again
+    # rather than completing a set with a mark of the earlier round.
+    assert not list(RunDir(out).score_shards_dir.glob("*.json"))
+    later = score_run(out, progress=False, shard=Shard(3, 3))
+    assert not later.assembled and later.waiting == ["1/3", "2/3"]
 
 
 @pytest.mark.slow
@@ -200,7 +205,7 @@ def test_concurrent_shard_processes_make_the_unsharded_records(launcher, envs, g
         assert f"--shard auto: {launcher}" in text and f"shard {i + 1}/2" in text, text[-2000:]
     # Exactly one of them finished the set and assembled; the other left it to that one.
     assert sum("finished last and assembled" in t for t in outputs) == 1, outputs
-    assert sum("records.parquet not written yet" in t for t in outputs) == 1, outputs
+    assert sum("records.parquet not assembled from this round yet" in t for t in outputs) == 1, outputs
     run, clean = RunDir(out), RunDir(unsharded)
     records = run.records()
     assert records.equals(clean.records())  # same rows, same values, bit for bit

@@ -16,8 +16,10 @@ names carry the writer, see :mod:`.cache`), and writes no records. Stage 3 is th
 whatever the whole run still lacks (nothing, once every shard is done) and writes records.parquet,
 table1.csv, FID over all of each method's images and scoring.json. It runs in the shard that finishes the
 set of N (each finished shard leaves ``scores/shards/shard-i-of-N.json``; the one that finds all N
-assembles and clears them), in a plain ``score`` run afterwards, or in the ``--ray`` driver. Assemblies
-and unsharded scores of one run take turns on one lock; each shard has its own.
+assembles), in a plain ``score`` run afterwards, or in the ``--ray`` driver. Every assembly clears all
+marks: a later sharded round (new images, a changed cache) starts from none, so no shard completes a set
+with marks left by an earlier round. Assemblies and unsharded scores of one run take turns on one lock;
+each shard has its own.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class ScoreSummary:
         if not self.assembled:
             lines = [f"scored shard {self.shard}: {self.n_images} images of {self.run_dir} in {self.seconds:.1f} s"]
             lines += [f"  {name}: {n} computed, {self.n_images - n} from cache" for name, n in self.computed.items()]
-            lines.append(f"records.parquet not written yet: shard(s) {', '.join(self.waiting[:8])}"
+            lines.append(f"records.parquet not assembled from this round yet: shard(s) "
+                         f"{', '.join(self.waiting[:8])}"
                          f"{' ...' if len(self.waiting) > 8 else ''} still to finish; the last shard to finish "
                          f"writes it (or run f2d-bench score {self.run_dir} once they are done)")
             return "\n".join(lines)
@@ -284,8 +287,8 @@ class ScoreSession:
                 "seconds": time.perf_counter() - start}
 
     def finish_shard(self, shard: Shard, work: dict) -> ScoreSummary:
-        """Mark ``shard`` done; the shard that completes the set of N assembles the records and clears
-        the marks. Returns the assembled summary, or the shard's own."""
+        """Mark ``shard`` done; the shard that completes the set of N assembles the records (which clears
+        the marks). Returns the assembled summary, or the shard's own."""
         marks = self.run.score_shards_dir
         with self._lock("all", wait=True):
             atomic_write_json(marks / f"{shard.tag}.json", {"settings": self.settings_id, "images": work["images"]})
@@ -300,8 +303,6 @@ class ScoreSession:
                     waiting.append(f"{i}/{shard.count}")
             if not waiting:
                 summary = self._assemble(computed=work["computed"])
-                for i in range(1, shard.count + 1):
-                    (marks / f"{Shard(i, shard.count).tag}.json").unlink(missing_ok=True)
                 summary.shard = f"{shard.index}/{shard.count}"
                 return summary
         return ScoreSummary(self.run_dir, self.run.records_parquet, work["images"], computed=work["computed"],
@@ -352,6 +353,9 @@ class ScoreSession:
             "input_face_rule": INPUT_FACE_RULE, "min_face_prob": scoring.min_face_prob,
             "identity_clamp": scoring.identity_clamp, "no_face": scoring.no_face, "metrics": declared,
         })
+        if run.score_shards_dir.is_dir():  # the marks of every earlier round, of any N: assembled now
+            for mark in run.score_shards_dir.glob("shard-*-of-*.json"):
+                mark.unlink(missing_ok=True)
         summary.no_face_rule = ("identity metrics 0.0" if scoring.no_face == "zero"
                                 else "identity metrics empty, left out of the means")
         summary.errors = int(records["error"].notna().sum())
