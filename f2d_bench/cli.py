@@ -85,12 +85,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / config.name
     if args.ray:
         status = _ray(args, "generate", config, out, compile=args.compile)
-        if args.score and status == 0:
-            # Scored by the workers once every image exists: under Ray most images' reference images
-            # come from other shards, so scoring beside generation would leave most of them waiting.
+        if args.score:
+            # Scored by the workers once generation ends: under Ray most images' reference images come
+            # from other shards, so scoring beside generation would leave most of them waiting. Images
+            # that could not be made (status 1) do not hold back the others' scores, as without --ray.
             from f2d_bench.run_dir import RunDir
 
-            return _ray(args, "score", RunDir(out).config().replace(scoring=config.scoring), out)
+            scored = _ray(args, "score", RunDir(out).config().replace(scoring=config.scoring), out)
+            return max(status, scored)
         return status
     summary = api.generate(config, out=out, shard=shard, progress=not args.no_progress, compile=args.compile,
                            score=args.score)

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -23,7 +24,7 @@ from f2d_bench.launch.ray_executor import ManifestLines, import_ray, previous_sh
 from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring import score_run
 
-from conftest import REPO, face_dir, offline_scoring, run_hashes, small_config_dict
+from conftest import REPO, SAME, external_source, face_dir, offline_scoring, run_hashes, small_config_dict
 
 FACES = ["biden", "grace_hopper", "obama"]
 
@@ -362,6 +363,27 @@ def test_generate_ray_score_leaves_the_records_of_a_single_process(local_ray, sc
     assert "generate over Ray" in text and "score over Ray" in text, text
     assert run_hashes(out) == run_hashes(clean)
     _scored_once(out, clean)
+
+
+@pytest.mark.slow
+def test_generate_ray_score_scores_the_images_made_when_one_could_not_be(local_ray, tmp_path, capsys):
+    from f2d_bench.prompts import load_prompt_set
+
+    pids = [p.id for p in load_prompt_set("smoke").all_prompts()]
+    src = external_source(tmp_path / "src", FACES, lambda f: {pid: SAME[f] for pid in pids},
+                          rng=np.random.default_rng(0), noise_size=64)
+    (src / FACES[0] / pids[0] / "0.png").unlink()  # one image the method cannot make
+    data = _config(tmp_path, seeds=[0], methods=[{"name": "external", "params": {"source": str(src)}}],
+                   scoring=offline_scoring(scorers=["clip"]))
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(data))
+    out = tmp_path / "run"
+    assert main(["generate", "--config", str(config), "--out", str(out), "--ray", "--workers", "2",
+                 "--ray-shards", "2", "--score", "--no-progress"]) == 1
+    text = capsys.readouterr().out
+    assert "score over Ray" in text, text
+    records = RunDir(out).records()
+    assert len(records) == len(FACES) * len(pids) - 1 and records["clip"].notna().all()
 
 
 @pytest.mark.slow
