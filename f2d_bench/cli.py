@@ -30,7 +30,8 @@ f2d-bench: the Face2Diffusion (CVPR 2024) face-personalization evaluation protoc
 
 
 def _shard(args: argparse.Namespace):
-    """The command's shard; ``--shard auto`` says what it read and pins the device (before torch starts)."""
+    """(shard, launch) of the command; ``--shard auto`` says what it read and pins the device (before torch
+    starts), and its launch is what it read (None otherwise)."""
     from f2d_bench.launch.environment import shard_argument
 
     if args.ray and args.shard:
@@ -38,11 +39,11 @@ def _shard(args: argparse.Namespace):
     if not args.ray and (args.workers is not None or args.ray_shards is not None):
         raise F2DBenchError("--workers and --ray-shards go with --ray")
     if args.ray:
-        return None
-    shard, found = shard_argument(args.shard)
+        return None, None
+    shard, found, launch = shard_argument(args.shard)
     if found:
         print(found, flush=True)
-    return shard
+    return shard, launch
 
 
 def _ray(args: argparse.Namespace, kind: str, config, out: Path, **more) -> int:
@@ -79,10 +80,15 @@ def _add_ray_arguments(parser: argparse.ArgumentParser, what: str) -> None:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from f2d_bench import api
 
-    shard = _shard(args)
+    shard, launch = _shard(args)
     config = api.resolve_config(args.config or args.preset, faces=args.faces, batch_size=args.batch_size,
                                 device=args.device)
     out = Path(args.out) if args.out else Path("runs") / config.name
+    if launch is not None:
+        from f2d_bench.launch.environment import check_array_layout
+        from f2d_bench.run_dir import RunDir
+
+        check_array_layout(launch, RunDir(out).store.layouts(), out)
     if args.ray:
         status = _ray(args, "generate", config, out, compile=args.compile)
         if args.score:
@@ -102,7 +108,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from f2d_bench import api
 
-    shard = _shard(args)
+    shard, _ = _shard(args)
     config = api.resolve_config(args.config or args.preset, faces=args.faces, device=args.device)
     out = Path(args.out) if args.out else Path("runs") / config.name
     if args.ray:
@@ -154,7 +160,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from f2d_bench import api
 
-    shard = _shard(args)
+    shard, _ = _shard(args)
     names = [n.strip() for n in args.scorers.split(",") if n.strip()] if args.scorers else None
     settings = dict(config=args.config, device=args.device, batch_size=args.batch_size,
                     fid_reference=args.fid_ref, fid_backend=args.fid_backend)

@@ -302,6 +302,10 @@ class RunStore:
                 "wait for it to finish, or give this one another --shard")
         return exclusive_lock(path, busy=busy)
 
+    def layouts(self) -> set[int]:
+        """The shard counts of the writers whose manifests the run holds (1: unsharded)."""
+        return {n for p in self.run.manifest_paths() if (n := _layout(p.stem)) is not None}
+
     def check_layouts(self, writer: str) -> None:
         """Refuse to write while a writer of another ``--shard`` layout is running (call it holding
         :meth:`writer_lock`): the two would own some keys both, and each one's :meth:`reconcile` would take

@@ -67,7 +67,7 @@ def test_no_launcher_is_an_error_naming_the_variables():
     ({"SLURM_ARRAY_TASK_ID": "3"}, "neither SLURM_ARRAY_TASK_MIN/MAX"),
     # --array=1,3,7: the ids do not map onto 1..N
     ({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "7",
-      "SLURM_ARRAY_TASK_COUNT": "3"}, "contiguous range"),
+      "SLURM_ARRAY_TASK_COUNT": "3"}, r"do not map onto shards 1\.\.N.*--shard \$\(\(SLURM_ARRAY_TASK_ID \+ 1\)\)/N"),
 ])
 def test_inconsistent_launch_variables_are_refused(env, match):
     with pytest.raises(ConfigError, match=match):
@@ -129,6 +129,32 @@ def test_tune_shard_auto_says_which_launcher_and_tunes_that_shard(monkeypatch, c
     assert calls[0]["shard"] == Shard(2, 2)
     out = capsys.readouterr().out
     assert "--shard auto: SLURM array (SLURM_ARRAY_TASK_ID=1 SLURM_ARRAY_TASK_COUNT=2) -> shard 2/2" in out
+
+
+def test_shard_auto_refuses_a_resubmitted_part_of_an_array_that_would_change_the_layout(monkeypatch, tmp_path,
+                                                                                       capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(small_config_dict(faces=str(face_dir(tmp_path / "faces", ("obama", "biden"))),
+                                                       seeds=[0])))
+    out = tmp_path / "run"
+    assert main(["generate", "--config", str(config), "--out", str(out), "--shard", "1/2", "--no-progress"]) == 0
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    # `sbatch --array=1` to rerun task 1 of an --array=0-1: alone, it is an array of one task
+    for name, value in {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "1", "SLURM_ARRAY_TASK_MAX": "1",
+                        "SLURM_ARRAY_TASK_COUNT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    before = sorted(p.name for p in (out / "manifests").glob("*.jsonl"))
+    assert main(["generate", "--config", str(config), "--out", str(out), "--shard", "auto", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "makes 1 shard(s)" in err and "generated as 2 shards" in err, err
+    assert "--shard $((SLURM_ARRAY_TASK_ID + 1))/2" in err
+    assert sorted(p.name for p in (out / "manifests").glob("*.jsonl")) == before == ["shard-1-of-2.jsonl"]
+    # the whole array again (--array=0-1) keeps the layout: task 1 is shard 2/2
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    assert main(["generate", "--config", str(config), "--out", str(out), "--shard", "auto", "--no-progress"]) == 0
+    assert RunDir(out).store.layouts() == {2}
 
 
 # --- real processes under simulated launchers ---------------------------------------------------------

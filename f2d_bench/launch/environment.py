@@ -40,6 +40,9 @@ class Launch:
     local_rank: int | None
     launcher: str  # e.g. "torchrun", "SLURM array", "SLURM array x SLURM tasks"
     variables: dict[str, str] = field(default_factory=dict)  # the variables it was read from
+    #: the SLURM array's task count (None: no array) and the ranks each task starts (1: none)
+    array_tasks: int | None = None
+    ranks: int = 1
 
     def describe(self) -> str:
         """One line for the command's output: launcher, variables and shard."""
@@ -73,7 +76,9 @@ def _array(env: Mapping[str, str]) -> tuple[int, int, dict[str, str]] | None:
             # --array=1,3,7 or a %-limited list: its ids do not map onto 1..N.
             raise ConfigError(
                 f"--shard auto: the SLURM array has {env['SLURM_ARRAY_TASK_COUNT']} tasks but spans "
-                f"{low}-{high}:{step}; use a contiguous range such as --array=0-{_int(env, 'SLURM_ARRAY_TASK_COUNT') - 1}")
+                f"{low}-{high}:{step}, so its ids do not map onto shards 1..N. To rerun some tasks of an array "
+                "of N shards numbered from 0 (--array=0-<N-1>), give the shard in the batch script: "
+                "--shard $((SLURM_ARRAY_TASK_ID + 1))/N")
         return (task - low) // step, count, used
     if "SLURM_ARRAY_TASK_COUNT" in env:
         count = _int(env, "SLURM_ARRAY_TASK_COUNT")
@@ -132,7 +137,26 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> Launch:
     else:
         inner_i, inner_n = 0, 1
     shard = Shard(outer_i * inner_n + inner_i + 1, outer_n * inner_n)
-    return Launch(shard, local, " x ".join(names), used)
+    return Launch(shard, local, " x ".join(names), used, array_tasks=outer_n if array is not None else None,
+                  ranks=inner_n)
+
+
+def check_array_layout(launch: Launch, layouts: set[int], run_root) -> None:
+    """ConfigError when ``--shard auto`` read a SLURM array that splits the run into another number of
+    shards than the ``layouts`` (shard counts > 1) it was generated with: resubmitting some tasks of an
+    array (``--array=5``) makes a new, smaller array, and would silently change the layout (other
+    batches, other rounding; a running task of the first array would refuse it, or be refused)."""
+    sharded = sorted(n for n in layouts if n > 1)
+    if launch.array_tasks is None or not sharded or launch.shard.count in sharded:
+        return
+    m = sharded[-1]
+    formula = (f"--shard $((SLURM_ARRAY_TASK_ID + 1))/{m}" if launch.ranks == 1 else
+               f"--shard $((SLURM_ARRAY_TASK_ID * {launch.ranks} + SLURM_PROCID + 1))/{m}")
+    raise ConfigError(
+        f"--shard auto: this SLURM array makes {launch.shard.count} shard(s), but {run_root} was generated as "
+        f"{' and '.join(map(str, sharded))} shards (manifests/shard-*-of-{m}.jsonl); a resubmitted part of an "
+        f"array would change the layout. To rerun tasks of the {m}-shard array (ids from 0), give the shard in "
+        f"the batch script: {formula}; to change the layout on purpose, give --shard i/N yourself")
 
 
 def pinned_devices(local_rank: int, visible: str | None) -> str | None:
@@ -163,8 +187,9 @@ def pin_device(launch: Launch, environ: MutableMapping[str, str] | None = None) 
             "(the config's auto/cuda is that GPU, the CPU where there is none)")
 
 
-def shard_argument(text: str | None) -> tuple[Shard, str | None]:
-    """The ``--shard`` value of a command: (shard, what ``auto`` found and pinned, or None).
+def shard_argument(text: str | None) -> tuple[Shard, str | None, Launch | None]:
+    """The ``--shard`` value of a command: (shard, what ``auto`` found and pinned, what it read), the
+    last two None unless ``auto``.
 
     ``text`` is ``i/N``, ``auto`` or None (the whole run). ``auto`` also pins the device (see
     :func:`pin_device`).
@@ -172,8 +197,8 @@ def shard_argument(text: str | None) -> tuple[Shard, str | None]:
     from f2d_bench.grid import UNSHARDED
 
     if text is None:
-        return UNSHARDED, None
+        return UNSHARDED, None, None
     if text.strip().lower() != "auto":
-        return Shard.parse(text), None
+        return Shard.parse(text), None, None
     launch = detect_launch()
-    return launch.shard, f"{launch.describe()}; {pin_device(launch)}"
+    return launch.shard, f"{launch.describe()}; {pin_device(launch)}", launch
