@@ -14,7 +14,8 @@ from f2d_bench.config import config_from_dict
 from f2d_bench.engine import generate_run
 from f2d_bench.errors import ConfigError
 from f2d_bench.grid import Shard
-from f2d_bench.launch.environment import LAUNCH_VARIABLES, detect_launch, pin_device, pinned_devices
+from f2d_bench.launch.environment import (LAUNCH_VARIABLES, detect_launch, node_gpu_count, pin_device,
+                                          pinned_devices)
 from f2d_bench.run_dir import RunDir
 
 from conftest import REPO, TWO_PROCESS_LAUNCHERS, face_dir, run_hashes, small_config_dict
@@ -85,7 +86,19 @@ def test_local_rank_pins_its_gpu(local, visible, pinned):
     assert pinned_devices(local, visible) == pinned
 
 
-def test_pin_device_sets_cuda_visible_devices_and_says_so():
+def test_ranks_beyond_the_nodes_gpus_share_them_when_no_list_is_given(tmp_path):
+    driver = tmp_path / "gpus"
+    for bus in ("0000:01:00.0", "0000:41:00.0", "0000:81:00.0", "0000:c1:00.0"):
+        (driver / bus).mkdir(parents=True)
+    assert node_gpu_count(driver) == 4 and node_gpu_count(tmp_path / "absent") is None
+    assert [pinned_devices(rank, None, gpus=4) for rank in range(6)] == ["0", "1", "2", "3", "0", "1"]
+    assert pinned_devices(5, None, gpus=None) == "5"  # GPU count unknown: the rank itself, as before
+
+
+def test_pin_device_sets_cuda_visible_devices_and_says_so(monkeypatch):
+    import f2d_bench.launch.environment as environment
+
+    monkeypatch.setattr(environment, "node_gpu_count", lambda: 2)  # a node with two GPUs, on any machine
     launch = detect_launch({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
     env: dict[str, str] = {}
     line = pin_device(launch, env)

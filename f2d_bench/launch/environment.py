@@ -9,8 +9,8 @@ Two levels are read, and multiplied when both are present:
 
 An array of 4 tasks with 8 ranks each is 32 shards. With an inner level, the process is pinned to
 GPU ``<local rank>`` through ``CUDA_VISIBLE_DEVICES`` (the ``local rank``-th entry of the list the launcher
-gave, modulo its length; left alone when the launcher already shows the task one GPU, as
-``srun --gpus-per-task=1`` does), so the config's ``auto``/``cuda`` device is that GPU and the CPU where
+gave, or of the node's GPUs when it gave none, modulo their number; left alone when the launcher already
+shows the task one GPU, as ``srun --gpus-per-task=1`` does), so the config's ``auto``/``cuda`` device is that GPU and the CPU where
 there is none. The config itself is left untouched, so every rank resolves the same device name, and
 ``--device`` still overrides it as usual (the grid hash leaves the device out either way).
 """
@@ -159,14 +159,24 @@ def check_array_layout(launch: Launch, layouts: set[int], run_root) -> None:
         f"the batch script: {formula}; to change the layout on purpose, give --shard i/N yourself")
 
 
-def pinned_devices(local_rank: int, visible: str | None) -> str | None:
+def node_gpu_count(driver_dir: str | os.PathLike = "/proc/driver/nvidia/gpus") -> int | None:
+    """NVIDIA GPUs on this node, from the driver's folder (one entry per GPU), without starting CUDA or
+    importing torch; None where the folder is absent (no NVIDIA driver, not Linux)."""
+    try:
+        return len(os.listdir(driver_dir)) or None
+    except OSError:
+        return None
+
+
+def pinned_devices(local_rank: int, visible: str | None, gpus: int | None = None) -> str | None:
     """The ``CUDA_VISIBLE_DEVICES`` value for ``local_rank`` given the current one (None: leave it).
 
     A list of several devices gives its ``local_rank``-th entry (modulo its length); one device or an
-    empty value (no GPU) is kept; unset gives ``str(local_rank)``.
+    empty value (no GPU) is kept; unset gives ``local_rank`` modulo ``gpus`` (the node's GPU count, when
+    known), so more ranks than GPUs share them as with a list, rather than naming a GPU that is not there.
     """
     if visible is None:
-        return str(local_rank)
+        return str(local_rank % gpus if gpus else local_rank)
     ids = [v.strip() for v in visible.split(",") if v.strip()]
     return ids[local_rank % len(ids)] if len(ids) > 1 else None
 
@@ -180,7 +190,8 @@ def pin_device(launch: Launch, environ: MutableMapping[str, str] | None = None) 
     env = os.environ if environ is None else environ
     if launch.local_rank is None:
         return "device: the config's (no local rank to pin)"
-    value = pinned_devices(launch.local_rank, env.get("CUDA_VISIBLE_DEVICES"))
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    value = pinned_devices(launch.local_rank, visible, node_gpu_count() if visible is None else None)
     if value is not None:
         env["CUDA_VISIBLE_DEVICES"] = value
     return (f"device: local rank {launch.local_rank} -> CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES')!r} "
