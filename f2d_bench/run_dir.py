@@ -91,6 +91,14 @@ class RunDir:
     def manifest_path(self, writer: str) -> Path:
         return self.manifests_dir / f"{writer}.jsonl"
 
+    def writer_lock_path(self, writer: str) -> Path:
+        """The lock a writer holds while it writes images (one process per shard)."""
+        return self.manifests_dir / f"{writer}.lock"
+
+    def score_lock_path(self, tag: str) -> Path:
+        """The lock of a score shard ``tag`` (``all``: assemblies and unsharded scores)."""
+        return self.score_shards_dir / f"{tag}.lock"
+
     def manifest_paths(self) -> list[Path]:
         """Every writer's manifest, sorted by name."""
         return sorted(self.manifests_dir.glob("*.jsonl")) if self.manifests_dir.is_dir() else []

@@ -261,7 +261,7 @@ class RunStore:
             return set(), others
         with contextlib.ExitStack() as held:
             for path in touched:
-                held.enter_context(exclusive_lock(path.with_suffix(".lock"), busy=(
+                held.enter_context(exclusive_lock(self.run.writer_lock_path(path.stem), busy=(
                     f"{path.stem} is writing images of {self.run.root} that this shard owns too (the run is "
                     f"being resumed with another --shard layout, and {len(drop)} of its images need repair); "
                     f"wait for {path.stem} to finish, then run this shard again")))
@@ -297,7 +297,7 @@ class RunStore:
         The lock is released when the process ends, however it ends, so a killed writer never leaves it
         held. A second writer of the same shard gets an error instead of racing on the manifest.
         """
-        path = self.run.manifest_path(writer).with_suffix(".lock")
+        path = self.run.writer_lock_path(writer)
         busy = (f"another process is writing the images of {self.run.root} as {writer!r} (it holds {path}); "
                 "wait for it to finish, or give this one another --shard")
         return exclusive_lock(path, busy=busy)

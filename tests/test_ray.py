@@ -387,6 +387,33 @@ def test_generate_ray_score_scores_the_images_made_when_one_could_not_be(local_r
 
 
 @pytest.mark.slow
+def test_a_worker_waits_for_a_busy_shard_before_starting_it_once(tmp_path):
+    """A shard still held by a worker of a killed driver: the new worker waits for the lock, then starts
+    the shard once (one environment line, one preflight), rather than once per retry."""
+    from f2d_bench.files import exclusive_lock
+    from f2d_bench.launch.ray_executor import ShardWorker
+
+    out = tmp_path / "run"
+    worker = ShardWorker("generate", _config(tmp_path, seeds=[0]), str(out), str(tmp_path))
+    worker.run(2, 2)  # the run exists, shard 1/2 still to do
+    held, release = threading.Event(), threading.Event()
+
+    def old_worker():
+        with exclusive_lock(RunDir(out).writer_lock_path("shard-1-of-2")):
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=old_worker)
+    thread.start()
+    held.wait(10)
+    threading.Timer(3.5, release.set).start()
+    result = worker.run(1, 2)
+    thread.join()
+    assert result["written"] == sum(Shard(1, 2).owns(k) for k in RunDir(out).keys())
+    assert [r["writer"] for r in RunDir(out).environment()].count("shard-1-of-2") == 1
+
+
+@pytest.mark.slow
 def test_a_shard_worker_generates_compiled_when_asked(tmp_path, monkeypatch):
     """--compile reaches Ray's workers: the actor's pipeline is compiled and its calls padded (the
     compilation itself left out here; tests/test_fast_path.py compiles for real)."""

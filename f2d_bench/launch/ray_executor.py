@@ -110,6 +110,13 @@ class ShardWorker:
         self._setup()
         shard = Shard(index, count)
         deadline = time.monotonic() + LOCK_WAIT_S
+        # A worker of a killed driver may still be finishing this shard: wait for its lock here, since
+        # each start of the shard records the environment and loads the methods' weights again.
+        from f2d_bench.files import lock_is_held
+
+        lock = self._lock_path(shard)
+        while lock is not None and time.monotonic() < deadline and lock_is_held(lock):
+            time.sleep(1.0)
         while True:
             try:
                 return self._run(shard)
@@ -118,6 +125,15 @@ class ShardWorker:
                 if not any(b in str(exc) for b in _BUSY) or time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
+
+    def _lock_path(self, shard: Shard) -> Path | None:
+        """The lock a second process of ``shard`` would find busy (tune waits on its own per-face locks)."""
+        from f2d_bench.run_dir import RunDir
+
+        run = RunDir(self.run_dir)
+        if self.kind == "generate":
+            return run.writer_lock_path(shard.tag)
+        return run.score_lock_path(shard.tag) if self.kind == "score" else None
 
     def _run(self, shard: Shard) -> dict:
         if self.kind == "score":

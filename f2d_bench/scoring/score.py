@@ -208,7 +208,7 @@ class ScoreSession:
 
     def _lock(self, tag: str, *, wait: bool):
         """The writer lock of ``tag`` (``all``: assemblies and unsharded scores, which wait for each other)."""
-        path = self.run.score_shards_dir / f"{tag}.lock"
+        path = self.run.score_lock_path(tag)
         if wait:
             return exclusive_lock(path, waiting=lambda: print(
                 f"waiting for another score of {self.run.root} to finish", file=sys.stderr, flush=True))
