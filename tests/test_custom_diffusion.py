@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -144,7 +145,20 @@ def test_a_foreign_weights_file_is_refused(method, tmp_path):
     method.tune(face, tmp_path / "a")
     state = torch.load(tmp_path / "a" / WEIGHTS_FILE, weights_only=True)
     name = next(k for k in state if k.endswith("to_k_custom_diffusion.weight"))
+    good = dict(state)
     state[name] = torch.zeros(3, 3)
     torch.save(state, tmp_path / "a" / WEIGHTS_FILE)
     with pytest.raises(F2DBenchError, match="not this UNet's CustomDiffusion weights"):
         method.load_tuned(face, tmp_path / "a")
+    # a `--freeze_model crossattn` file (q and out trained too), a file without the self-attention
+    # entries, and a filled self-attention entry: each refused, naming the key
+    q_name = name.replace("to_k_custom_diffusion", "to_q_custom_diffusion")
+    self_attention = next(k for k, v in good.items() if isinstance(v, dict))
+    for changed, match in (({**good, q_name: good[name]}, rf"unexpected {re.escape(q_name)}"),
+                           ({k: v for k, v in good.items() if not isinstance(v, dict)}, r"missing .*attn1"),
+                           ({**good, self_attention: {"weight": torch.zeros(1)}}, "not an empty self-attention")):
+        torch.save(changed, tmp_path / "a" / WEIGHTS_FILE)
+        with pytest.raises(F2DBenchError, match=match):
+            method.load_tuned(face, tmp_path / "a")
+    torch.save(good, tmp_path / "a" / WEIGHTS_FILE)
+    assert method.load_tuned(face, tmp_path / "a").kv  # the file as written loads

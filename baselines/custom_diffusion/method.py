@@ -201,7 +201,20 @@ class CustomDiffusionMethod(ClassPrior, WordVectorMethod):
 
         path = artifact_dir / WEIGHTS_FILE
         state = read_torch_file(path, error=WeightsLayoutError)
-        layers = cross_attention_layers(self.context.pipeline().unet)
+        unet = self.context.pipeline().unet
+        layers = cross_attention_layers(unet)
+        # Strict, as every loader here: the K/V of each attn2 and an empty dict for every other processor,
+        # nothing else (a `crossattn` run's q/out weights would otherwise be dropped without a word).
+        others = [n for n in unet.attn_processors if n not in layers]
+        expected = {f"{n}.{k}" for n in layers for k in _KV} | set(others)
+        extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+        filled = [n for n in others if n in state and not (isinstance(state[n], dict) and not state[n])]
+        if extra or missing or filled:
+            what = "; ".join(f"{label} {', '.join(keys[:2])}{' ...' if len(keys) > 2 else ''}"
+                             for label, keys in (("unexpected", extra), ("missing", missing),
+                                                 ("not an empty self-attention entry:", filled)) if keys)
+            raise F2DBenchError(f"{path}: not this UNet's CustomDiffusion K/V weights ({what}); delete the folder "
+                                "to tune again")
         kv: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
         for name, attn in layers.items():
             for key in _KV:
