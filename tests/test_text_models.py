@@ -6,6 +6,7 @@ Real CLIP/SigLIP weights never load here; tiny models built from configs go thro
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,35 @@ def test_local_checkpoint_with_missing_key_fails_clearly(tiny_clip, tmp_path):
     with pytest.raises(ConfigError) as err:
         load_clip(tiny.TINY_CLIP_NAME, str(broken))
     assert "visual.ln_post.weight" in str(err.value) and str(broken) in str(err.value)
+
+
+def test_a_local_checkpoint_is_not_fitted_by_open_clips_silent_repairs(tiny_clip, tiny_siglip, tmp_path):
+    """open_clip interpolates positional embeddings of another length and fills in a missing logit_bias:
+    a checkpoint of another resolution or context length, or a SigLIP file without its bias, loads without
+    a word. Each is refused here, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    clip = load_file(tiny_clip.checkpoint)
+    grid = math.isqrt(clip["visual.positional_embedding"].shape[0] - 1)
+    # a context 4 tokens longer; a vision grid one patch wider (another image size), plus the class token
+    for key, length in (("positional_embedding", clip["positional_embedding"].shape[0] + 4),
+                        ("visual.positional_embedding", (grid + 1) ** 2 + 1)):
+        own, width = clip[key].shape
+        for saver, suffix in ((save_file, "safetensors"), (torch.save, "pt")):
+            other = tmp_path / f"{key}.{suffix}"
+            saver({**clip, key: torch.zeros(length, width)}, str(other))
+            with pytest.raises(ConfigError, match=rf"{re.escape(key)} is \({length}, {width}\) in the file, "
+                                                  rf"\({own}, {width}\) in the model"):
+                load_clip(tiny.TINY_CLIP_NAME, str(other))
+    siglip = load_file(tiny_siglip.checkpoint)
+    unbiased = tmp_path / "no-bias.safetensors"
+    save_file({k: v for k, v in siglip.items() if k != "logit_bias"}, str(unbiased))
+    with pytest.raises(ConfigError, match="has no logit_bias"):
+        load_clip(tiny_siglip.model_name, str(unbiased))
+    # the files as written still load, also nested and prefixed as training scripts save them
+    nested = tmp_path / "nested.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in clip.items()}}, nested)
+    assert load_clip(tiny.TINY_CLIP_NAME, str(nested)).checkpoint == str(nested)
 
 
 def test_checkpoint_of_another_model_fails_clearly(tiny_siglip):

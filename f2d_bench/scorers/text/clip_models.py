@@ -123,7 +123,9 @@ def load_clip(
     `model_name` is an open_clip config name (`open_clip.list_models()`, or one registered with
     `open_clip.add_model_config`). `pretrained` is an open_clip tag for that model (`openai`, `webli`, ...)
     or the path of a local checkpoint file (.safetensors, .bin, .pt, .pth; loaded strictly: a missing or
-    unexpected key is an error). `device`: "cpu", "cuda", "cuda:N" or "auto".
+    unexpected key, another shape, a positional embedding of another length (which open_clip would
+    interpolate) or a SigLIP file without logit_bias is an error; whether a local file's weights need
+    QuickGELU cannot be told from them, so the model name must say it). `device`: "cpu", "cuda", "cuda:N" or "auto".
 
     Image preprocessing comes from the tag. For a local file it comes from `preprocess_tag` when given,
     else from `register_preprocess`, else from the model's tags when they all agree (so a local SigLIP
@@ -167,13 +169,18 @@ def load_clip(
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
-            pretrained=checkpoint,
+            pretrained=checkpoint if tag_cfg else None,
             device=device,
             image_mean=preprocess_cfg.get("mean"),
             image_std=preprocess_cfg.get("std"),
             image_interpolation=preprocess_cfg.get("interpolation"),
             image_resize_mode=preprocess_cfg.get("resize_mode"),
         )
+        if not tag_cfg:  # what create_model does with a path, after checking what it would repair
+            _check_local_fit(model, checkpoint, model_name)
+            open_clip.load_checkpoint(model, checkpoint, strict=True)
+    except ConfigError:
+        raise
     except Exception as exc:
         text = f"{type(exc).__name__}: {exc}"
         # Key or shape mismatches (strict load), or open_clip tripping over another model's keys.
@@ -330,6 +337,55 @@ def _local_checkpoint(model_name: str, pretrained: str) -> str:
         f"pretrained {pretrained!r} is neither a tag of open_clip model {model_name!r} "
         f"({_known_tags(model_name)}) nor an existing checkpoint file"
     )
+
+
+#: Tensors that open_clip's loader fits to the model instead of refusing a mismatch: positional
+#: embeddings are interpolated to the model's resolution or context length (a ViT-L/14-336 file would
+#: load into ViT-L-14). The file's shapes must equal the model's.
+_FITTED_BY_OPEN_CLIP = ("positional_embedding", "visual.positional_embedding", "visual.trunk.pos_embed",
+                        "text.positional_embedding")
+
+
+def _check_local_fit(model, checkpoint: str, model_name: str) -> None:
+    """ConfigError when a local checkpoint fits ``model`` only through open_clip's silent repairs: another
+    positional-embedding shape, or no ``logit_bias`` for a SigLIP model (open_clip sets it to 0)."""
+    shapes = _checkpoint_shapes(checkpoint)
+    if shapes is None:  # not readable as tensors (e.g. a TorchScript archive): open_clip reads it itself
+        return
+    own = model.state_dict()
+    wrong = [f"{k} is {shapes[k]} in the file, {tuple(own[k].shape)} in the model" for k in _FITTED_BY_OPEN_CLIP
+             if k in shapes and k in own and shapes[k] != tuple(own[k].shape)]
+    if "logit_bias" in own and "logit_bias" not in shapes:
+        wrong.append("the file has no logit_bias, which every SigLIP checkpoint holds")
+    if wrong:
+        raise ConfigError(
+            f"checkpoint {checkpoint} does not fit open_clip model {model_name!r}: {'; '.join(wrong)}. open_clip "
+            "would have resized or filled it in; give the model name the checkpoint was trained as")
+
+
+def _checkpoint_shapes(checkpoint: str) -> dict[str, tuple[int, ...]] | None:
+    """Tensor name -> shape in a local open_clip checkpoint, as open_clip reads it (``state_dict``
+    nesting and a ``module.`` prefix removed); None when it cannot be read as tensors. A .safetensors
+    file is read for its header only."""
+    if str(checkpoint).endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(checkpoint, framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception:  # a damaged header: open_clip's own read says what is wrong with the file
+            return None
+    from f2d_bench.weights import WeightsLayoutError, read_torch_file
+
+    try:
+        state = read_torch_file(Path(checkpoint))
+    except WeightsLayoutError:
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return {}
+    return {(k[7:] if k.startswith("module.") else k): tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}
 
 
 def _tag_preprocess(tag_cfg: dict) -> dict[str, Any]:
