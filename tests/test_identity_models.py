@@ -505,6 +505,17 @@ def test_facenet_wrong_layouts_are_refused(tmp_path, facenet_source, case, needl
     assert needle in str(info.value) and "facenet.pt" in str(info.value)
 
 
+def test_facenet_file_of_the_other_training_set_is_refused_under_this_ones_name(tmp_path, facenet_source):
+    casia = _facenet_file(facenet_source, tmp_path / "20180408-102900-casia-webface.pt", classes=10575)
+    with pytest.raises(WeightsLayoutError, match=r"has 10575 classes, the vggface2 weights 8631 .*pretrained"):
+        facenet.load_facenet(casia)  # the default, pretrained: vggface2
+    loaded = facenet.load_facenet(casia, pretrained="casia-webface")
+    assert torch.equal(loaded.last_bn.running_mean, facenet_source.last_bn.running_mean)
+    own = tmp_path / "own.pt"  # weights of one's own, saved without the classifier
+    torch.save(dict(facenet_source.state_dict()), own)
+    assert facenet.load_facenet(own) is not None
+
+
 def test_facenet_cache_and_missing_file(tmp_path, monkeypatch, facenet_source):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cached = facenet.cached_weights_path("vggface2")

@@ -25,7 +25,7 @@ from torch import nn
 from f2d_bench.errors import ModelUnavailableError
 from f2d_bench.scorers.identity import model_device
 from f2d_bench.scorers.identity.crops import box_crop, box_of, l2_normalise, stack_crops
-from f2d_bench.weights import load_checked, read_torch_file, require_file
+from f2d_bench.weights import WeightsLayoutError, load_checked, read_torch_file, require_file
 
 INPUT_SIZE = 160  # pixels, square
 EMBEDDING_DIM = 512
@@ -88,7 +88,7 @@ def load_facenet(
     facenet-pytorch's cache, downloaded first when missing and ``allow_download`` (network to GitHub).
     Raises ModelUnavailableError when no file is available, WeightsLayoutError for another layout.
     """
-    url, _ = _pretrained(pretrained)
+    url, classes = _pretrained(pretrained)
     if path is None:
         path = cached_weights_path(pretrained)
         if not path.is_file() and allow_download:
@@ -103,8 +103,16 @@ def load_facenet(
     file = require_file(path, what=f"FaceNet ({pretrained}) weights", published=_published(pretrained))
     state = read_torch_file(file)  # a plain state dict: no pickled code needed
     model = build_facenet()
-    # the classifier of the official files; any class count is accepted for a user's own file
-    head = {"logits.weight": (None, EMBEDDING_DIM), "logits.bias": (None,)}
+    # The training classifier says which training set the file is from: the run records ``pretrained``
+    # (the protocol's VGGFace2), so a file of the other set is refused rather than scored under its name.
+    rows = state.get("logits.weight") if isinstance(state, dict) else None
+    if isinstance(rows, torch.Tensor) and rows.ndim == 2 and rows.shape[0] != classes:
+        known = ", ".join(f"{name}: {n}" for name, (_, n) in PRETRAINED.items())
+        raise WeightsLayoutError(
+            f"{str(file)!r}: its classifier (logits.weight) has {rows.shape[0]} classes, the {pretrained} weights "
+            f"{classes} ({known}); set the facenet scorer's pretrained to the file's training set, or, for "
+            "weights of your own, save them without the logits.* classifier")
+    head = {"logits.weight": (classes, EMBEDDING_DIM), "logits.bias": (classes,)}
     load_checked(
         model, state, source=f"{str(file)!r} (facenet-pytorch InceptionResnetV1 state dict)", optional=head
     )
