@@ -112,6 +112,9 @@ def test_to_rgb8_modes():
     assert np.array_equal(np.asarray(to_rgb8(as_int32))[..., 0], gray)
     as_8bit_int32 = Image.fromarray(gray).convert("I")  # mode "I", 8-bit range
     assert np.array_equal(np.asarray(to_rgb8(as_8bit_int32))[..., 2], gray)
+    # a dark 16-bit image (every value <= 255) is 16-bit all the same: near black, not the 8-bit image
+    dark = Image.fromarray(gray.astype(np.uint16))
+    assert dark.mode == "I;16" and np.asarray(to_rgb8(dark)).max() <= 1
 
     rgba = np.zeros((4, 4, 4), np.uint8)
     rgba[..., 0] = 200

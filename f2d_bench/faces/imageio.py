@@ -20,14 +20,17 @@ from f2d_bench.files import system_failure
 _BACKGROUND = (255, 255, 255)
 
 
-def _scale_to_8bit(values: np.ndarray) -> np.ndarray:
+def _scale_to_8bit(values: np.ndarray, sixteen_bit: bool | None = None) -> np.ndarray:
     """Map integer pixel values to uint8.
 
-    Values above 255 mean a 16-bit range (0..65535, divided by 257 so that 8-bit data stored as x*257 maps
-    back exactly); otherwise the values are already 8-bit. Pillow's 32-bit mode "I" is used for both.
+    A 16-bit range (0..65535) is divided by 257, so that 8-bit data stored as x*257 maps back exactly.
+    ``sixteen_bit``: the file says so (Pillow's I;16 modes: always); None when it does not (Pillow's
+    32-bit mode "I" holds both), where values above 255 mean 16 bits and the others are taken as 8-bit.
     """
     values = values.astype(np.float64)
-    if values.size and values.max() > 255:
+    if sixteen_bit is None:
+        sixteen_bit = bool(values.size and values.max() > 255)
+    if sixteen_bit:
         values = np.clip(values, 0, 65535) / 257.0
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
@@ -48,7 +51,7 @@ def to_rgb8(image: Image.Image) -> Image.Image:
     if mode == "RGB":
         return image
     if mode.startswith("I;16") or mode == "I":
-        gray = _scale_to_8bit(np.asarray(image))
+        gray = _scale_to_8bit(np.asarray(image), sixteen_bit=True if mode.startswith("I;16") else None)
         return Image.fromarray(gray, "L").convert("RGB")
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
