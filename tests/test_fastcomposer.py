@@ -325,6 +325,35 @@ def test_missing_class_word_is_a_clear_error(provider, tmp_path):
         early.preflight(["obama"], ["job-chef"], [0])
 
 
+def test_class_words_from_the_config_fill_and_override_the_face_sets(provider, tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for fid in ("a", "b", "c"):
+        (faces / f"{fid}.png").write_bytes(prepared_crops()["obama"].read_bytes())
+    (faces / "manifest.json").write_text(json.dumps({"faces": [
+        {"face_id": "a", "file": "a.png", "class_word": "woman"}, {"face_id": "b", "file": "b.png"},
+        {"face_id": "c", "file": "c.png"}]}))
+
+    def built(words):
+        params = {"weights": "random", "vision_config": TINY_VISION, "class_words": words}
+        cfg = config_from_dict(small_config_dict(faces=str(faces), methods=[{"name": "fastcomposer", "params": params}]))
+        return FastComposerMethod(params, MethodContext(cfg, load_prompt_set("smoke"), provider))
+
+    method = built({"a": "man", "*": "person"})
+    assert method.face_class_words() == {"a": "man", "b": "person", "c": "person"}
+    assert method.prepare(Face("b", faces / "b.png")).class_word == "person"
+    only_b = built({"b": "man"})
+    assert only_b.face_class_words() == {"a": "woman", "b": "man", "c": None}
+    with pytest.raises(ConfigError, match=r"'c'.*class_words"):
+        only_b.preflight(["a", "b", "c"], ["job-chef"], [0])
+    # the words are part of the method id (other words, other images); none given keeps the old id
+    assert method.method_id != only_b.method_id != built({}).method_id
+    assert "class_words" not in built({}).identity()["params"]
+    for bad in ({"a": "old man"}, {"a": ""}, ["man"], {"a": 3}):
+        with pytest.raises(ConfigError, match="class_words must map face ids"):
+            built(bad)
+
+
 def test_a_changed_class_word_is_another_experiment(tmp_path):
     """The run's grid records each face's class word: reopening a run after one changed is refused."""
     from f2d_bench.engine import open_run

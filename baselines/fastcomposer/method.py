@@ -85,6 +85,9 @@ class FastComposerMethod(Method):
         "object_resolution": 224,
         # null: CLIP ViT-L/14 (official); a mapping of CLIPVisionConfig overrides (tests at tiny width).
         "vision_config": None,
+        # face id -> class word ("man"), "*" for every face without its own; these win over the face
+        # set's manifest.json, which gives the words of the faces not named here.
+        "class_words": {},
     }
 
     def __init__(self, params: Mapping[str, Any], context: MethodContext):
@@ -97,6 +100,12 @@ class FastComposerMethod(Method):
             raise ConfigError(f"param subject {subject!r} must contain '{CLASS} {IMAGE_TOKEN}' once (the image "
                               f"token right after the class word it fuses into)")
         self.require_positive_ints("object_resolution")
+        words = p["class_words"]
+        if not isinstance(words, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, str) and v.strip() and " " not in v.strip()
+                for k, v in words.items()):
+            raise ConfigError(f"param class_words must map face ids (or \"*\") to one word each, e.g. "
+                              f"{{\"000\": \"man\", \"*\": \"woman\"}}; got {words!r}")
         vision = p["vision_config"]
         if vision is not None and not isinstance(vision, Mapping):
             raise ConfigError(f"param vision_config must be null (CLIP ViT-L/14) or a mapping, got {vision!r}")
@@ -122,6 +131,8 @@ class FastComposerMethod(Method):
         ident = super().identity()
         params = dict(ident["params"])
         params["weights"] = {"sha256": self._sha256} if self._sha256 else {"random_seed": RANDOM_SEED}
+        if not params["class_words"]:
+            del params["class_words"]  # runs from before the param keep their method id
         ident["params"] = params
         ident["face_input"] = FACE_INPUT
         # The class words decide the prompts: the run's grid records each face's, so a changed one is
@@ -129,7 +140,8 @@ class FastComposerMethod(Method):
         return ident
 
     def face_class_words(self) -> dict[str, str | None]:
-        """face id -> class word (None where missing) of the run's face set; {} without a face set."""
+        """face id -> class word (None where missing) of the run's faces: ``class_words``, else the face
+        set's; {} without a face set."""
         if self._class_words is None:
             faces = self.context.config.faces
             if faces is None:
@@ -137,8 +149,14 @@ class FastComposerMethod(Method):
             else:
                 from f2d_bench.faces.source import resolve_face_set
 
-                self._class_words = {f.face_id: f.class_word for f in resolve_face_set(faces)}
+                self._class_words = {f.face_id: self.class_word(f) for f in resolve_face_set(faces)}
         return self._class_words
+
+    def class_word(self, face) -> str | None:
+        """``face``'s class word: its own in ``class_words``, else ``"*"`` there, else the face set's."""
+        words = self.params["class_words"]
+        word = words.get(face.face_id, words.get("*", face.class_word))
+        return word.strip() if isinstance(word, str) else None
 
     def info(self) -> dict:
         counts = parameter_counts(configs_of(self.context.pipeline(), self.params["vision_config"]))
@@ -164,8 +182,9 @@ class FastComposerMethod(Method):
     def _no_class_word(face_ids: Sequence[str]) -> str:
         names = ", ".join(map(repr, face_ids))
         return (f"fastcomposer needs a class word per face ('a man img'); face(s) {names} have none. Set it "
-                f"with `f2d-bench faces prepare SRC DST --class-word NAME=man` (or --class-word man for all), or "
-                "as \"class_word\" of the face's entry in the face set's manifest.json")
+                f"with `f2d-bench faces prepare SRC DST --class-word NAME=man` (or --class-word man for all), as "
+                "\"class_word\" of the face's entry in the face set's manifest.json, or in the method's params: "
+                "class_words: {NAME: man} (\"*\": man for all)")
 
     # -- loading ------------------------------------------------------------------------------------
     def load(self) -> FastComposerModel:
@@ -206,9 +225,10 @@ class FastComposerMethod(Method):
         return model.encode_images(pixels.to(param.device, param.dtype)).float().cpu()
 
     def prepare(self, face) -> FastComposerFace:
-        if face.class_word is None:
+        word = self.class_word(face)
+        if word is None:
             raise ConfigError(self._no_class_word([face.face_id]))
-        return FastComposerFace(self.encode_images([read_image(face.path)])[0], face.class_word)
+        return FastComposerFace(self.encode_images([read_image(face.path)])[0], word)
 
     # -- prompts ------------------------------------------------------------------------------------
     def prompt_text(self, request: GenerationRequest) -> str:
