@@ -226,6 +226,7 @@ def open_run(config: RunConfig, run_dir: str | Path, *, shard: Shard, pipeline=N
     face_ids, prompt_ids = [f.face_id for f in faces], [p.id for p in prompt_set.all_prompts()]
     problems = {m.method_id: m.preflight(face_ids, prompt_ids, config.seeds) for m in methods} if preflight else {}
     check_input_faces([m for m in methods if preflight or m.tunes], faces)
+    check_tuning_space([m for m in methods if m.tunes], faces, Path(run_dir))
     run = RunDir.create_or_open(run_dir, config, faces, prompt_set, methods)
     # Check and record as one step: two shards starting at once would each pass the check before
     # the other's record exists.
@@ -250,6 +251,44 @@ def check_input_faces(methods: list[Method], faces: list[Face]) -> None:
         raise F2DBenchError("no face detected in {} photo(s) of the face set:\n{}\nReplace those images or "
                             "remove them from the face set (`f2d-bench faces prepare` keeps only photos with a "
                             "face), then run again; nothing was written".format(len(photos), "\n".join(lines)))
+
+
+def check_tuning_space(methods: list[Method], faces: list[Face], run_dir: Path) -> None:
+    """Refuse a run whose tuning weights would not fit on its disk: for each method with large artifacts
+    (:meth:`~Method.artifact_bytes`), every face of the run still to tune (all shards write to one disk),
+    or one face at a time for a method that deletes each face's weights after rendering it."""
+    import shutil
+
+    from f2d_bench.tuning.artifacts import TunedFaces
+
+    need, lines = 0, []
+    run = RunDir(run_dir)
+    for method in methods:
+        per_face = method.artifact_bytes()
+        if not per_face:
+            continue
+        tuned = TunedFaces(run, method.method_id)
+        todo = [f for f in faces if tuned.record(f.face_id) is None]  # tune.json only: no hashing of weights
+        if not todo:
+            continue
+        kept = len(todo) if method.keeps_weights() else 1
+        need += per_face * kept
+        lines.append(f"{method.label}: {_size(per_face)} per face x {kept} face(s)"
+                     + ("" if method.keeps_weights() else " (its weights are deleted after each face)"))
+    if not lines:
+        return
+    existing = next(p for p in (run_dir, *run_dir.resolve().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise F2DBenchError(
+            f"the tuned weights of this run need {_size(need)} and {existing} has {_size(free)} free "
+            f"({'; '.join(lines)}). Free space or use a larger disk for --out, or set keep_weights: false on "
+            "the method (each face is rendered right after tuning and its weights deleted); nothing was written")
+
+
+def _size(n: float) -> str:
+    """Bytes as GB (or MB below 1 GB), for messages."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def check_rendering(run: RunDir, rendering: dict[str, str]) -> None:

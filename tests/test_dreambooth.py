@@ -141,3 +141,30 @@ def test_shards_without_kept_weights_tune_each_face_once_and_the_last_shard_drop
         assert after[face]["finished_at"] == first[face]["finished_at"]  # tuned once, by shard 1
         assert after[face]["weights_deleted"]  # every image is on disk: the weights go
 
+
+
+def test_a_run_whose_kept_weights_would_fill_the_disk_is_refused_before_it_starts(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from f2d_bench.engine import open_run
+    from f2d_bench.errors import F2DBenchError
+    from f2d_bench.grid import UNSHARDED
+
+    faces = face_dir(tmp_path / "faces", ["obama", "biden", "grace_hopper"])
+
+    def config(**params):
+        return config_from_dict(small_config_dict(faces=str(faces), seeds=[0], methods=[
+            {"name": "dreambooth", "params": {"steps": 2, "num_class_images": 2, **params}}]))
+
+    per_face = _dreambooth(tmp_path).artifact_bytes()
+    assert per_face == sum(p.numel() * p.element_size() for p in _dreambooth(tmp_path).context.pipeline().unet.parameters())
+    assert _dreambooth(tmp_path, variant="lora").artifact_bytes() is None
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10 * per_face, 8 * per_face, 2 * per_face))
+    out = tmp_path / "run"
+    with pytest.raises(F2DBenchError, match=r"need .* MB and .* has .* MB free .*x 3 face\(s\).*keep_weights: false"):
+        open_run(config(), out, shard=UNSHARDED, preflight=False)
+    assert not out.exists()  # nothing written
+    # rendering each face right after tuning it needs one face's weights at a time: it fits
+    open_run(config(keep_weights=False), out, shard=UNSHARDED, preflight=False)

@@ -101,6 +101,14 @@ class DreamBoothMethod(ClassPrior, StableDiffusionMethod):
         lr = self.params["learning_rate"]
         return float(lr) if lr is not None else (5e-6 if self.params["variant"] == "full" else 1e-4)
 
+    def artifact_bytes(self) -> int | None:
+        """Full: the UNet in the pipeline's dtype (about 1.7 GB at SD 1.4's size in float16); LoRA:
+        a few MB, not checked."""
+        if self.params["variant"] != "full":
+            return None
+        unet = self.context.pipeline().unet
+        return sum(p.numel() * p.element_size() for p in unet.parameters())
+
     def keeps_weights(self) -> bool:
         return self.params["keep_weights"]
 

@@ -259,6 +259,11 @@ class Method:
         """What ``generate`` receives as ``prepared`` for a tuned face, read from its artifact folder."""
         raise NotImplementedError
 
+    def artifact_bytes(self) -> int | None:
+        """Bytes of weights one face's tuning writes to the run (None: small enough not to check), so
+        that a run which would fill the disk is refused before the first face rather than hours in."""
+        return None
+
     def keeps_weights(self) -> bool:
         """False: render each face right after tuning it and delete its weights (a full UNet per face).
 
