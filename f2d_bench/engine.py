@@ -471,10 +471,11 @@ def _run_method(
                     continue
                 t0 = time.perf_counter()
                 prepared[fid] = method.prepare(face_by_id[fid])
-                run.record_prepare_time(
-                    method.method_id,
-                    {"face_id": fid, "seconds": time.perf_counter() - t0, "writer": shard.tag, "time": utc_now()},
-                )
+                if method.encodes_faces:
+                    run.record_prepare_time(
+                        method.method_id,
+                        {"face_id": fid, "seconds": time.perf_counter() - t0, "writer": shard.tag, "time": utc_now()},
+                    )
             requests = [
                 GenerationRequest(
                     key=k, prompt=prompt_set.by_id(k.prompt_id), face=face_by_id[k.face_id],

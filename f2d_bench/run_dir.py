@@ -207,13 +207,20 @@ class RunDir:
         """``methods/<id>/method.json`` (None when absent)."""
         return read_json(self.method_json(method_id))
 
-    def prepare_seconds(self, method_id: str) -> list[float]:
-        """A method's per-face cost in seconds (Table 2's time): each tuned face's tuning time when the
-        method tunes per face (from its ``tune.json``), else the recorded ``prepare`` wall times."""
+    def prepare_seconds(self, method_id: str) -> dict[str, float]:
+        """face id -> a method's cost for that face in seconds (Table 2's time): its tuning time when the
+        method tunes per face (``tune.json``), else the median of its recorded ``prepare`` wall times (a
+        face is prepared again by each shard and each resumed run: one value per face, not per measure)."""
+        import statistics
+
         tuned = self.tune_seconds(method_id)
         if tuned:
-            return list(tuned.values())
-        return [float(r["seconds"]) for r in read_jsonl(self.prepare_times_jsonl(method_id)) if "seconds" in r]
+            return tuned
+        times: dict[str, list[float]] = {}
+        for r in read_jsonl(self.prepare_times_jsonl(method_id)):
+            if "seconds" in r:
+                times.setdefault(str(r.get("face_id")), []).append(float(r["seconds"]))
+        return {face: float(statistics.median(values)) for face, values in sorted(times.items())}
 
     def tune_seconds(self, method_id: str) -> dict[str, float]:
         """face id -> the face's tuning time in seconds, for every face a tuning method finished."""
@@ -314,7 +321,7 @@ class RunDir:
         for m in methods:
             atomic_write_json(run.method_json(m.method_id), {
                 "method_id": m.method_id, "name": m.name, "label": m.label, "identity": m.identity(),
-                **m.setup(), **m.info(),
+                "encodes_faces": m.encodes_faces or m.tunes, **m.setup(), **m.info(),
             })
         # grid.json last: its presence marks a run whose description is complete.
         atomic_write_json(run.grid_json, grid)

@@ -50,8 +50,9 @@ def test_full_grid_is_written_with_metadata(reference_run):
     assert [p["id"] for p in grid["prompts"]][-1] == "ref"  # the reference prompt is part of the grid
     mid = grid["methods"][0]["method_id"]
     assert mid.startswith("sd-class-")
-    times = read_jsonl(out / "methods" / mid / "prepare_times.jsonl")
-    assert sorted(t["face_id"] for t in times) == sorted(f["face_id"] for f in grid["faces"])
+    # sd-class encodes no face: no prepare time is recorded for it (Table 2 shows none)
+    assert not (out / "methods" / mid / "prepare_times.jsonl").exists()
+    assert run.method_info(mid)["encodes_faces"] is False
     img = Image.open(run.store.image_path(run.keys()[0]))
     assert img.size == (64, 64) and img.mode == "RGB"
     env = read_jsonl(out / "environment.jsonl")[0]

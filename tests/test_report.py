@@ -258,10 +258,9 @@ def test_table2_fid_parameters_and_encoding_time(report, scored_run):
     for m, r in fid.items():
         assert t2.loc[m, "fid"] == r["value"] and t2.loc[m, "fid_backend"] == "pytorch-fid"
         assert t2.loc[m, "fid_n_generated"] == 16 and t2.loc[m, "fid_n_reference"] == 321
-        times = [json.loads(line)["seconds"]
-                 for line in (scored_run / "methods" / m / "prepare_times.jsonl").read_text().splitlines()]
-        assert t2.loc[m, "encode_median_s"] == pytest.approx(float(np.median(times)))
-        assert t2.loc[m, "encode_mean_s"] == pytest.approx(float(np.mean(times)))
+        # imported images: nothing is encoded, so no time (not a near-zero one ranked best)
+        assert np.isnan(t2.loc[m, "encode_median_s"]) and t2.loc[m, "encode_n_faces"] == 0
+        assert t2.loc[m, "weights"] == json.loads((scored_run / "methods" / m / "method.json").read_text())["weights"]
     assert sorted(t2["trained_params"].fillna(-1)) == [-1, 1.2e7]
     html = _html(report)
     assert "1.20e7" in html and ">321<" in html and "100.00" in html
@@ -714,3 +713,26 @@ def test_a_face_tuned_once_counts_once_in_the_time_per_face(scored_run, tmp_path
             folder.mkdir(parents=True)
             (folder / "tune.json").write_text(json.dumps({"face_id": face, "seconds": seconds, "files": {}}))
     assert load_runs([a, b]).prepare_seconds()[mid] == [30.0, 10.0]  # sorted by face id, not twice each
+
+
+def test_a_face_prepared_by_several_shards_counts_once_and_a_method_that_prepares_nothing_has_no_time(
+        scored_run, tmp_path):
+    from f2d_bench.report.data import load_runs
+    from f2d_bench.run_dir import RunDir
+
+    a, b = _two_copies(scored_run, tmp_path)
+    mids = sorted(pd.read_parquet(a / "records.parquet")["method"].unique())
+    # the external methods prepare nothing: nothing was recorded, and their method.json says so
+    assert all(not RunDir(a).prepare_times_jsonl(m).exists() for m in mids)
+    assert all(RunDir(a).method_info(m)["encodes_faces"] is False for m in mids)
+    table2 = pd.read_csv(build_report([a], tmp_path / "r1", n_resamples=50).parent / "table2.csv", index_col=0)
+    assert (table2["encode_n_faces"] == 0).all() and table2["encode_median_s"].isna().all()
+    # an encoding method: two shards and a resume measured obama three times, biden once
+    info = json.loads((a / "methods" / mids[0] / "method.json").read_text())
+    for run in (a, b):
+        (run / "methods" / mids[0] / "method.json").write_text(json.dumps({**info, "encodes_faces": True}))
+        with (run / "methods" / mids[0] / "prepare_times.jsonl").open("w") as fh:
+            for face, seconds in (("obama", 1.0), ("obama", 3.0), ("biden", 5.0), ("obama", 2.5)):
+                fh.write(json.dumps({"face_id": face, "seconds": seconds}) + "\n")
+    assert RunDir(a).prepare_seconds(mids[0]) == {"biden": 5.0, "obama": 2.5}
+    assert load_runs([a, b]).prepare_seconds()[mids[0]] == [5.0, 2.5]  # one per face, not per run given

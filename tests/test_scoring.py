@@ -211,6 +211,19 @@ def test_fid_per_method_against_a_reference(tmp_path):
     assert r["backend"] == "clean-fid-torchscript" and r["n_generated"] == 16 and r["n_reference"] == 16
     assert r["reference_filter"] == "all images (no caption filter)"
     assert np.isfinite(r["value"]) and r["value"] > 1.0  # 4 noise images among 16: far from the photos
+    assert "stale" not in r and len(r["images"]) == 64  # the digest of the 16 images FID was computed over
+    # a plain score keeps the FID while the images are those it was computed over ...
+    assert main(["score", str(out), "--no-progress"]) == 0
+    assert __import__("json").loads((out / "scores" / "fid.json").read_text()) == fid
+    # ... and marks it once one changed (here: one removed), keeping the value
+    next(p for p in (out / "images").rglob("*.png") if p.parent.name != "ref").unlink()
+    assert main(["score", str(out), "--no-progress"]) == 0
+    [stale] = __import__("json").loads((out / "scores" / "fid.json").read_text()).values()
+    assert stale["value"] == r["value"] and "images changed since (15 now): score again with --fid-ref" in stale["stale"]
+    from f2d_bench.report.render import build_report
+
+    html = build_report([out], tmp_path / "report", n_resamples=20).read_text(encoding="utf-8")
+    assert "FID out of date, not ranked" in html and "&sect;" in html
 
 
 def test_f2d_grid_generates_and_scores_end_to_end(tmp_path):

@@ -236,6 +236,12 @@ class Method:
                 out.append(f)
         return out
 
+    @property
+    def encodes_faces(self) -> bool:
+        """Whether :meth:`prepare` does per-face work (it is overridden): only then is its time Table 2's
+        encoding time; a method that prepares nothing has no time to report, not a near-zero one."""
+        return type(self).prepare is not Method.prepare
+
     def prepare(self, face: "Face") -> Any:
         """Per-face work done once (encoders, tuned weights). Its wall time is recorded per face."""
         return None

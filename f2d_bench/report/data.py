@@ -52,8 +52,8 @@ class RunData:
     fid: dict
     environment: list[dict]
     methods: dict[str, dict]  # method_id -> method.json
-    #: method_id -> per-face seconds of a method that prepares per process (every measurement counts)
-    prepare_seconds: dict[str, list[float]]
+    #: method_id -> face_id -> seconds of a method that prepares per process (``RunDir.prepare_seconds``)
+    prepare_seconds: dict[str, dict[str, float]]
     scored_at: str | None
     #: the upper bound's curves (``upper-bound``): of each column, the one with the largest N
     best_of_n: list[BestOfNCurve]
@@ -113,15 +113,13 @@ class ReportData:
         return self._first(lambda run: run.methods)
 
     def prepare_seconds(self) -> dict[str, list[float]]:
-        """method id -> per-face seconds (Table 2's time): every prepare measured, and each face's tuning
-        once (the first run's: an upper-bound child links its parent's tuned faces, records and all)."""
+        """method id -> per-face seconds (Table 2's time), one value per face, sorted by face id: its
+        prepare time or its tuning time, from the first run that has it (an upper-bound child links its
+        parent's tuned faces, records and all; two runs given may hold the same faces)."""
         out: dict[str, list[float]] = {}
-        for run in self.runs:
-            for mid, values in run.prepare_seconds.items():
-                out.setdefault(mid, []).extend(values)
-        tuned = self._first(lambda run: {(mid, face): seconds for mid, faces in run.tuned_seconds.items()
-                                         for face, seconds in faces.items()})
-        for (mid, _face), seconds in sorted(tuned.items()):
+        per_face = self._first(lambda run: {(mid, face): seconds for source in (run.prepare_seconds, run.tuned_seconds)
+                                            for mid, faces in source.items() for face, seconds in faces.items()})
+        for (mid, _face), seconds in sorted(per_face.items()):
             out.setdefault(mid, []).append(seconds)
         return out
 
@@ -204,15 +202,15 @@ def load_run(root: str | Path, index: int = 0) -> RunData:
     records = run.records()
     run_json = read_json(run.run_json, {})
     methods: dict[str, dict] = {}
-    prepare: dict[str, list[float]] = {}
+    prepare: dict[str, dict[str, float]] = {}
     tuned: dict[str, dict[str, float]] = {}
     for m in grid.get("methods", []):
         mid = m["method_id"]
         methods[mid] = run.method_info(mid) or {"method_id": mid, "label": m.get("label")}
         if seconds := run.tune_seconds(mid):
             tuned[mid] = seconds
-        elif times := run.prepare_seconds(mid):
-            prepare[mid] = times
+        elif methods[mid].get("encodes_faces", True) and (times := run.prepare_seconds(mid)):
+            prepare[mid] = times  # a method that prepares nothing has no time (earlier runs recorded ~0 s)
     scored_at = None
     try:
         import datetime as _dt

@@ -61,7 +61,10 @@ def compute_aggregates(data: ReportData, *, n_resamples: int = 2000, confidence:
     marks1 = top_k_marks(table1, columns + ["face_detection_rate"], k=3, higher_is_better=hib)
 
     table2 = _table2(data, means)
-    marks2 = top_k_marks(table2, ["fid", "encode_median_s"], k=3,
+    ranked = table2.copy()
+    if len(ranked):  # an FID over images that changed since is shown, marked, and not ranked
+        ranked.loc[ranked["fid_stale"].notna(), "fid"] = np.nan
+    marks2 = top_k_marks(ranked, ["fid", "encode_median_s"], k=3,
                          higher_is_better={"fid": False, "encode_median_s": False})
 
     cats = category_means(records, columns)
@@ -158,6 +161,7 @@ def _table2(data: ReportData, means: pd.DataFrame) -> pd.DataFrame:
             "method": mid, "label": label,
             "fid": f.get("value", np.nan), "fid_backend": f.get("backend"),
             "fid_n_generated": f.get("n_generated"), "fid_n_reference": f.get("n_reference"),
+            "fid_stale": f.get("stale"),
             "trained_params": _number(m.get("trained_params")),
             "weights": m.get("weights"),
             "encode_median_s": t["median"] if t["median"] is not None else np.nan,

@@ -141,13 +141,15 @@ def _table2_view(agg: Aggregates) -> dict:
         r = t.loc[m]
         fid = {"value": fmt(r["fid"], 2), "mark": MARK_TAGS.get(agg.table2_marks.get((m, "fid"))),
                "backend": r["fid_backend"], "n_generated": r["fid_n_generated"], "n_reference": r["fid_n_reference"],
-               "few": _few_for_fid(r["fid_n_generated"], r["fid_n_reference"])}
+               "few": _few_for_fid(r["fid_n_generated"], r["fid_n_reference"]),
+               "stale": r["fid_stale"] if isinstance(r["fid_stale"], str) else None}
         rows.append({"method": m, "label": r["label"], "fid": fid if _finite(r["fid"]) else None,
-                     "trained_params": fmt_count(r["trained_params"]), "weights": r["weights"],
+                     "trained_params": fmt_count(r["trained_params"]), "weights": r["weights"] if isinstance(r["weights"], str) else None,
                      "encode_median": fmt_seconds(r["encode_median_s"]),
                      "encode_median_mark": MARK_TAGS.get(agg.table2_marks.get((m, "encode_median_s"))),
                      "encode_mean": fmt_seconds(r["encode_mean_s"]), "encode_n": int(r["encode_n_faces"])})
-    return {"rows": rows, "has_fid": bool(t["fid"].notna().any()) if len(t) else False,
+    stale = [f"{r['label']}: {r['fid']['stale']}" for r in rows if r["fid"] and r["fid"]["stale"]]
+    return {"rows": rows, "has_fid": bool(t["fid"].notna().any()) if len(t) else False, "stale_fid": stale,
             "few_for_fid": any(r["fid"] and r["fid"]["few"] for r in rows), "fid_min": f"{FID_MIN_IMAGES:,}"}
 
 

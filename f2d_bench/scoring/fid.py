@@ -86,6 +86,34 @@ def make_fid_backend(scoring: ScoringConfig, device: str):
     return make_backend(scoring.fid_backend, weights=scoring.fid_weights, device=device)
 
 
+def fid_images_digest(entries: Sequence[ImageEntry], method_id: str, reference_id: str) -> str:
+    """A digest of the method's prompt images (their file hashes, sorted): FID's input set. A later
+    ``score`` without ``--fid-ref`` compares it with the run's images to tell when FID is out of date."""
+    import hashlib
+
+    shas = sorted(e.sha256 for e in entries if e.key.method_id == method_id and e.key.prompt_id != reference_id)
+    return hashlib.sha256("\n".join(shas).encode("ascii")).hexdigest()
+
+
+def mark_stale_fid(previous: dict, entries: Sequence[ImageEntry], reference_id: str) -> dict:
+    """``previous`` (an earlier ``fid.json``) with ``stale`` set, saying why, on each method whose images
+    changed since (generated, regenerated or removed); a record without a digest (older runs) is
+    compared by its image count."""
+    out = {}
+    for mid, result in previous.items():
+        result = {k: v for k, v in result.items() if k != "stale"}
+        now = [e for e in entries if e.key.method_id == mid and e.key.prompt_id != reference_id]
+        if "images" in result:
+            changed = result["images"] != fid_images_digest(entries, mid, reference_id)
+        else:
+            changed = result.get("n_generated") != len(now)
+        if changed:
+            result["stale"] = (f"computed over {result.get('n_generated')} images; the method's images changed since "
+                               f"({len(now)} now): score again with --fid-ref")
+        out[mid] = result
+    return out
+
+
 def compute_fid(run: RunDir, entries: Sequence[ImageEntry], scoring: ScoringConfig, device: str,
                 progress, *, backend=None, writer: str = "all") -> dict:
     """method_id -> {value, backend, n_generated, n_reference, reference, reference_filter} against
@@ -113,5 +141,6 @@ def compute_fid(run: RunDir, entries: Sequence[ImageEntry], scoring: ScoringConf
         r = fid_from_features(np.asarray(np.stack(feats), dtype=np.float64), reference, backend.name)
         results[m["method_id"]] = {"value": r.value, "backend": r.backend, "n_generated": r.n_generated,
                                    "n_reference": r.n_reference, "reference": str(scoring.fid_reference),
-                                   "reference_filter": filter_text(reference.metadata)}
+                                   "reference_filter": filter_text(reference.metadata),
+                                   "images": fid_images_digest(entries, m["method_id"], ref_id)}
     return results

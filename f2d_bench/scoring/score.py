@@ -50,7 +50,7 @@ from f2d_bench.run_dir import RunDir
 from f2d_bench.scoring.cache import ChunkCache
 from f2d_bench.scoring.cached_scorer import CachedScorer
 from f2d_bench.scoring.faces import face_stage_id, input_face_detections
-from f2d_bench.scoring.fid import compute_fid, make_fid_backend
+from f2d_bench.scoring.fid import compute_fid, make_fid_backend, mark_stale_fid
 from f2d_bench.scoring.inputs import ImageEntry, run_faces, run_images
 from f2d_bench.scoring.records import assemble_records
 from f2d_bench.scoring.walk import StageWalk
@@ -346,6 +346,11 @@ class ScoreSession:
         if scoring.fid_reference:
             summary.fid = compute_fid(run, entries, scoring, self.device, self._bar, backend=self._fid())
             atomic_write_json(run.fid_json, summary.fid)
+        elif run.fid_json.is_file():  # an earlier FID stays, marked where the images changed since
+            earlier = run.fid_results()
+            marked = mark_stale_fid(earlier, entries, run.read_grid()["prompt_set"]["reference_id"])
+            if marked != earlier:
+                atomic_write_json(run.fid_json, marked)
         atomic_write_json(run.scoring_json, {
             "scoring": scoring.to_dict(complete=True) | {"scorers": self.names + self.kept},
             "scorers": [s.describe() for s in self.scorer_objs],
