@@ -297,6 +297,16 @@ def test_local_checkpoint_with_missing_key_fails_clearly(tiny_clip, tmp_path):
     assert "visual.ln_post.weight" in str(err.value) and str(broken) in str(err.value)
 
 
+def test_a_local_checkpoint_loads_without_the_random_initialisation_warning(caplog):
+    import logging
+
+    name, path = tiny.tiny_clip_checkpoint()
+    with caplog.at_level(logging.INFO):
+        bundle = load_clip(name, str(path))
+    assert bundle.checkpoint == str(path)
+    assert not [r for r in caplog.records if "initialized randomly" in r.getMessage()], caplog.text
+
+
 def test_a_local_checkpoint_is_not_fitted_by_open_clips_silent_repairs(tiny_clip, tiny_siglip, tmp_path):
     """open_clip interpolates positional embeddings of another length and fills in a missing logit_bias:
     a checkpoint of another resolution or context length, or a SigLIP file without its bias, loads without

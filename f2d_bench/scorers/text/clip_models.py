@@ -19,6 +19,8 @@ tokenizer ships inside the open_clip wheel.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
@@ -166,16 +168,22 @@ def load_clip(
         preprocess_cfg = _local_preprocess(model_name, preprocess_tag)
     tokenizer = _load_tokenizer(model_name, model_cfg, cache_dir)  # before the weights: it fails faster
 
+    # A local file is loaded after the model is built (below): built without it, the towers must not
+    # fetch their default weights (an HF text tower would download them), and open_clip's warning that
+    # the model was initialised randomly is not true of the model this returns.
+    empty = {} if tag_cfg else {"pretrained_text": False, "pretrained_image": False}
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name,
-            pretrained=checkpoint if tag_cfg else None,
-            device=device,
-            image_mean=preprocess_cfg.get("mean"),
-            image_std=preprocess_cfg.get("std"),
-            image_interpolation=preprocess_cfg.get("interpolation"),
-            image_resize_mode=preprocess_cfg.get("resize_mode"),
-        )
+        with _without_random_init_warning(enabled=not tag_cfg):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=checkpoint if tag_cfg else None,
+                device=device,
+                image_mean=preprocess_cfg.get("mean"),
+                image_std=preprocess_cfg.get("std"),
+                image_interpolation=preprocess_cfg.get("interpolation"),
+                image_resize_mode=preprocess_cfg.get("resize_mode"),
+                **empty,
+            )
         if not tag_cfg:  # what create_model does with a path, after checking what it would repair
             _check_local_fit(model, checkpoint, model_name)
             open_clip.load_checkpoint(model, checkpoint, strict=True)
@@ -337,6 +345,22 @@ def _local_checkpoint(model_name: str, pretrained: str) -> str:
         f"pretrained {pretrained!r} is neither a tag of open_clip model {model_name!r} "
         f"({_known_tags(model_name)}) nor an existing checkpoint file"
     )
+
+
+@contextlib.contextmanager
+def _without_random_init_warning(enabled: bool):
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" warning (root logger)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No pretrained weights loaded for model")
+
+    root = logging.getLogger()
+    if enabled:
+        root.addFilter(keep)
+    try:
+        yield
+    finally:
+        if enabled:
+            root.removeFilter(keep)
 
 
 #: Tensors that open_clip's loader fits to the model instead of refusing a mismatch: positional
