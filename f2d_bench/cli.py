@@ -97,8 +97,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             # that could not be made (status 1) do not hold back the others' scores, as without --ray.
             from f2d_bench.run_dir import RunDir
 
-            scored = _ray(args, "score", RunDir(out).config().replace(scoring=config.scoring), out)
-            return max(status, scored)
+            run = RunDir(out)
+            if not any(r.done for r in run.status()):
+                print("nothing to score: no image could be made (see above)", file=sys.stderr)
+                return status
+            return max(status, _ray(args, "score", run.config().replace(scoring=config.scoring), out))
         return status
     summary = api.generate(config, out=out, shard=shard, progress=not args.no_progress, compile=args.compile,
                            score=args.score)

@@ -384,6 +384,14 @@ def test_generate_ray_score_scores_the_images_made_when_one_could_not_be(local_r
     assert "score over Ray" in text, text
     records = RunDir(out).records()
     assert len(records) == len(FACES) * len(pids) - 1 and records["clip"].notna().all()
+    # no image at all: nothing to score, said as such (not "run generate first" from the score workers)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    data["methods"] = [{"name": "external", "params": {"source": str(empty)}}]
+    config.write_text(yaml.safe_dump(data))
+    assert main(["generate", "--config", str(config), "--out", str(tmp_path / "none"), "--ray", "--workers", "1",
+                 "--ray-shards", "1", "--score", "--no-progress"]) == 1
+    assert "nothing to score: no image could be made" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -496,7 +496,7 @@ def test_a_curve_from_an_earlier_scoring_is_marked_out_of_date(scored_run, tmp_p
     html = _html(build_report([run], tmp_path / "out", n_resamples=RESAMPLES))
     assert "may not match the run" in html
     assert "scoring.identity_clamp is False in the curve, True in the run&#39;s records" in html
-    assert "<code>f2d-bench upper-bound run --n 1</code> brings it up to date" in html
+    assert f"<code>f2d-bench upper-bound {run} --n 1</code> brings it up to date" in html
 
 
 def test_the_trade_off_plot_puts_the_paper_on_the_metrics_it_averages(monkeypatch, tmp_path):

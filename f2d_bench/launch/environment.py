@@ -10,9 +10,10 @@ Two levels are read, and multiplied when both are present:
 An array of 4 tasks with 8 ranks each is 32 shards. With an inner level, the process is pinned to
 GPU ``<local rank>`` through ``CUDA_VISIBLE_DEVICES`` (the ``local rank``-th entry of the list the launcher
 gave, or of the node's GPUs when it gave none, modulo their number; left alone when the launcher already
-shows the task one GPU, as ``srun --gpus-per-task=1`` does), so the config's ``auto``/``cuda`` device is that GPU and the CPU where
-there is none. The config itself is left untouched, so every rank resolves the same device name, and
-``--device`` still overrides it as usual (the grid hash leaves the device out either way).
+shows the task one GPU, as ``srun --gpus-per-task=1`` does), so the config's ``auto``/``cuda`` device is
+that GPU and the CPU where there is none. The config itself is left untouched, so every rank resolves
+the same device name, and ``--device`` still overrides it as usual (the grid hash leaves the device out
+either way).
 """
 
 from __future__ import annotations
@@ -150,13 +151,18 @@ def check_array_layout(launch: Launch, layouts: set[int], run_root) -> None:
     if launch.array_tasks is None or not sharded or launch.shard.count in sharded:
         return
     m = sharded[-1]
-    formula = (f"--shard $((SLURM_ARRAY_TASK_ID + 1))/{m}" if launch.ranks == 1 else
-               f"--shard $((SLURM_ARRAY_TASK_ID * {launch.ranks} + SLURM_PROCID + 1))/{m}")
+    if launch.ranks == 1:
+        how = f"give the shard in the batch script: --shard $((SLURM_ARRAY_TASK_ID + 1))/{m}"
+    else:  # the rank differs per process: the batch script's shell cannot expand it once for all
+        rank = "RANK" if "RANK" in launch.variables else "SLURM_PROCID"
+        how = (f"give each process its own --shard i/{m}, i = SLURM_ARRAY_TASK_ID x {launch.ranks} + {rank} + 1, "
+               f"expanded in that process (e.g. srun bash -c '... --shard $((SLURM_ARRAY_TASK_ID * {launch.ranks} "
+               f"+ {rank} + 1))/{m}')")
     raise ConfigError(
         f"--shard auto: this SLURM array makes {launch.shard.count} shard(s), but {run_root} was generated as "
         f"{' and '.join(map(str, sharded))} shards (manifests/shard-*-of-{m}.jsonl); a resubmitted part of an "
-        f"array would change the layout. To rerun tasks of the {m}-shard array (ids from 0), give the shard in "
-        f"the batch script: {formula}; to change the layout on purpose, give --shard i/N yourself")
+        f"array would change the layout. To rerun tasks of the {m}-shard array (ids from 0), {how}; to change "
+        "the layout on purpose, give --shard i/N yourself")
 
 
 def node_gpu_count(driver_dir: str | os.PathLike = "/proc/driver/nvidia/gpus") -> int | None:

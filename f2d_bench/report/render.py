@@ -144,7 +144,8 @@ def _table2_view(agg: Aggregates) -> dict:
                "few": _few_for_fid(r["fid_n_generated"], r["fid_n_reference"]),
                "stale": r["fid_stale"] if isinstance(r["fid_stale"], str) else None}
         rows.append({"method": m, "label": r["label"], "fid": fid if _finite(r["fid"]) else None,
-                     "trained_params": fmt_count(r["trained_params"]), "weights": r["weights"] if isinstance(r["weights"], str) else None,
+                     "trained_params": fmt_count(r["trained_params"]),
+                     "weights": r["weights"] if isinstance(r["weights"], str) else None,
                      "encode_median": fmt_seconds(r["encode_median_s"]),
                      "encode_median_mark": MARK_TAGS.get(agg.table2_marks.get((m, "encode_median_s"))),
                      "encode_mean": fmt_seconds(r["encode_mean_s"]), "encode_n": int(r["encode_n_faces"])})
@@ -238,7 +239,7 @@ def _best_of_n_view(agg: Aggregates, data: ReportData, out_dir: Path) -> list[di
     for run in data.runs:
         for curve in run.best_of_n:
             column = curve.column
-            again = " ".join(["f2d-bench upper-bound", run.name, *(["--n", str(curve.n)] if curve.n else []),
+            again = " ".join(["f2d-bench upper-bound", str(run.root), *(["--n", str(curve.n)] if curve.n else []),
                               *(["--column", column] if column and column != "hmean" else [])])
             view = {"run": run.name, "svg": None, "ns": [], "rows": [], "n": curve.n, "stale": curve.stale,
                     "again": again,
