@@ -351,14 +351,19 @@ def test_a_killed_score_worker_is_replaced_and_every_key_is_scored_once(local_ra
     _scored_once(out, clean)
 
 
+def _generate_ray_score(data: dict, out: Path, workers: int, shards: int) -> int:
+    """`f2d-bench generate --ray --score` on the run config ``data`` (written beside ``out``)."""
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump(data))
+    return main(["generate", "--config", str(config), "--out", str(out), "--ray", "--workers", str(workers),
+                 "--ray-shards", str(shards), "--score", "--no-progress"])
+
+
 @pytest.mark.slow
 def test_generate_ray_score_leaves_the_records_of_a_single_process(local_ray, scored_pair, tmp_path, capsys):
     src, clean, data = scored_pair
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
-    assert main(["generate", "--config", str(config), "--out", str(out), "--ray", "--workers", "2",
-                 "--ray-shards", "4", "--score", "--no-progress"]) == 0
+    assert _generate_ray_score(data, out, workers=2, shards=4) == 0
     text = capsys.readouterr().out
     assert "generate over Ray" in text and "score over Ray" in text, text
     assert run_hashes(out) == run_hashes(clean)
@@ -375,11 +380,8 @@ def test_generate_ray_score_scores_the_images_made_when_one_could_not_be(local_r
     (src / FACES[0] / pids[0] / "0.png").unlink()  # one image the method cannot make
     data = _config(tmp_path, seeds=[0], methods=[{"name": "external", "params": {"source": str(src)}}],
                    scoring=offline_scoring(scorers=["clip"]))
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(data))
     out = tmp_path / "run"
-    assert main(["generate", "--config", str(config), "--out", str(out), "--ray", "--workers", "2",
-                 "--ray-shards", "2", "--score", "--no-progress"]) == 1
+    assert _generate_ray_score(data, out, workers=2, shards=2) == 1
     text = capsys.readouterr().out
     assert "score over Ray" in text, text
     records = RunDir(out).records()
@@ -388,9 +390,7 @@ def test_generate_ray_score_scores_the_images_made_when_one_could_not_be(local_r
     empty = tmp_path / "empty"
     empty.mkdir()
     data["methods"] = [{"name": "external", "params": {"source": str(empty)}}]
-    config.write_text(yaml.safe_dump(data))
-    assert main(["generate", "--config", str(config), "--out", str(tmp_path / "none"), "--ray", "--workers", "1",
-                 "--ray-shards", "1", "--score", "--no-progress"]) == 1
+    assert _generate_ray_score(data, tmp_path / "none", workers=1, shards=1) == 1
     assert "nothing to score: no image could be made" in capsys.readouterr().err
 
 
