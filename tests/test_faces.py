@@ -529,6 +529,27 @@ def test_rerun_overwrites_consistently(tmp_path, detector):
     assert [f.face_id for f in load_face_set(dst)] == ["astronaut"]
 
 
+def test_a_rerun_that_finds_no_face_keeps_the_face_set_and_a_foreign_folder_is_refused(tmp_path, detector):
+    src = _two_photos(tmp_path / "src")
+    dst = tmp_path / "out"
+    prepare_faces(src, dst, detector=detector, progress=False)
+    before = {p.name: p.read_bytes() for p in dst.iterdir()}
+    empty = tmp_path / "mistyped"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no photos here")
+    with pytest.raises(F2DBenchError, match=r"no face came out of .* \(2 face\(s\)\) is kept as it was"):
+        prepare_faces(empty, dst, detector=detector, progress=False)
+    assert {p.name: p.read_bytes() for p in dst.iterdir()} == before  # crops, manifest, no marker left
+    assert [f.face_id for f in load_face_set(dst)] == ["astronaut", "franz-kafka"]
+    # a folder of one's own crops, without a manifest: not overwritten
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "astronaut.png").write_bytes(b"my own crop")
+    with pytest.raises(F2DBenchError, match=r"already holds files that faces prepare did not write \(astronaut.png\)"):
+        prepare_faces(src, mine, detector=detector, progress=False)
+    assert (mine / "astronaut.png").read_bytes() == b"my own crop" and len(list(mine.iterdir())) == 1
+
+
 class _Dies:
     """A detector whose process 'dies' (raises) at its ``at``-th call, as a kill mid-prepare would stop it."""
 

@@ -335,6 +335,13 @@ def prepare_faces(
         raise F2DBenchError(f"output directory {dst} is the source directory; choose another one")
     if dst.exists() and not dst.is_dir():
         raise F2DBenchError(f"output path {dst} exists and is not a directory")
+    if dst.is_dir() and not (dst / MANIFEST_NAME).exists() and not (dst / PREPARING_NAME).exists():
+        # Not a face set this command wrote: its files (a user's own crops) would be overwritten unasked.
+        others = sorted(p.name for p in dst.iterdir())
+        if others:
+            raise F2DBenchError(
+                f"output directory {dst} already holds files that faces prepare did not write ({', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}); choose a new or empty folder")
 
     sources, skipped = _collect_sources(src, dst)
     words = _class_words(src, {face_id for face_id, _, _ in sources}, class_words, class_word)
@@ -402,6 +409,13 @@ def prepare_faces(
 
     report.faces.sort(key=lambda face: face.face_id)
     report.skipped.sort(key=lambda item: item.source.name)
+    if not report.faces and previous:
+        # A mistyped source or too strict a setting must not empty a face set that runs were made from.
+        (dst / PREPARING_NAME).unlink()
+        raise F2DBenchError(
+            f"no face came out of {src} ({len(report.skipped)} source(s) skipped); the face set already in {dst} "
+            f"({len(previous)} face(s)) is kept as it was. Check the source folder and the settings, or prepare "
+            "into a new folder")
     manifest = {
         "version": MANIFEST_VERSION,
         "source_dir": str(src.resolve()),
