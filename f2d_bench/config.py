@@ -42,6 +42,10 @@ _Frozen = AfterValidator(lambda value: types.MappingProxyType(dict(value)))
 _Settings = Annotated[Mapping[Any, Any], _Frozen]
 
 
+#: The largest seed a torch generator takes.
+MAX_SEED = 2**64 - 1
+
+
 class _Section(BaseModel):
     """Shared behaviour: frozen, unknown keys forbidden, no type coercion (``"8"`` is not an int, ``true``
     is not a number; an int is accepted for a float and becomes a float).
@@ -51,7 +55,8 @@ class _Section(BaseModel):
     nested sections through it, and the errors would lose their key paths.)
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # allow_inf_nan: a NaN guidance scale passed every check and meant no guidance at all (NaN > 1 is False)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` applied, validated again (ConfigError if the result is invalid)."""
@@ -244,8 +249,9 @@ class RunConfig(_Section):
             raise ValueError("seeds: at least one seed is needed")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: duplicates in {list(self.seeds)}")
-        if any(s < 0 for s in self.seeds):
-            raise ValueError(f"seeds: must be >= 0, got {list(self.seeds)}")
+        if any(s < 0 or s > MAX_SEED for s in self.seeds):
+            # torch generators take seeds below 2**64; a larger one failed hours in, at its first image
+            raise ValueError(f"seeds: must be in 0..{MAX_SEED} (2**64 - 1), got {list(self.seeds)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         return self

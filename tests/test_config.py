@@ -197,7 +197,10 @@ def test_int_for_a_float_becomes_a_float():
     ({"sampling": {"height": 7}}, "sampling.height must be a positive multiple of 8, got 7"),
     ({"scoring": {"min_face_prob": 2}}, "scoring.min_face_prob must be in [0, 1], got 2.0"),
     ({"scoring": {"settings": {"clip": 3}}}, "scoring.settings.clip: expected a mapping of settings, got 3"),
-    ({"seeds": [3, -1]}, "seeds: must be >= 0, got [3, -1]"),
+    ({"seeds": [3, -1]}, "seeds: must be in 0..18446744073709551615 (2**64 - 1), got [3, -1]"),
+    ({"seeds": [2**64]}, "seeds: must be in 0..18446744073709551615 (2**64 - 1), got [18446744073709551616]"),
+    ({"sampling": {"guidance_scale": float("nan")}}, "sampling.guidance_scale: Input should be a finite number"),
+    ({"scoring": {"min_face_prob": float("inf")}}, "scoring.min_face_prob: Input should be a finite number"),
     # the first error in reading order: unknown keys of a mapping first, then values in field order,
     # and a section's own checks only once every value is valid
     ({"name": 3, "colour": "red"}, "unknown key colour; allowed keys here: batch_size, faces, methods, model, "
