@@ -22,7 +22,7 @@ from f2d_bench.faces.align import (
 )
 from f2d_bench.faces.cli import register
 from f2d_bench.faces.detect import Detection, FaceDetector
-from f2d_bench.faces.faceset import Face, load_face_set, sanitize_face_id
+from f2d_bench.faces.faceset import PREPARING_NAME, Face, load_face_set, sanitize_face_id
 from f2d_bench.faces.imageio import read_image, read_video_frame, to_rgb8
 from f2d_bench.faces.prepare import prepare_faces
 
@@ -548,6 +548,16 @@ def test_a_rerun_that_finds_no_face_keeps_the_face_set_and_a_foreign_folder_is_r
     with pytest.raises(F2DBenchError, match=r"already holds files that faces prepare did not write \(astronaut.png\)"):
         prepare_faces(src, mine, detector=detector, progress=False)
     assert (mine / "astronaut.png").read_bytes() == b"my own crop" and len(list(mine.iterdir())) == 1
+
+
+def test_a_source_that_cannot_be_opened_is_skipped_with_its_reason(tmp_path, detector):
+    src = _two_photos(tmp_path / "src")
+    (src / "loop.jpg").symlink_to(src / "loop.jpg")  # ELOOP, as a file without read permission (EACCES)
+    report = prepare_faces(src, tmp_path / "out", detector=detector, progress=False)
+    assert [f.face_id for f in report.faces] == ["astronaut", "franz-kafka"]
+    [skipped] = [s for s in report.skipped if s.source.name == "loop.jpg"]
+    assert "cannot open" in skipped.reason and "symbolic links" in skipped.reason
+    assert not (tmp_path / "out" / PREPARING_NAME).exists()
 
 
 class _Dies:

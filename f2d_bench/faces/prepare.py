@@ -7,6 +7,7 @@ run never leaves a half-written PNG or manifest behind.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import sys
@@ -243,6 +244,10 @@ def _class_words(src: Path, face_ids: set[str], given: Mapping[str, str] | None,
     return words
 
 
+#: errno values of a source file that cannot be opened, whatever the system's health.
+_UNOPENABLE = (errno.ELOOP, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG)
+
+
 def _previous_outputs(manifest_path: Path) -> set[str]:
     """PNG names a previous run listed in its manifest (best effort: a broken manifest lists none)."""
     try:
@@ -375,9 +380,14 @@ def prepare_faces(
     for index, (face_id, path, is_video) in enumerate(sources, start=1):
         try:
             image = read_video_frame(path, frame_index) if is_video else read_image(path)
-        except F2DBenchError as exc:
-            report.skipped.append(SkippedSource(path, str(exc)))
-            note(index, path, f"skipped: {exc}")
+        except (F2DBenchError, OSError) as exc:
+            # A source this process cannot open (a symlink loop, no read permission) is that source's
+            # problem, listed with the others; a failure of the system itself (EIO, EMFILE) stops the run.
+            if isinstance(exc, OSError) and exc.errno not in _UNOPENABLE:
+                raise
+            reason = str(exc) if isinstance(exc, F2DBenchError) else f"cannot open {path}: {exc.strerror}"
+            report.skipped.append(SkippedSource(path, reason))
+            note(index, path, f"skipped: {reason}")
             continue
         chosen, ignored, others, reason = _choose(detector.detect(image), min_prob, several)
         if chosen is None:
