@@ -60,6 +60,9 @@ class RunDir:
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise F2DBenchError(f"{self.root} is a file, not a run directory: give a run's folder (for generate "
+                                "--out, a new or existing run folder)")
 
     @cached_property
     def store(self) -> RunStore:

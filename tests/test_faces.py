@@ -26,7 +26,7 @@ from f2d_bench.faces.faceset import PREPARING_NAME, Face, load_face_set, sanitiz
 from f2d_bench.faces.imageio import read_image, read_video_frame, to_rgb8
 from f2d_bench.faces.prepare import prepare_faces
 
-from conftest import TEST_PHOTOS, cli_parser
+from conftest import TEST_PHOTOS, cli_parser, prepared_crops
 
 ASSETS = TEST_PHOTOS
 PHOTOS = [
@@ -560,6 +560,20 @@ def test_a_source_that_cannot_be_opened_is_skipped_with_its_reason(tmp_path, det
     assert not (tmp_path / "out" / PREPARING_NAME).exists()
 
 
+@pytest.mark.parametrize("entries, match", [
+    ([{"face_id": None, "file": "a.png"}], r"face_id None .* non-empty text"),
+    ([{"face_id": 7, "file": "a.png"}], r"face_id 7 .* non-empty text"),
+    ([{"face_id": "a", "file": "a.png"}, {"face_id": "b", "file": "a.png"}],
+     r"lists a.png for face 'b' and for face 'a': one photo would be two identities"),
+    ([{"face_id": "m", "file": "manifest.json"}], r"lists manifest.json for face 'm', the manifest itself"),
+])
+def test_a_hand_edited_manifest_is_not_misread(tmp_path, entries, match):
+    (tmp_path / "a.png").write_bytes(prepared_crops()["obama"].read_bytes())
+    (tmp_path / "manifest.json").write_text(json.dumps({"faces": entries}))
+    with pytest.raises(F2DBenchError, match=match):
+        load_face_set(tmp_path)
+
+
 class _Dies:
     """A detector whose process 'dies' (raises) at its ``at``-th call, as a kill mid-prepare would stop it."""
 
@@ -678,7 +692,6 @@ def test_class_word_cli_option(tmp_path):
 
 @pytest.mark.slow  # about 14 s when the built-in set is not prepared yet
 def test_builtin_test_faces_carry_class_words():
-    from conftest import prepared_crops
     from f2d_bench.faces.source import resolve_face_set
 
     prepared_crops()

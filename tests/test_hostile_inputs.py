@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import REPO, TEST_PHOTOS, small_config_dict
@@ -338,3 +339,14 @@ def test_a_report_killed_while_writing_leaves_the_old_or_the_new_report(small_ru
     assert _report_state(report) == "new"
     # A finished report removes what killed ones left (their temporary folders).
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report.new-")]
+
+
+def test_a_file_given_as_the_run_folder_is_named_as_such(tmp_path, capsys):
+    config = tmp_path / "real.yaml"
+    config.write_text(yaml.safe_dump(small_config_dict(seeds=[0])), encoding="utf-8")
+    before = config.read_bytes()
+    assert main(["generate", "--config", str(config), "--out", str(config), "--no-progress"]) != 0
+    assert main(["status", str(config)]) != 0
+    err = capsys.readouterr().err
+    assert err.count(f"{config} is a file, not a run directory") == 2, err
+    assert config.read_bytes() == before

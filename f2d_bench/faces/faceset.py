@@ -74,14 +74,24 @@ def _from_manifest(directory: Path, manifest_path: Path) -> list[Face]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entries = manifest["faces"]
         # class_word is optional: manifests written before it existed have none.
-        pairs = [(str(entry["face_id"]), str(entry["file"]), entry.get("class_word")) for entry in entries]
+        pairs = [(entry["face_id"], entry["file"], entry.get("class_word")) for entry in entries]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise F2DBenchError(
             f"face set manifest {manifest_path} is unreadable or malformed ({exc}); "
             "re-run `f2d-bench faces prepare` or delete it to use the images in the directory"
         ) from exc
-    faces = []
+    faces, files = [], {}
     for face_id, file_name, class_word in pairs:
+        # Text as written: a hand edit's null or 7 would otherwise become the face "None" or "7"
+        if not isinstance(face_id, str) or not face_id or not isinstance(file_name, str) or not file_name:
+            raise F2DBenchError(f"face set manifest {manifest_path} has an entry with face_id {face_id!r} and file "
+                                f"{file_name!r}; both must be non-empty text")
+        if file_name in files or file_name == MANIFEST_NAME:
+            raise F2DBenchError(
+                f"face set manifest {manifest_path} lists {file_name} for face {face_id!r}"
+                + (f" and for face {files[file_name]!r}: one photo would be two identities" if file_name in files
+                   else ", the manifest itself"))
+        files[file_name] = face_id
         path = directory / file_name
         # A manifest must not point outside its directory.
         if sanitize_face_id(face_id) != face_id or Path(file_name).name != file_name:
