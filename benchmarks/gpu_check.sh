@@ -6,7 +6,7 @@
 # tuning baselines in float16 (loss scaling on, losses finite).
 # Usage: bash benchmarks/gpu_check.sh   (with f2d_bench importable, e.g. PYTHONPATH=.)
 set -euo pipefail
-export F2D_BENCH_CACHE=${F2D_BENCH_CACHE:-/tmp/f2d-bench-cache} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=${PYTHONPATH:-.} F2D_BENCH_CACHE=${F2D_BENCH_CACHE:-/tmp/f2d-bench-cache} HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 "$PY" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 echo "== smoke preset on cuda"
