@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -253,8 +252,9 @@ def previous_shard_count(run_dir: Path) -> int | None:
     Resuming with the same N puts every remaining image into the batch it would have had, so the run
     ends with the same pixels as one that was never interrupted.
     """
-    counts = {int(m.group(1)) for p in (Path(run_dir) / "manifests").glob("shard-*-of-*.jsonl")
-              if (m := re.fullmatch(r"shard-\d+-of-(\d+)", p.stem))}
+    from f2d_bench.run_dir import RunDir
+
+    counts = RunDir(run_dir).store.layouts() - {1}
     return counts.pop() if len(counts) == 1 else None
 
 
