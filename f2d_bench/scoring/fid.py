@@ -86,13 +86,17 @@ def make_fid_backend(scoring: ScoringConfig, device: str):
     return make_backend(scoring.fid_backend, weights=scoring.fid_weights, device=device)
 
 
-def fid_images_digest(entries: Sequence[ImageEntry], method_id: str, reference_id: str) -> str:
-    """A digest of the method's prompt images (their file hashes, sorted): FID's input set. A later
+def method_prompt_images(entries: Sequence[ImageEntry], method_id: str, reference_id: str) -> list[ImageEntry]:
+    """The method's prompt images among ``entries`` (the reference prompt's left out): FID's input set."""
+    return [e for e in entries if e.key.method_id == method_id and e.key.prompt_id != reference_id]
+
+
+def fid_images_digest(images: Sequence[ImageEntry]) -> str:
+    """A digest of ``images``' file hashes, sorted (one method's :func:`method_prompt_images`). A later
     ``score`` without ``--fid-ref`` compares it with the run's images to tell when FID is out of date."""
     import hashlib
 
-    shas = sorted(e.sha256 for e in entries if e.key.method_id == method_id and e.key.prompt_id != reference_id)
-    return hashlib.sha256("\n".join(shas).encode("ascii")).hexdigest()
+    return hashlib.sha256("\n".join(sorted(e.sha256 for e in images)).encode("ascii")).hexdigest()
 
 
 def mark_stale_fid(previous: dict, entries: Sequence[ImageEntry], reference_id: str) -> dict:
@@ -102,9 +106,9 @@ def mark_stale_fid(previous: dict, entries: Sequence[ImageEntry], reference_id: 
     out = {}
     for mid, result in previous.items():
         result = {k: v for k, v in result.items() if k != "stale"}
-        now = [e for e in entries if e.key.method_id == mid and e.key.prompt_id != reference_id]
+        now = method_prompt_images(entries, mid, reference_id)
         if "images" in result:
-            changed = result["images"] != fid_images_digest(entries, mid, reference_id)
+            changed = result["images"] != fid_images_digest(now)
         else:
             changed = result.get("n_generated") != len(now)
         if changed:
@@ -130,17 +134,17 @@ def compute_fid(run: RunDir, entries: Sequence[ImageEntry], scoring: ScoringConf
     cache = fid_features(run, entries, scoring, backend, progress, writer=writer)
     check_reference_weights(reference, backend.describe())  # and the file actually loaded
     ref_id = grid["prompt_set"]["reference_id"]
-    wanted = [e for e in entries if e.key.prompt_id != ref_id]
     table = cache.read()
     by_sha = dict(zip(table["cache_key"], table["features"])) if table is not None else {}
     results = {}
     for m in grid["methods"]:
-        feats = [by_sha[e.sha256] for e in wanted if e.key.method_id == m["method_id"] and e.sha256 in by_sha]
+        images = method_prompt_images(entries, m["method_id"], ref_id)
+        feats = [by_sha[e.sha256] for e in images if e.sha256 in by_sha]
         if len(feats) < 2:
             continue
         r = fid_from_features(np.asarray(np.stack(feats), dtype=np.float64), reference, backend.name)
         results[m["method_id"]] = {"value": r.value, "backend": r.backend, "n_generated": r.n_generated,
                                    "n_reference": r.n_reference, "reference": str(scoring.fid_reference),
                                    "reference_filter": filter_text(reference.metadata),
-                                   "images": fid_images_digest(entries, m["method_id"], ref_id)}
+                                   "images": fid_images_digest(images)}
     return results
