@@ -221,11 +221,12 @@ def load_run(root: str | Path, index: int = 0) -> RunData:
         pass
     input_faces = _find_input_faces(run_json, grid)
     faces = _face_set_info(input_faces)
+    scoring = run.scoring_info()
     return RunData(
         index=index, root=run.root, run_json=run_json, grid=grid, records=records,
-        scoring=run.scoring_info(), fid=run.fid_results(), environment=run.environment(),
+        scoring=scoring, fid=run.fid_results(), environment=run.environment(),
         methods=methods, prepare_seconds=prepare, scored_at=scored_at,
-        best_of_n=best_of_n_curves(run, run.scoring_info()),
+        best_of_n=best_of_n_curves(run, scoring),
         input_faces=input_faces, face_quality=faces.quality, face_sources=faces.sources, face_sets=faces.sets,
         tuned_seconds=tuned,
     )
